@@ -17,13 +17,11 @@ T = TypeVar("T")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 # An installed wheel carries the contract as consumer/schemas (see pyproject); a checkout has it at the top.
+_SCHEMA_NAME = "purchase_completed.avsc"
 DEFAULT_SCHEMA = next(
-    (
-        p
-        for p in (PACKAGE_ROOT / "schemas" / "purchase_completed.avsc", PACKAGE_ROOT.parent / "schemas" / "purchase_completed.avsc")
-        if p.exists()
-    ),
-    PACKAGE_ROOT.parent / "schemas" / "purchase_completed.avsc",
+    (p for p in (PACKAGE_ROOT / "schemas" / _SCHEMA_NAME, PACKAGE_ROOT.parent / "schemas" / _SCHEMA_NAME)
+     if p.exists()),
+    PACKAGE_ROOT.parent / "schemas" / _SCHEMA_NAME,
 )
 
 
@@ -135,7 +133,7 @@ class _Table:
             return default
         return self.raw(name)
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
+    def get_str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
         v = self._get(name, default, required)
         if not isinstance(v, str):
             raise ConfigError(self.key(name), f"expected a string, got {type(v).__name__}")
@@ -150,12 +148,12 @@ class _Table:
         return v or None
 
     def secret(self, name: str, *, required: bool = False) -> Secret | None:
-        v = self.opt_str(name) if not required else self.str(name, required=True)
+        v = self.opt_str(name) if not required else self.get_str(name, required=True)
         if required and not v:
             raise ConfigError(self.key(name), "must not be empty")
         return Secret(v) if v else None
 
-    def int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def get_int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
         v = self._get(name, default, False)
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConfigError(self.key(name), f"expected an integer, got {v!r}")
@@ -165,7 +163,7 @@ class _Table:
             raise ConfigError(self.key(name), f"must be at most {maximum}, got {v}")
         return v
 
-    def float(self, name: str, default: float | None, *, minimum: float = 0.0) -> float | None:
+    def get_float(self, name: str, default: float | None, *, minimum: float = 0.0) -> float | None:
         v = self._get(name, default, False)
         if v is None:
             return None
@@ -175,7 +173,7 @@ class _Table:
             raise ConfigError(self.key(name), f"must be at least {minimum}, got {v}")
         return float(v)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def get_bool(self, name: str, default: bool) -> bool:
         v = self._get(name, default, False)
         if not isinstance(v, bool):
             raise ConfigError(self.key(name), f"expected true or false, got {v!r}")
@@ -427,7 +425,7 @@ DEFAULT_WINDOWS = {Provider.KAMELEOON: 7 * 86400.0, Provider.CONVERT: 30 * 86400
 
 
 def _url(t: _Table, name: str, default: str | None = None, *, required: bool = False) -> str:
-    v = t.str(name, default, required=required)
+    v = t.get_str(name, default, required=required)
     if not re.match(r"^https?://[^\s/?#]+", v):
         raise ConfigError(t.key(name), f"expected an http(s) URL, got {v!r}")
     return v.rstrip("/")
@@ -459,14 +457,14 @@ def _rules(t: _Table, provider: Provider) -> Rules:
         experiments_allow=allow,
         experiments_deny=deny,
         min_revenue=t.decimal("min_revenue"),
-        send_revenue=t.bool("send_revenue", True),
+        send_revenue=t.get_bool("send_revenue", True),
     )
 
 
 def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
     return BatchConfig(
-        max_events=t.int("max_events", default.max_events, minimum=1),
-        max_bytes=t.int("max_bytes", default.max_bytes, minimum=1024, maximum=3_000_000),
+        max_events=t.get_int("max_events", default.max_events, minimum=1),
+        max_bytes=t.get_int("max_bytes", default.max_bytes, minimum=1024, maximum=3_000_000),
         linger=t.duration("linger", default.linger),
     )
 
@@ -474,7 +472,7 @@ def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
 def _retry(t: _Table) -> RetryConfig:
     d = RetryConfig()
     r = RetryConfig(
-        max_attempts=t.int("max_attempts", d.max_attempts, minimum=1),
+        max_attempts=t.get_int("max_attempts", d.max_attempts, minimum=1),
         max_elapsed=t.duration("max_elapsed", d.max_elapsed, positive=True),
         base_delay=t.duration("base_delay", d.base_delay),
         max_delay=t.duration("max_delay", d.max_delay),
@@ -487,10 +485,10 @@ def _retry(t: _Table) -> RetryConfig:
 
 def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
     f = FlowConfig(
-        concurrency=t.int("concurrency", default.concurrency, minimum=1),
-        rate_limit=t.float("rate_limit", default.rate_limit, minimum=0.001),
+        concurrency=t.get_int("concurrency", default.concurrency, minimum=1),
+        rate_limit=t.get_float("rate_limit", default.rate_limit, minimum=0.001),
         timeout=t.duration("timeout", default.timeout, positive=True),
-        breaker_failures=t.int("breaker_failures", default.breaker_failures, minimum=1),
+        breaker_failures=t.get_int("breaker_failures", default.breaker_failures, minimum=1),
         breaker_cooldown=t.duration("breaker_cooldown", default.breaker_cooldown, positive=True),
     )
     t.done()
@@ -520,7 +518,7 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
             site_code=site_code,
             rules=_rules(p, Provider.KAMELEOON),
             base_url=_url(p, "base_url", "https://eu-data.kameleoon.io"),
-            use_mapping_identifier=p.bool("use_mapping_identifier", False),
+            use_mapping_identifier=p.get_bool("use_mapping_identifier", False),
             client_id=cid,
             client_secret=csec,
             flow=_flow(p.table("flow"), flow),
@@ -529,7 +527,7 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
         return kp
 
     cfg = KameleoonConfig(
-        user_agent=t.str("user_agent", d.user_agent),
+        user_agent=t.get_str("user_agent", d.user_agent),
         token_url=_url(t, "token_url", d.token_url),
         token_refresh_margin=t.duration("token_refresh_margin", d.token_refresh_margin),
         batch=_batch(t.table("batch"), d.batch),
@@ -551,7 +549,7 @@ def _convert(t: _Table) -> ConvertConfig:
         if not m:
             raise ConfigError(p.path, "a Convert project key is the ID NUMBER 'accountid_projectid', e.g. '1111_2222'")
         account, proj = m.groups()
-        api = p.str("api", "track")
+        api = p.get_str("api", "track")
         if api not in ("track", "v1"):
             raise ConfigError(p.key("api"), f"expected 'track' or 'v1', got {api!r}")
         host = "track" if api == "track" else "metrics"
@@ -574,7 +572,7 @@ def _convert(t: _Table) -> ConvertConfig:
         return cp
 
     cfg = ConvertConfig(
-        user_agent=t.str("user_agent", d.user_agent),
+        user_agent=t.get_str("user_agent", d.user_agent),
         batch=_batch(t.table("batch"), d.batch),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
@@ -590,7 +588,7 @@ def _conductrics(t: _Table) -> ConductricsConfig:
     flow = _flow(t.table("flow"), FlowConfig())
 
     def project(key: str, p: _Table) -> ConductricsProject:
-        session = p.str("session", "{vid}")
+        session = p.get_str("session", "{vid}")
         try:
             session.format(vid="v", order_id="o", event_id="e")
         except (KeyError, IndexError, ValueError):
@@ -609,7 +607,7 @@ def _conductrics(t: _Table) -> ConductricsConfig:
         return dp
 
     cfg = ConductricsConfig(
-        user_agent=t.str("user_agent", d.user_agent),
+        user_agent=t.get_str("user_agent", d.user_agent),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
     )
@@ -646,10 +644,10 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     root = _Table(data, "", os.environ if env is None else env)
     k = root.table("kafka")
     kafka = KafkaConfig(
-        bootstrap_servers=k.str("bootstrap_servers", required=True),
-        topic=k.str("topic", required=True),
-        group_id=k.str("group_id", required=True),
-        dlq_topic=k.str("dlq_topic", required=True),
+        bootstrap_servers=k.get_str("bootstrap_servers", required=True),
+        topic=k.get_str("topic", required=True),
+        group_id=k.get_str("group_id", required=True),
+        dlq_topic=k.get_str("dlq_topic", required=True),
         common=k.passthrough("common"),
         consumer=k.passthrough("consumer"),
         producer=k.passthrough("producer"),
@@ -662,10 +660,10 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     k.done()
 
     dt = root.table("decoding")
-    fmt = dt.str("format", "avro")
+    fmt = dt.get_str("format", "avro")
     if fmt not in ("avro", "confluent"):
         raise ConfigError("decoding.format", f"expected 'avro' or 'confluent', got {fmt!r}")
-    schema = Path(dt.str("schema", str(DEFAULT_SCHEMA)))
+    schema = Path(dt.get_str("schema", str(DEFAULT_SCHEMA)))
     if not schema.is_absolute():
         candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
         schema = next((c for c in candidates if c.exists()), candidates[0])
@@ -673,38 +671,38 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         schema = DEFAULT_SCHEMA if schema.name == DEFAULT_SCHEMA.name else schema
     if not schema.exists():
         raise ConfigError("decoding.schema", f"no such file: {str(schema)!r}")
-    registry = dt.str("schema_registry_url", "")
+    registry = dt.get_str("schema_registry_url", "")
     if fmt == "confluent" and not registry:
         raise ConfigError("decoding.schema_registry_url", "is required when format = \"confluent\"")
     decoding = DecodingConfig(
         format=fmt,
         schema=schema,
         schema_registry_url=registry.rstrip("/"),
-        max_message_bytes=dt.int("max_message_bytes", DecodingConfig.max_message_bytes, minimum=64),
+        max_message_bytes=dt.get_int("max_message_bytes", DecodingConfig.max_message_bytes, minimum=64),
     )
     dt.done()
 
     mt = root.table("metrics")
-    metrics = MetricsConfig(host=mt.str("host", "0.0.0.0"), port=mt.int("port", 9400, minimum=0, maximum=65535))
+    metrics = MetricsConfig(host=mt.get_str("host", "0.0.0.0"), port=mt.get_int("port", 9400, minimum=0, maximum=65535))
     mt.done()
 
     pt = root.table("pipeline")
     dp = PipelineConfig()
     pipeline = PipelineConfig(
-        max_in_flight=pt.int("max_in_flight", dp.max_in_flight, minimum=1),
-        poll_batch=pt.int("poll_batch", dp.poll_batch, minimum=1, maximum=100_000),
+        max_in_flight=pt.get_int("max_in_flight", dp.max_in_flight, minimum=1),
+        poll_batch=pt.get_int("poll_batch", dp.poll_batch, minimum=1, maximum=100_000),
         commit_interval=pt.duration("commit_interval", dp.commit_interval, positive=True),
         shutdown_deadline=pt.duration("shutdown_deadline", dp.shutdown_deadline, positive=True),
         dlq_timeout=pt.duration("dlq_timeout", dp.dlq_timeout, positive=True),
-        dedup_cache_size=pt.int("dedup_cache_size", dp.dedup_cache_size, minimum=0),
+        dedup_cache_size=pt.get_int("dedup_cache_size", dp.dedup_cache_size, minimum=0),
     )
     pt.done()
 
     lt = root.table("logging")
-    level = lt.str("level", "INFO").upper()
+    level = lt.get_str("level", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("logging.level", f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    log_format = lt.str("format", "json")
+    log_format = lt.get_str("format", "json")
     if log_format not in ("json", "text"):
         raise ConfigError("logging.format", f"expected 'json' or 'text', got {log_format!r}")
     lt.done()

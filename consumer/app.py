@@ -1,0 +1,371 @@
+"""The service: owns the consumer, the pipeline, checkpointing and shutdown (a small quix-style Application).
+
+Per message: decode → match → dispatch each conversion → when every delivery of the event is done
+(delivered, not accepted, or dead-lettered and confirmed by the broker), its offset is finished.
+The offset tracker turns finished offsets into committable ones; commits happen on an interval,
+before partitions are revoked, and before close. Nothing is committed that is not done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Message
+
+from consumer.config import Config
+from consumer.decoding import DecodeError, make_decoder
+from consumer.dedup import RecentKeys
+from consumer.delivery import Dispatcher, Result, Status
+from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
+from consumer.matcher import MatchSettings, match
+from consumer.metrics import HealthServer, Metrics
+from consumer.model import Conversion, Purchase
+from consumer.offsets import OffsetOrderError, OffsetTracker
+from consumer.providers.registry import modules
+from consumer.source import TP, Source
+from consumer.transport import TokenCache, Transport
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_DLQ = 3
+
+# How long to keep retrying a registry that is down before the event is dead-lettered instead.
+_REGISTRY_RETRY_SECONDS = 60.0
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One event between being read and being done."""
+
+    source: SourceRef
+    read_at: float
+    event_id: str | None = None
+    occurred_at: int = 0
+    pending: int = 0
+    failures: dict[str, list[tuple[Conversion, Result]]] = field(default_factory=dict)
+
+    @property
+    def tp(self) -> TP:
+        return (self.source.topic, self.source.partition)
+
+    @property
+    def correlation_id(self) -> str:
+        return self.event_id or f"{self.source.topic}/{self.source.partition}/{self.source.offset}"
+
+
+class Application:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        stop_when: Callable[[Application], bool] | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.clock_ms = clock_ms
+        self.stop_when = stop_when
+        self.install_signals = install_signals
+        self.decoder = make_decoder(config.decoding)
+        self.settings = MatchSettings.from_config(config)
+        self.recent = RecentKeys(config.pipeline.dedup_cache_size)
+        self.tracker = OffsetTracker()
+        self.live = 0
+        self.consumed = 0
+        self.fatal: str | None = None
+        self._stopping = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._committed: dict[TP, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.source: Source | None = None
+        self.dlq: DeadLetterWriter | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.health: HealthServer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (SIGTERM, SIGINT, or a test)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def readiness(self) -> tuple[bool, dict[str, object]]:
+        src = self.source
+        detail: dict[str, object] = {
+            "assigned": len(src.assigned) if src else 0,
+            "broker": bool(src and src.broker_up),
+            "dlq": bool(self.dlq and self.dlq.failed is None),
+            "stopping": self.stopping,
+        }
+        ok = bool(detail["assigned"]) and bool(detail["broker"]) and bool(detail["dlq"]) and not self.stopping
+        self.metrics.ready.set(1 if ok else 0)
+        return ok, detail
+
+    async def run(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if self.install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        transport = Transport()
+        tokens = TokenCache(transport, cfg.kameleoon.user_agent,
+                            on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
+        self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_result)
+        producer_conf = {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.producer}
+        self.dlq = DeadLetterWriter(cfg.kafka.dlq_topic, producer_conf, cfg.pipeline.dlq_timeout)
+        self.dlq.start()
+        self.health = HealthServer(self.metrics, self.readiness)
+        await self.health.start(cfg.metrics.host, cfg.metrics.port)
+        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke)
+        self.source.subscribe()
+        log.info("started", extra={"topic": cfg.kafka.topic, "group": cfg.kafka.group_id,
+                                   "metrics_port": self.health.port})
+        try:
+            await self._consume()
+        finally:
+            code = await self._shutdown(transport)
+        return code
+
+    async def _consume(self) -> None:
+        assert self.source is not None
+        src, pipe = self.source, self.config.pipeline
+        next_commit = time.monotonic() + pipe.commit_interval
+        idle = 0.0
+        while not self.stopping and self.fatal is None:
+            if self.live >= pipe.max_in_flight:
+                src.pause()
+            elif src.paused and self.live <= pipe.max_in_flight // 2:
+                src.resume()
+            room = pipe.max_in_flight - self.live
+            messages = src.poll(max(1, min(pipe.poll_batch, room)))
+            for msg in messages:
+                self._handle(msg)
+            self.metrics.in_flight.set(self.live)
+            now = time.monotonic()
+            if now >= next_commit:
+                self._commit(asynchronous=True)
+                next_commit = now + pipe.commit_interval
+            if self.stop_when is not None and self.stop_when(self):
+                break
+            if messages:
+                idle = 0.0
+                await asyncio.sleep(0)
+            else:
+                # Nothing fetched: back off a little (up to 20 ms) so an idle service does not spin.
+                idle = min(0.02, idle * 2 or 0.001)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), idle)
+
+    async def _shutdown(self, transport: Transport) -> int:
+        pipe = self.config.pipeline
+        deadline = pipe.shutdown_deadline if self.fatal is None else min(pipe.shutdown_deadline, pipe.dlq_timeout)
+        if self.dispatcher is not None:
+            self.dispatcher.flush()
+        try:
+            await asyncio.wait_for(self._drained.wait(), deadline)
+        except TimeoutError:
+            log.warning("shutdown deadline reached with events in flight; their offsets stay uncommitted",
+                        extra={"in_flight": self.live})
+        if self.source is not None:
+            self._commit(asynchronous=False)
+            self.source.close()
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await transport.close()
+        if self.dlq is not None:
+            self.dlq.close(5.0)
+        if self.health is not None:
+            await self.health.stop()
+        if self.fatal is not None:
+            log.error("stopped: %s", self.fatal)
+            return EXIT_DLQ
+        log.info("stopped", extra={"consumed": self.consumed})
+        return EXIT_OK
+
+    # ------------------------------------------------------------------ offsets
+
+    def _on_assign(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self._committed.pop(tp, None)
+
+    def _on_revoke(self, tps: list[TP]) -> None:
+        # Commit what is done before another member takes over; unfinished events will be re-read there.
+        self._commit(asynchronous=False, only=tps)
+        self.tracker.forget(tps)
+        for tp in tps:
+            self._committed.pop(tp, None)
+
+    def _commit(self, *, asynchronous: bool, only: list[TP] | None = None) -> None:
+        if self.source is None:
+            return
+        todo = {tp: off for tp, off in self.tracker.committable(only).items() if self._committed.get(tp) != off}
+        if todo and self.source.commit(todo, asynchronous=asynchronous):
+            self._committed.update(todo)
+
+    # ------------------------------------------------------------------ events
+
+    def _handle(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err.str())
+            return
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None
+        try:
+            self.tracker.track((topic, partition), offset)
+        except OffsetOrderError as exc:
+            log.debug("skipping a re-read offset: %s", exc)
+            return
+        self.consumed += 1
+        self.live += 1
+        self._drained.clear()
+        self.metrics.events_consumed.inc()
+        ts_type, ts = msg.timestamp()
+        raw = msg.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers: Headers = [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
+        ev = InFlight(SourceRef(topic, partition, offset, msg.key(), msg.value(), headers, ts if ts_type else None),
+                      time.monotonic())
+        self._decode(ev)
+
+    def _decode(self, ev: InFlight, first_try: float | None = None) -> None:
+        try:
+            purchase = self.decoder.decode(ev.source.value)
+        except DecodeError as exc:
+            started = first_try if first_try is not None else time.monotonic()
+            if getattr(exc, "transient", False) and time.monotonic() - started < _REGISTRY_RETRY_SECONDS:
+                self._spawn(self._decode_later(ev, started))
+                return
+            self.metrics.decode_failures.labels(exc.reason).inc()
+            self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, f"{exc.reason}: {exc}")])
+            return
+        except Exception as exc:  # a decoder bug must not lose the event or kill the service
+            self.metrics.decode_failures.labels("internal").inc()
+            self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
+            return
+        self.metrics.events_decoded.inc()
+        self._match(ev, purchase)
+
+    async def _decode_later(self, ev: InFlight, started: float) -> None:
+        await asyncio.sleep(1.0)
+        self._decode(ev, started)
+
+    def _match(self, ev: InFlight, purchase: Purchase) -> None:
+        ev.event_id, ev.occurred_at = purchase.event_id, purchase.occurred_at
+        try:
+            decision = match(purchase, self.settings, self.clock_ms())
+        except Exception as exc:
+            log.exception("matcher failed", extra={"correlation_id": ev.correlation_id})
+            self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc),
+                                              event_id=purchase.event_id)])
+            return
+        for exposure in decision.matched:
+            self.metrics.match_decisions.labels(exposure.provider.slug, "matched").inc()
+        for rej in decision.rejections:
+            provider = rej.exposure.provider.slug if rej.exposure else "none"
+            self.metrics.match_decisions.labels(provider, rej.reason.value).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("decision", extra={
+                "correlation_id": ev.correlation_id,
+                "conversions": len(decision.conversions),
+                "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
+            })
+        if not decision.conversions:
+            self.metrics.purchases.labels("unattributed").inc()
+            self._done(ev)
+            return
+        self.metrics.purchases.labels("attributed").inc()
+        assert self.dispatcher is not None
+        ev.pending = len(decision.conversions)
+        for conversion in decision.conversions:
+            if self.recent.seen(conversion.key):
+                # Delivered moments ago in this process (a redelivery after a rebalance): do not count twice.
+                self.metrics.conversions.labels(conversion.provider.slug, "skipped").inc()
+                ev.pending -= 1
+                continue
+            self.dispatcher.submit(conversion, ev)
+        if ev.pending == 0:
+            self._done(ev)
+
+    def _on_result(self, ev: InFlight, conversion: Conversion, result: Result) -> None:
+        provider = conversion.provider.slug
+        if result.status is Status.FAILED:
+            ev.failures.setdefault(provider, []).append((conversion, result))
+            log.warning("delivery failed", extra={
+                "correlation_id": ev.correlation_id, "provider": provider, "project": conversion.project,
+                "reason": result.outcome.reason, "status": result.outcome.status, "attempts": result.attempts,
+            })
+        else:
+            self.recent.add(conversion.key)
+            self.metrics.conversions.labels(provider, result.status.value).inc()
+            if result.status is Status.DELIVERED:
+                self.metrics.delivery_delay.labels(provider).observe(
+                    max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000))
+        ev.pending -= 1
+        if ev.pending == 0:
+            if ev.failures:
+                self._dead_letter(ev, [self._dispatch_dead_letter(ev, p, f) for p, f in ev.failures.items()])
+            else:
+                self._done(ev)
+
+    @staticmethod
+    def _dispatch_dead_letter(ev: InFlight, provider: str, failed: list[tuple[Conversion, Result]]) -> DeadLetter:
+        result = failed[0][1]
+        projects = sorted({c.project for c, _ in failed})
+        return DeadLetter(
+            ev.source, "dispatch", "DeliveryFailed", result.outcome.reason,
+            provider=provider, project=",".join(projects), attempts=max(r.attempts for _, r in failed),
+            http_status=result.outcome.status, keys=[c.key for c, _ in failed], event_id=ev.event_id,
+        )
+
+    def _dead_letter(self, ev: InFlight, letters: list[DeadLetter]) -> None:
+        self._spawn(self._write_dead_letters(ev, letters))
+
+    async def _write_dead_letters(self, ev: InFlight, letters: list[DeadLetter]) -> None:
+        assert self.dlq is not None
+        try:
+            await asyncio.gather(*(self.dlq.write(dl) for dl in letters))
+        except DeadLetterError as exc:
+            self.metrics.dlq_failures.inc()
+            if self.fatal is None:
+                self.fatal = f"dead-letter topic '{self.config.kafka.dlq_topic}' is not writable ({exc}); " \
+                             "stopped consuming, offsets committed only up to the last finished event"
+                log.error(self.fatal)
+            return  # never finished: its offset stays uncommitted
+        for dl in letters:
+            self.metrics.dlq_produced.labels(dl.stage, dl.provider or "none").inc()
+            if dl.provider:
+                self.metrics.conversions.labels(dl.provider, "dead_lettered").inc(len(dl.keys))
+        self._done(ev)
+
+    def _done(self, ev: InFlight) -> None:
+        self.tracker.finish(ev.tp, ev.source.offset)
+        self.live -= 1
+        self.metrics.processing_delay.observe(time.monotonic() - ev.read_at)
+        if self.live == 0:
+            self._drained.set()
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

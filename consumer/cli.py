@@ -1,0 +1,173 @@
+"""The `offline-conversions` command: run, check-config, explain, sandbox, produce, demo, dlq replay."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from consumer.config import ConfigError, load
+
+EXIT_CONFIG = 2
+
+
+def _load_or_exit(path: str) -> object:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"offline-conversions: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from consumer import logs
+    from consumer.app import Application
+    from consumer.config import Config
+
+    cfg = _load_or_exit(args.config)
+    assert isinstance(cfg, Config)
+    logs.setup(cfg.logging.level, cfg.logging.format, cfg.secrets())
+    try:
+        app = Application(cfg)
+    except Exception as exc:  # a schema that does not parse, a registry URL that is wrong…
+        print(f"offline-conversions: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(app.run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from consumer.config import Config
+
+    cfg = _load_or_exit(args.file)
+    assert isinstance(cfg, Config)
+    projects = {
+        "kameleoon": sorted(cfg.kameleoon.projects),
+        "convert": sorted(cfg.convert.projects),
+        "conductrics": sorted(cfg.conductrics.projects),
+    }
+    print(f"{args.file}: ok — topic {cfg.kafka.topic!r}, group {cfg.kafka.group_id!r}, "
+          f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from consumer.config import Config
+    from consumer.explain import explain, render_text
+
+    cfg = _load_or_exit(args.config)
+    assert isinstance(cfg, Config)
+    try:
+        event = json.loads(Path(args.event).read_text() if args.event != "-" else sys.stdin.read())
+    except (OSError, ValueError) as exc:
+        print(f"offline-conversions: cannot read the event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    now_ms = int(time.time() * 1000) if args.now is None else int(args.now)
+    try:
+        report = explain(cfg, event, now_ms)
+    except ValueError as exc:
+        print(f"offline-conversions: invalid event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from consumer.sandbox import serve
+
+    serve(args.host, args.port)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.producer import produce_samples
+
+    produced = produce_samples(
+        args.bootstrap_servers, args.topic, args.count, rate=args.rate, fmt=args.format,
+        registry_url=args.schema_registry_url, malformed=args.malformed, seed=args.seed,
+    )
+    print(f"produced {produced} events to {args.topic}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consumer.demo import run_demo
+
+    return run_demo(events=args.events, malformed=args.malformed, seed=args.seed)
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    from consumer.replay import run_replay
+
+    code: int = run_replay(args)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="offline-conversions",
+                                description="Offline purchases from Kafka into A/B-testing conversions.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the service")
+    run.add_argument("--config", required=True, help="TOML config file")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    ex = sub.add_parser("explain", help="show what the service would send for one event given as JSON")
+    ex.add_argument("--config", required=True)
+    ex.add_argument("--now", help="evaluate at this epoch-millisecond time instead of now")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+    ex.add_argument("event", help="the event as a JSON file, or - for standard input")
+    ex.set_defaults(func=cmd_explain)
+
+    sb = sub.add_parser("sandbox", help="serve the provider emulator")
+    sb.add_argument("--host", default="127.0.0.1")
+    sb.add_argument("--port", type=int, default=8080)
+    sb.set_defaults(func=cmd_sandbox)
+
+    pr = sub.add_parser("produce", help="produce sample purchases to a topic")
+    pr.add_argument("--bootstrap-servers", required=True)
+    pr.add_argument("--topic", required=True)
+    pr.add_argument("--count", type=int, default=1000)
+    pr.add_argument("--rate", type=float, default=0.0, help="events per second (0 = as fast as possible)")
+    pr.add_argument("--format", choices=("avro", "confluent"), default="avro")
+    pr.add_argument("--schema-registry-url", default="")
+    pr.add_argument("--malformed", type=int, default=0, help="also produce this many malformed messages")
+    pr.add_argument("--seed", type=int, default=7)
+    pr.set_defaults(func=cmd_produce)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on an embedded broker and sandbox")
+    demo.add_argument("--events", type=int, default=3000)
+    demo.add_argument("--malformed", type=int, default=30)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=cmd_demo)
+
+    dlq = sub.add_parser("dlq", help="dead-letter topic tools")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    replay = dlq_sub.add_parser("replay", help="re-drive dead-lettered events to the provider(s) that failed")
+    replay.add_argument("--config", required=True)
+    replay.add_argument("--provider", action="append", help="only this provider (repeatable)")
+    replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch")
+    replay.add_argument("--error-class", action="append")
+    replay.add_argument("--since", type=int, help="dead-lettered at or after this epoch ms")
+    replay.add_argument("--until", type=int, help="dead-lettered before this epoch ms")
+    replay.add_argument("--dry-run", action="store_true")
+    replay.add_argument("--group-id", help="the replay's own consumer group (default: <group_id>.replay)")
+    replay.set_defaults(func=cmd_dlq_replay)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,615 @@
+"""Decode "purchase completed" Avro events (schemaless or Confluent-framed) into Purchase, safely and fast."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastavro
+from fastavro.types import Schema
+
+from consumer.config import DecodingConfig
+from consumer.model import Channel, Exposure, Provider, Purchase
+
+# Every DecodeError.reason is one of these, so the reason can be used as a metric label as it is.
+REASONS: frozenset[str] = frozenset(
+    {
+        "null_value",
+        "too_large",
+        "truncated",
+        "bad_magic_byte",
+        "unknown_schema_id",
+        "unsupported_schema",
+        "incompatible_schema",
+        "registry_unavailable",
+        "invalid_avro",
+        "invalid_utf8",
+        "trailing_bytes",
+        "invalid_decimal",
+        "invalid_timestamp",
+        "invalid_field",
+    }
+)
+
+MAGIC_BYTE = 0
+HEADER_SIZE = 5  # magic byte + 4-byte big-endian schema id
+REVENUE_PRECISION = 12
+REVENUE_SCALE = 2
+_MAX_UNSCALED = 10**REVENUE_PRECISION  # exclusive bound of |unscaled revenue|
+_MAX_REVENUE = Decimal(_MAX_UNSCALED).scaleb(-REVENUE_SCALE)
+_QUANTUM = Decimal(1).scaleb(-REVENUE_SCALE)
+# Longer than any two's complement encoding of a 12-digit value even with sign padding; bounds int.from_bytes.
+_MAX_DECIMAL_BYTES = 16
+# datetime's range ends at 9999-12-31; a purchase before 1970 is a corrupted clock, not a customer.
+MIN_TIMESTAMP_MS = 0
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+_CHANNELS: dict[str, Channel] = {c.value: c for c in Channel}
+_PROVIDERS: dict[str, Provider] = {p.value: p for p in Provider}
+
+
+class DecodeError(Exception):
+    """A message that cannot become a Purchase; `reason` is a short metric-label-safe code.
+
+    `transient` is true only when retrying the same bytes later may succeed (the registry
+    was unreachable): the caller retries those and dead-letters everything else.
+    """
+
+    def __init__(self, reason: str, message: str, *, transient: bool = False) -> None:
+        assert reason in REASONS, reason
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.transient = transient
+
+    def __repr__(self) -> str:
+        return f"DecodeError({self.reason!r}, {self.message!r}, transient={self.transient})"
+
+
+class Decoder(Protocol):
+    """Turns one Kafka message value into a Purchase or raises DecodeError."""
+
+    def decode(self, value: bytes | None) -> Purchase: ...
+
+
+# --------------------------------------------------------------------------- schemas
+
+_COMPLEX = frozenset({"record", "error", "enum", "array", "map", "fixed"})
+_PRIMITIVE_MIN_SIZE = {"null": 0, "boolean": 1, "int": 1, "long": 1, "float": 4, "double": 8, "bytes": 1, "string": 1}
+
+
+def read_schema_json(path: str | Path) -> dict[str, Any]:
+    """The schema file as plain JSON (logical types included), e.g. to register it."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: an Avro schema file must hold a JSON object")
+    return data
+
+
+def load_schema(path: str | Path) -> Schema:
+    """The fastavro-parsed schema with its logical types, for the encode helpers."""
+    return fastavro.parse_schema(read_schema_json(path))
+
+
+def strip_logical_types(schema: Any) -> Any:
+    """A copy of a JSON schema without logical types, so fastavro hands back raw longs and bytes.
+
+    Only schema positions are walked: default values are data and stay untouched.
+    """
+    if isinstance(schema, list):
+        return [strip_logical_types(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "logicalType" in out:
+        for key in ("logicalType", "precision", "scale"):
+            out.pop(key, None)
+    kind = out.get("type")
+    if kind in ("record", "error"):
+        out["fields"] = [{**f, "type": strip_logical_types(f["type"])} for f in out.get("fields", [])]
+    elif kind == "array":
+        out["items"] = strip_logical_types(out["items"])
+    elif kind == "map":
+        out["values"] = strip_logical_types(out["values"])
+    elif isinstance(kind, dict | list):
+        out["type"] = strip_logical_types(kind)
+    return out
+
+
+class _SchemaWalker:
+    """Checks a writer schema against what the decoder can read safely and correctly.
+
+    Rejected: recursive types (fastavro recurses in C once per nesting level, so a deep message
+    could overflow the stack), arrays whose items encode to zero bytes (a forged block count of 2**62
+    would loop without consuming input), and logical types that differ from the reader's (the decoder
+    strips logical types, so a writer's timestamp-micros or decimal scale 3 would be misread silently).
+    """
+
+    def __init__(self, named: Mapping[str, Any]) -> None:
+        self.named = named
+
+    def resolve(self, t: Any) -> Any:
+        while isinstance(t, str) and t in self.named:
+            t = self.named[t]
+        return t
+
+    def min_size(self, t: Any, stack: tuple[str, ...] = ()) -> int:
+        if isinstance(t, str):
+            if t in _PRIMITIVE_MIN_SIZE:
+                return _PRIMITIVE_MIN_SIZE[t]
+            if t in stack:
+                raise DecodeError("unsupported_schema", f"writer schema type {t} is recursive")
+            if t not in self.named:
+                raise DecodeError("unsupported_schema", f"writer schema names unknown type {t}")
+            return self.min_size(self.named[t], (*stack, t))
+        if isinstance(t, list):
+            for branch in t:
+                self.min_size(branch, stack)
+            return 1
+        if not isinstance(t, dict):
+            raise DecodeError("unsupported_schema", "writer schema has a malformed type")
+        kind = t.get("type")
+        name = t.get("name")
+        if kind in ("record", "error"):
+            inner = (*stack, name) if isinstance(name, str) else stack
+            return sum(self.min_size(f["type"], inner) for f in t.get("fields", []))
+        if kind == "enum":
+            return 1
+        if kind == "fixed":
+            return int(t.get("size", 0))
+        if kind == "array":
+            if self.min_size(t["items"], stack) == 0:
+                raise DecodeError("unsupported_schema", "writer schema has an array of zero-size items")
+            return 1
+        if kind == "map":
+            self.min_size(t["values"], stack)
+            return 1
+        return self.min_size(kind, stack)
+
+    @staticmethod
+    def logical(t: Any) -> tuple[str | None, Any]:
+        if isinstance(t, dict) and isinstance(t.get("logicalType"), str):
+            return t["logicalType"], t.get("scale", 0)
+        return None, None
+
+    def check_logical(self, writer: Any, reader: Any, reader_named: Mapping[str, Any], path: str) -> None:
+        w = self.resolve(writer)
+        r = reader
+        while isinstance(r, str) and r in reader_named:
+            r = reader_named[r]
+        r_logical, r_scale = self.logical(r)
+        w_logical, w_scale = self.logical(w)
+        if r_logical == "decimal" and (w_logical != "decimal" or w_scale != r_scale):
+            raise DecodeError("unsupported_schema", f"writer field {path} is not decimal with scale {r_scale}")
+        if r_logical is not None and w_logical not in (None, r_logical):
+            raise DecodeError("unsupported_schema", f"writer field {path} is {w_logical}, expected {r_logical}")
+        if not (isinstance(w, dict) and isinstance(r, dict)):
+            return
+        kind = r.get("type")
+        if kind in ("record", "error") and w.get("type") in ("record", "error"):
+            w_fields = {f["name"]: f["type"] for f in w.get("fields", [])}
+            for f in r.get("fields", []):
+                if f["name"] in w_fields:
+                    self.check_logical(w_fields[f["name"]], f["type"], reader_named, f"{path}.{f['name']}")
+        elif kind == "array" and w.get("type") == "array":
+            self.check_logical(w["items"], r["items"], reader_named, f"{path}[]")
+        elif kind == "map" and w.get("type") == "map":
+            self.check_logical(w["values"], r["values"], reader_named, f"{path}{{}}")
+
+
+def _parse_with_names(schema_json: Any) -> tuple[Schema, dict[str, Any]]:
+    named: dict[str, Any] = {}
+    parsed = fastavro.parse_schema(schema_json, named_schemas=named)
+    return parsed, named
+
+
+class _Compiled:
+    """A writer schema prepared once: logical types stripped, parsed, and checked against the reader."""
+
+    __slots__ = ("schema",)
+
+    def __init__(self, schema: Schema | None) -> None:
+        self.schema = schema
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _decimal(value: Any) -> Decimal:
+    if isinstance(value, bytes):
+        if not value or len(value) > _MAX_DECIMAL_BYTES:
+            raise DecodeError("invalid_decimal", f"revenue has {len(value)} bytes")
+        unscaled = int.from_bytes(value, "big", signed=True)
+        if not -_MAX_UNSCALED < unscaled < _MAX_UNSCALED:
+            raise DecodeError("invalid_decimal", f"revenue does not fit decimal({REVENUE_PRECISION},{REVENUE_SCALE})")
+        return Decimal(unscaled).scaleb(-REVENUE_SCALE)
+    if isinstance(value, Decimal):
+        try:
+            scaled = value.quantize(_QUANTUM) if value.is_finite() else None
+        except InvalidOperation:
+            scaled = None
+        if scaled is None or scaled != value or abs(scaled) >= _MAX_REVENUE:
+            raise DecodeError("invalid_decimal", f"revenue {value} does not fit decimal(12,2)")
+        return scaled
+    raise DecodeError("invalid_decimal", f"revenue is a {type(value).__name__}, not bytes or Decimal")
+
+
+def _timestamp(value: Any, name: str) -> int:
+    if type(value) is not int:
+        if hasattr(value, "timestamp") and hasattr(value, "tzinfo") and value.tzinfo is not None:
+            # fastavro's own timestamp-millis reader yields aware datetimes; accept them for records made that way.
+            value = round(value.timestamp() * 1000)
+        else:
+            raise DecodeError("invalid_timestamp", f"{name} is a {type(value).__name__}, not epoch milliseconds")
+    if not MIN_TIMESTAMP_MS <= value <= MAX_TIMESTAMP_MS:
+        raise DecodeError("invalid_timestamp", f"{name} {value} is outside 1970..9999")
+    return int(value)
+
+
+def _str(value: Any, name: str) -> str:
+    if type(value) is not str:
+        raise DecodeError("invalid_field", f"{name} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _strs(values: tuple[Any, ...], names: tuple[str, ...]) -> None:
+    for value, name in zip(values, names, strict=True):
+        _str(value, name)
+
+
+_EXPOSURE_STRS = (
+    "exposures[].project",
+    "exposures[].experiment_id",
+    "exposures[].variation_id",
+    "exposures[].visitor_id",
+)
+
+
+def _exposure(e: Mapping[str, Any]) -> Exposure:
+    # The checks are inlined with a slow path for the message: this runs for every exposure of every event.
+    provider = _PROVIDERS.get(e["provider"])
+    if provider is None:
+        raise DecodeError("invalid_field", "exposures[].provider is not a known provider")
+    project, experiment_id, variation_id, visitor_id = (
+        e["project"],
+        e["experiment_id"],
+        e["variation_id"],
+        e["visitor_id"],
+    )
+    if not (type(project) is type(experiment_id) is type(variation_id) is type(visitor_id) is str):
+        _strs((project, experiment_id, variation_id, visitor_id), _EXPOSURE_STRS)
+    exposed_at = e["exposed_at"]
+    if type(exposed_at) is not int or not MIN_TIMESTAMP_MS <= exposed_at <= MAX_TIMESTAMP_MS:
+        exposed_at = _timestamp(exposed_at, "exposures[].exposed_at")
+    return Exposure(provider, project, experiment_id, variation_id, visitor_id, exposed_at)
+
+
+def purchase_from_record(record: Mapping[str, Any]) -> Purchase:
+    """The Purchase for a decoded record; raises DecodeError for a record that breaks the contract.
+
+    Accepts both what the decoder reads (revenue as unscaled bytes, timestamps as int ms) and what
+    fastavro's logical readers or a hand-made dict give (Decimal revenue, aware datetimes).
+    """
+    try:
+        channel = _CHANNELS.get(record.get("channel", "OTHER"))
+        if channel is None:
+            raise DecodeError("invalid_field", "channel is not a known channel")
+        event_id, order_id, currency = record["event_id"], record["order_id"], record["currency"]
+        if not (type(event_id) is type(order_id) is type(currency) is str):
+            _strs((event_id, order_id, currency), ("event_id", "order_id", "currency"))
+        customer_id = record.get("customer_id")
+        if customer_id is not None and type(customer_id) is not str:
+            _str(customer_id, "customer_id")
+        occurred_at = record["occurred_at"]
+        if type(occurred_at) is not int or not MIN_TIMESTAMP_MS <= occurred_at <= MAX_TIMESTAMP_MS:
+            occurred_at = _timestamp(occurred_at, "occurred_at")
+        item_count = record["item_count"]
+        if type(item_count) is not int or not -(2**31) <= item_count < 2**31:
+            raise DecodeError("invalid_field", "item_count is not a 32-bit integer")
+        attributes = record.get("attributes") or {}
+        if type(attributes) is not dict:
+            raise DecodeError("invalid_field", "attributes is not a map of strings")
+        for k, v in attributes.items():
+            if type(k) is not str or type(v) is not str:
+                raise DecodeError("invalid_field", "attributes is not a map of strings")
+        exposures = record.get("exposures") or ()
+        return Purchase(
+            event_id,
+            order_id,
+            occurred_at,
+            channel,
+            currency,
+            _decimal(record["revenue"]),
+            item_count,
+            customer_id,
+            tuple([_exposure(e) for e in exposures]) if exposures else (),
+            attributes,
+        )
+    except DecodeError:
+        raise
+    except KeyError as exc:
+        raise DecodeError("invalid_field", f"record has no field {exc.args[0]!r}") from None
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise DecodeError("invalid_field", f"record is malformed: {type(exc).__name__}") from None
+
+
+def purchase_to_record(p: Purchase) -> dict[str, Any]:
+    """The record for a Purchase, in the shape fastavro writes with the contract schema (logical types on)."""
+    return {
+        "event_id": p.event_id,
+        "order_id": p.order_id,
+        "occurred_at": p.occurred_at,
+        "channel": p.channel.value,
+        "currency": p.currency,
+        "revenue": p.revenue,
+        "item_count": p.item_count,
+        "customer_id": p.customer_id,
+        "exposures": [
+            {
+                "provider": e.provider.value,
+                "project": e.project,
+                "experiment_id": e.experiment_id,
+                "variation_id": e.variation_id,
+                "visitor_id": e.visitor_id,
+                "exposed_at": e.exposed_at,
+            }
+            for e in p.exposures
+        ],
+        "attributes": dict(p.attributes),
+    }
+
+
+def encode_raw(purchase: Purchase, schema: Schema) -> bytes:
+    """Schemaless Avro bytes of a Purchase; `schema` is the contract with logical types (see load_schema)."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, purchase_to_record(purchase))
+    return buf.getvalue()
+
+
+def encode_confluent(purchase: Purchase, schema_id: int, schema: Schema) -> bytes:
+    """Confluent wire format: magic byte 0, the 4-byte big-endian schema id, then the Avro body."""
+    if not 0 <= schema_id < 2**32:
+        raise ValueError(f"schema id {schema_id} does not fit 4 bytes")
+    return bytes([MAGIC_BYTE]) + schema_id.to_bytes(4, "big") + encode_raw(purchase, schema)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class SchemaRegistry:
+    """A minimal synchronous Confluent Schema Registry client that fetches each schema id once.
+
+    Credentials come from the URL's userinfo (https://user:pass@host) and travel only in the
+    Authorization header: `url` and every error message show the URL without them.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, negative_ttl: float = 60.0) -> None:
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("schema registry URL must be http(s)://host[:port][/path]")
+        self._auth: str | None = None
+        if parts.username is not None:
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in parts.hostname:  # IPv6 literal
+            netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
+        self.url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        self.timeout = timeout
+        self.negative_ttl = negative_ttl
+        self._schemas: dict[int, str] = {}
+        # An id the registry does not know is remembered a while, so a flood of forged ids cannot hammer it.
+        self._missing: dict[int, float] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SchemaRegistry({self.url!r})"
+
+    def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
+        req.add_header("Accept", "application/vnd.schemaregistry.v1+json, application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
+        if self._auth:
+            req.add_header("Authorization", self._auth)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            error_code = None
+            try:
+                error_code = json.loads(exc.read()).get("error_code")
+            except (ValueError, AttributeError, OSError):
+                pass
+            finally:
+                exc.close()
+            if exc.code == 404 or error_code == 40403:
+                raise DecodeError(
+                    "unknown_schema_id", f"{self.url}{path}: not found (error_code {error_code})"
+                ) from None
+            raise DecodeError(
+                "registry_unavailable", f"{method} {self.url}{path}: HTTP {exc.code}", transient=True
+            ) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise DecodeError(
+                "registry_unavailable", f"{method} {self.url}{path}: {type(exc).__name__}: {reason}", transient=True
+            ) from None
+
+    def get_schema(self, schema_id: int) -> str:
+        """The schema JSON text registered under `schema_id`; raises DecodeError."""
+        cached = self._schemas.get(schema_id)
+        if cached is not None:
+            return cached
+        with self._lock:
+            cached = self._schemas.get(schema_id)
+            if cached is not None:
+                return cached
+            missing_since = self._missing.get(schema_id)
+            if missing_since is not None and time.monotonic() - missing_since < self.negative_ttl:
+                raise DecodeError("unknown_schema_id", f"schema id {schema_id} is not in {self.url}")
+            try:
+                payload = self._request("GET", f"/schemas/ids/{schema_id}")
+            except DecodeError as exc:
+                if exc.reason == "unknown_schema_id":
+                    self._missing[schema_id] = time.monotonic()
+                raise
+            if not isinstance(payload, dict) or not isinstance(payload.get("schema"), str):
+                raise DecodeError(
+                    "registry_unavailable", f"{self.url}: unexpected answer for schema id {schema_id}", transient=True
+                )
+            if payload.get("schemaType", "AVRO") != "AVRO":
+                raise DecodeError("unsupported_schema", f"schema id {schema_id} is {payload['schemaType']}, not AVRO")
+            text: str = payload["schema"]
+            self._missing.pop(schema_id, None)
+            self._schemas[schema_id] = text
+            return text
+
+    def register(self, subject: str, schema_str: str) -> int:
+        """Register (or find) an Avro schema under `subject`; returns its id. For producers and demos."""
+        path = "/subjects/" + urllib.parse.quote(subject, safe="") + "/versions"
+        payload = self._request("POST", path, {"schema": schema_str})
+        if not isinstance(payload, dict) or type(payload.get("id")) is not int:
+            raise DecodeError("registry_unavailable", f"{self.url}: unexpected answer registering {subject}")
+        return int(payload["id"])
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+class _AvroDecoder:
+    """Shared reading: the local reader schema, size cap, error mapping, and the trailing-bytes check."""
+
+    def __init__(self, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+        if max_message_bytes < 1:
+            raise ValueError("max_message_bytes must be positive")
+        self.max_message_bytes = max_message_bytes
+        self._reader_json = read_schema_json(reader_schema_path)
+        stripped = strip_logical_types(self._reader_json)
+        self._reader, _ = _parse_with_names(stripped)
+        self._reader_stripped_json = stripped
+        _, self._reader_named = _parse_with_names(self._reader_json)
+
+    def _compile(self, writer_json: Any) -> _Compiled:
+        """Prepare a writer schema; _Compiled(None) means "same as the reader" (fastavro skips resolution)."""
+        try:
+            _, named = _parse_with_names(writer_json)
+            walker = _SchemaWalker(named)
+            walker.min_size(writer_json)
+            walker.check_logical(writer_json, self._reader_json, self._reader_named, "")
+            stripped = strip_logical_types(writer_json)
+            if stripped == self._reader_stripped_json:
+                return _Compiled(None)
+            parsed, _ = _parse_with_names(stripped)
+        except DecodeError:
+            raise
+        except Exception as exc:  # fastavro raises assorted types for a malformed schema
+            raise DecodeError("unsupported_schema", f"writer schema does not parse: {type(exc).__name__}") from None
+        return _Compiled(parsed)
+
+    def _read(self, value: bytes, offset: int, writer: _Compiled) -> Purchase:
+        fo = io.BytesIO(value)
+        if offset:
+            fo.seek(offset)
+        try:
+            # BytesIO.read(n) returns at most what is left, so a forged length prefix never allocates n bytes.
+            if writer.schema is None:
+                record = fastavro.schemaless_reader(fo, self._reader, None)
+            else:
+                record = fastavro.schemaless_reader(fo, writer.schema, self._reader)
+        except EOFError:
+            raise DecodeError("truncated", "message ends inside the record") from None
+        except UnicodeDecodeError:
+            raise DecodeError("invalid_utf8", "a string is not valid UTF-8") from None
+        except fastavro.read.SchemaResolutionError as exc:
+            raise DecodeError("incompatible_schema", f"writer and reader schemas do not resolve: {exc}") from None
+        except MemoryError:
+            raise DecodeError("too_large", "record needs more memory than is available") from None
+        except Exception as exc:  # garbage makes fastavro raise IndexError, ValueError, OverflowError, ...
+            raise DecodeError("invalid_avro", f"not a valid record: {type(exc).__name__}") from None
+        end = fo.tell()
+        if end != len(value):
+            raise DecodeError("trailing_bytes", f"{len(value) - end} bytes after the record")
+        if not isinstance(record, dict):
+            raise DecodeError("invalid_avro", "the writer schema is not a record")
+        return purchase_from_record(record)
+
+    def _check_size(self, value: bytes | None) -> bytes:
+        if value is None:
+            raise DecodeError("null_value", "message has no value (tombstone)")
+        if len(value) > self.max_message_bytes:
+            raise DecodeError("too_large", f"{len(value)} bytes exceeds the {self.max_message_bytes}-byte limit")
+        if not value:
+            raise DecodeError("truncated", "message is empty")
+        return value
+
+
+class RawAvroDecoder(_AvroDecoder):
+    """Schemaless Avro: every message is written with the same known writer schema."""
+
+    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+        super().__init__(reader_schema_path, max_message_bytes)
+        self._writer = self._compile(read_schema_json(writer_schema_path))
+
+    def decode(self, value: bytes | None) -> Purchase:
+        return self._read(self._check_size(value), 0, self._writer)
+
+
+class ConfluentDecoder(_AvroDecoder):
+    """Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body; writer schemas from the registry."""
+
+    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+        super().__init__(reader_schema_path, max_message_bytes)
+        self.registry = registry
+        self._writers: dict[int, _Compiled] = {}
+        # A schema id whose content is unusable stays unusable (ids are immutable): remember the verdict.
+        self._rejected: dict[int, DecodeError] = {}
+
+    def writer_for(self, schema_id: int) -> _Compiled:
+        writer = self._writers.get(schema_id)
+        if writer is not None:
+            return writer
+        rejected = self._rejected.get(schema_id)
+        if rejected is not None:
+            raise DecodeError(rejected.reason, rejected.message)
+        text = self.registry.get_schema(schema_id)
+        try:
+            try:
+                writer_json = json.loads(text)
+            except ValueError:
+                raise DecodeError("unsupported_schema", f"schema id {schema_id} is not JSON") from None
+            writer = self._compile(writer_json)
+        except DecodeError as exc:
+            self._rejected[schema_id] = exc
+            raise DecodeError(exc.reason, f"schema id {schema_id}: {exc.message}") from None
+        self._writers[schema_id] = writer
+        return writer
+
+    def decode(self, value: bytes | None) -> Purchase:
+        value = self._check_size(value)
+        if value[0] != MAGIC_BYTE:
+            raise DecodeError("bad_magic_byte", f"first byte is {value[0]}, not the Confluent magic byte 0")
+        if len(value) < HEADER_SIZE:
+            raise DecodeError("truncated", "message is shorter than the Confluent header")
+        return self._read(value, HEADER_SIZE, self.writer_for(int.from_bytes(value[1:HEADER_SIZE], "big")))
+
+
+def make_decoder(cfg: DecodingConfig) -> Decoder:
+    """The decoder the configuration asks for; the local schema is always the reader schema."""
+    if cfg.format == "avro":
+        return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes)
+    if cfg.format == "confluent":
+        return ConfluentDecoder(SchemaRegistry(cfg.schema_registry_url), cfg.schema, cfg.max_message_bytes)
+    raise ValueError(f"unknown decoding format {cfg.format!r}")

@@ -1,0 +1,229 @@
+"""Delivers conversions: batches them per route, sends through flow control, retries, reports results.
+
+The pipeline, as in Vector's sinks: conversions → `Batcher` (per route key) → the provider module's
+`build` → `Gate` (breaker, rate, concurrency) → `Transport` → the module's `classify` → retry with
+backoff, split on 413, re-authenticate once on 401 → one `Result` per conversion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from consumer.batching import Batch, Batcher
+from consumer.flow import BreakerState, Gate
+from consumer.metrics import Metrics, status_class
+from consumer.model import Conversion, Provider
+from consumer.providers.base import Outcome, ProviderModule, Route, Verdict
+from consumer.retry import backoff, budget_left
+from consumer.transport import TokenCache, TokenError, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+
+class Status(enum.StrEnum):
+    DELIVERED = "delivered"
+    NOT_ACCEPTED = "not_accepted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    status: Status
+    outcome: Outcome
+    attempts: int
+
+
+@dataclass(slots=True)
+class Pending:
+    """A conversion waiting for delivery, with whatever the caller needs to hear back about it."""
+
+    conversion: Conversion
+    ticket: Any
+    route: Route
+    enqueued: float
+
+
+ResultCallback = Callable[[Any, Conversion, Result], None]
+
+
+class Dispatcher:
+    """One for all providers; routes each conversion to its provider module."""
+
+    def __init__(
+        self,
+        modules: Mapping[Provider, ProviderModule],
+        transport: Transport,
+        tokens: TokenCache,
+        metrics: Metrics,
+        on_result: ResultCallback,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.modules = modules
+        self.transport = transport
+        self.tokens = tokens
+        self.metrics = metrics
+        self.on_result = on_result
+        self.clock = clock
+        self.batcher: Batcher[Pending] = Batcher()
+        self.gates: dict[tuple[Provider, str], Gate] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.outstanding = 0  # conversions submitted and not yet resulted
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ intake
+
+    def submit(self, conversion: Conversion, ticket: Any) -> None:
+        module = self.modules[conversion.provider]
+        route = module.route(conversion)
+        now = self.clock()
+        self.outstanding += 1
+        self._idle.clear()
+        item = Pending(conversion, ticket, route, now)
+        key = (conversion.provider, route.key)
+        opened = key not in self.batcher.open
+        for batch in self.batcher.add(key, route.batch, item, module.item_bytes(conversion), now):
+            self._launch(batch)
+        if opened and key in self.batcher.open:
+            batch_obj = self.batcher.open[key]
+            asyncio.get_running_loop().call_later(route.batch.linger, self._linger_expired, key, batch_obj)
+
+    def _linger_expired(self, key: Hashable, batch: Batch[Pending]) -> None:
+        if self.batcher.open.get(key) is batch:
+            self._launch(self.batcher.open.pop(key))
+
+    def flush(self) -> None:
+        """Send every open batch now (shutdown)."""
+        for batch in self.batcher.drain():
+            self._launch(batch)
+
+    async def wait_idle(self, timeout: float | None = None) -> bool:
+        """True when every submitted conversion has its result."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ sending
+
+    def _launch(self, batch: Batch[Pending]) -> None:
+        task = asyncio.get_running_loop().create_task(self._deliver(batch.items))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _gate(self, provider: Provider, route: Route) -> Gate:
+        gate = self.gates.get((provider, route.project))
+        if gate is None:
+            state = self.metrics.circuit_state.labels(provider.slug, route.project)
+            state.set(0)
+
+            def publish(s: BreakerState) -> None:
+                state.set(int(s))
+                log.warning("circuit %s", s.name.lower(), extra={"provider": provider.slug, "project": route.project})
+
+            gate = self.gates[(provider, route.project)] = Gate(route.flow, publish, self.clock)
+        return gate
+
+    async def _deliver(self, items: Sequence[Pending]) -> None:
+        first = items[0]
+        provider, route = first.conversion.provider, first.route
+        module = self.modules[provider]
+        gate = self._gate(provider, route)
+        started = min(p.enqueued for p in items)
+        attempts = 0
+        reauthed = False
+        conversions = [p.conversion for p in items]
+        try:
+            while True:
+                outcome, token = await self._attempt(module, gate, route, conversions)
+                attempts += 1
+                verdict = outcome.verdict
+                if verdict is Verdict.DELIVERED or verdict is Verdict.NOT_ACCEPTED:
+                    status = Status.DELIVERED if verdict is Verdict.DELIVERED else Status.NOT_ACCEPTED
+                    self._finish(items, Result(status, outcome, attempts))
+                    return
+                if verdict is Verdict.SPLIT and len(items) > 1:
+                    half = len(items) // 2
+                    self.metrics.retries.labels(provider.slug, "split").inc()
+                    for part in (items[:half], items[half:]):
+                        sub = asyncio.get_running_loop().create_task(self._deliver(part))
+                        self.tasks.add(sub)
+                        sub.add_done_callback(self.tasks.discard)
+                    return
+                if verdict is Verdict.REAUTH and route.token is not None and not reauthed:
+                    # A token the provider refused is dropped and replaced once; a second 401 is permanent.
+                    if token is not None:
+                        self.tokens.invalidate(route.token, token)
+                    reauthed = True
+                    attempts -= 1
+                    continue
+                if verdict is Verdict.RETRY:
+                    delay = backoff(attempts, route.retry, outcome.retry_after)
+                    if budget_left(attempts, self.clock() - started, delay, route.retry):
+                        self.metrics.retries.labels(provider.slug, outcome.reason.split(" ")[0]).inc()
+                        await asyncio.sleep(delay)
+                        continue
+                    outcome = Outcome(Verdict.PERMANENT, f"retries exhausted: {outcome.reason}", outcome.status)
+                self._finish(items, Result(Status.FAILED, outcome, attempts))
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a provider module must dead-letter, not wedge the partition
+            log.exception("delivery failed unexpectedly", extra={"provider": provider.slug})
+            self._finish(items, Result(Status.FAILED, Outcome(Verdict.PERMANENT, f"internal: {type(exc).__name__}"),
+                                       attempts))
+
+    async def _attempt(self, module: ProviderModule, gate: Gate, route: Route,
+                       conversions: list[Conversion]) -> tuple[Outcome, str | None]:
+        provider = module.provider
+        token: str | None = None
+        if route.token is not None:
+            try:
+                token = await self.tokens.get(route.token, route.flow.timeout)
+            except TokenError as exc:
+                verdict = Verdict.PERMANENT if exc.permanent else Verdict.RETRY
+                return Outcome(verdict, str(exc), exc.status), None
+        request = module.build(route, conversions, token)
+        await gate.enter()
+        started = time.perf_counter()
+        healthy: bool | None = None
+        try:
+            try:
+                resp = await self.transport.send(request, route.flow.timeout)
+            except TransportError as exc:
+                self.metrics.http_duration.labels(provider.slug, "error").observe(time.perf_counter() - started)
+                healthy = False
+                return Outcome(Verdict.RETRY, exc.kind), token
+            self.metrics.http_duration.labels(provider.slug, status_class(resp.status)).observe(
+                time.perf_counter() - started)
+            self.metrics.batch_conversions.labels(provider.slug).observe(len(conversions))
+            self.metrics.batch_bytes.labels(provider.slug).observe(len(request.body or b""))
+            outcome = module.classify(request, resp.status, resp.headers, resp.body)
+            # Only answers that say the provider is struggling count against its breaker.
+            healthy = outcome.verdict is not Verdict.RETRY
+            return outcome, token
+        finally:
+            gate.leave(healthy)
+
+    def _finish(self, items: Sequence[Pending], result: Result) -> None:
+        for p in items:
+            self.outstanding -= 1
+            try:
+                self.on_result(p.ticket, p.conversion, result)
+            except Exception:
+                log.exception("result callback failed")
+        if self.outstanding == 0:
+            self._idle.set()

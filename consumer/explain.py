@@ -1,0 +1,265 @@
+"""Explain what the matcher would do with one purchase given as JSON: matches, rejections and what is sent."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from consumer.config import Config
+from consumer.matcher import MatchSettings, match
+from consumer.model import Channel, Conversion, Exposure, Provider, Purchase, Rejection
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+PURCHASE_FIELDS = (
+    "event_id",
+    "order_id",
+    "occurred_at",
+    "channel",
+    "currency",
+    "revenue",
+    "item_count",
+    "customer_id",
+    "exposures",
+    "attributes",
+)
+EXPOSURE_FIELDS = ("provider", "project", "experiment_id", "variation_id", "visitor_id", "exposed_at")
+
+
+# --------------------------------------------------------------------------- JSON -> Purchase
+
+
+def _missing(obj: Mapping[str, Any], name: str, path: str) -> Any:
+    if name not in obj:
+        raise ValueError(f"{path}{name}: is required")
+    return obj[name]
+
+
+def _text(obj: Mapping[str, Any], name: str, path: str, *, allow_empty: bool = False) -> str:
+    v = _missing(obj, name, path)
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise ValueError(f"{path}{name}: expected a string, got {v!r}")
+    s = str(v)
+    if not s and not allow_empty:
+        raise ValueError(f"{path}{name}: must not be empty")
+    return s
+
+
+def _timestamp(obj: Mapping[str, Any], name: str, path: str) -> int:
+    """Epoch milliseconds from an integer or an ISO-8601 string with a UTC offset (sub-ms floored)."""
+    v = _missing(obj, name, path)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        if re.fullmatch(r"-?\d+", v.strip()):
+            return int(v)
+        try:
+            dt = datetime.fromisoformat(v.strip())
+        except ValueError:
+            raise ValueError(f"{path}{name}: expected epoch milliseconds or an ISO-8601 timestamp, got {v!r}") from None
+        if dt.tzinfo is None:
+            raise ValueError(f"{path}{name}: an ISO-8601 timestamp needs a UTC offset (e.g. 'Z'), got {v!r}")
+        return (dt - _EPOCH) // _MS
+    raise ValueError(f"{path}{name}: expected epoch milliseconds or an ISO-8601 timestamp, got {v!r}")
+
+
+def _revenue(obj: Mapping[str, Any], path: str) -> Decimal:
+    v = _missing(obj, "revenue", path)
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise ValueError(f'{path}revenue: expected a decimal string like "23.50" or a number, got {v!r}')
+    try:
+        d = Decimal(str(v).strip())  # str() of a float is its shortest repr: 23.5, not 23.4999...
+    except InvalidOperation:
+        raise ValueError(f'{path}revenue: expected a decimal string like "23.50" or a number, got {v!r}') from None
+    if not d.is_finite():
+        raise ValueError(f"{path}revenue: must be a finite number, got {v!r}")
+    return d
+
+
+def _enum_value(v: Any, name: str, path: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v.strip().upper() not in choices:
+        raise ValueError(f"{path}{name}: expected one of {', '.join(choices)} (any case), got {v!r}")
+    return v.strip().upper()
+
+
+def _exposure(obj: Any, path: str) -> Exposure:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path.rstrip('.')}: expected an object, got {obj!r}")
+    provider = _enum_value(_missing(obj, "provider", path), "provider", path, tuple(p.value for p in Provider))
+    visitor = obj.get("visitor_id")
+    return Exposure(
+        provider=Provider(provider),
+        project=_text(obj, "project", path),
+        experiment_id=_text(obj, "experiment_id", path),
+        variation_id=_text(obj, "variation_id", path),
+        # Empty (or null) is allowed: Conductrics falls back to the customer id; elsewhere it is NO_IDENTITY.
+        visitor_id="" if visitor is None else _text(obj, "visitor_id", path, allow_empty=True),
+        exposed_at=_timestamp(obj, "exposed_at", path),
+    )
+
+
+def purchase_from_json(obj: Mapping[str, Any]) -> Purchase:
+    """A Purchase from the event as JSON, with the Avro schema's required fields and defaults.
+
+    Required: event_id, order_id, occurred_at, currency, revenue, item_count. Defaults: channel OTHER,
+    customer_id null, exposures [], attributes {}. Timestamps are epoch milliseconds or ISO-8601 with an
+    offset; revenue a decimal string or a number; channel and provider names in any case. Unknown fields
+    are ignored here (`unknown_fields` lists them). Bad input raises ValueError naming the field.
+    """
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"event: expected a JSON object, got {type(obj).__name__}")
+    currency = _text(obj, "currency", "")
+    if not re.fullmatch(r"[A-Za-z]{3}", currency):
+        raise ValueError(f"currency: expected an ISO 4217 code like 'EUR', got {currency!r}")
+    item_count = _missing(obj, "item_count", "")
+    if isinstance(item_count, bool) or not isinstance(item_count, int) or item_count < 0:
+        raise ValueError(f"item_count: expected a non-negative integer, got {item_count!r}")
+    customer = obj.get("customer_id")
+    if customer is not None and (isinstance(customer, bool) or not isinstance(customer, str | int)):
+        raise ValueError(f"customer_id: expected a string or null, got {customer!r}")
+    exposures = obj.get("exposures", [])
+    if not isinstance(exposures, list):
+        raise ValueError(f"exposures: expected a list, got {type(exposures).__name__}")
+    attributes = obj.get("attributes", {})
+    if not isinstance(attributes, Mapping):
+        raise ValueError(f"attributes: expected an object of strings, got {type(attributes).__name__}")
+    for k, v in attributes.items():
+        if not isinstance(v, str):
+            raise ValueError(f"attributes.{k}: expected a string, got {v!r}")
+    return Purchase(
+        event_id=_text(obj, "event_id", ""),
+        order_id=_text(obj, "order_id", ""),
+        occurred_at=_timestamp(obj, "occurred_at", ""),
+        channel=Channel(_enum_value(obj.get("channel", "OTHER"), "channel", "", tuple(c.value for c in Channel))),
+        currency=currency.upper(),
+        revenue=_revenue(obj, ""),
+        item_count=item_count,
+        customer_id=None if customer is None else str(customer),
+        exposures=tuple(_exposure(e, f"exposures[{i}].") for i, e in enumerate(exposures)),
+        attributes=dict(attributes),
+    )
+
+
+def unknown_fields(obj: Mapping[str, Any]) -> list[str]:
+    """Fields of the event JSON the schema does not have (likely typos), as dotted paths."""
+    out = [k for k in obj if k not in PURCHASE_FIELDS]
+    exposures = obj.get("exposures", [])
+    if isinstance(exposures, list):
+        for i, e in enumerate(exposures):
+            if isinstance(e, Mapping):
+                out += [f"exposures[{i}].{k}" for k in e if k not in EXPOSURE_FIELDS]
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _iso(ms: int) -> str:
+    return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _exposure_json(e: Exposure) -> dict[str, Any]:
+    return {
+        "provider": e.provider.value,
+        "project": e.project,
+        "experiment_id": e.experiment_id,
+        "variation_id": e.variation_id,
+        "visitor_id": e.visitor_id,
+        "exposed_at": e.exposed_at,
+        "exposed_at_iso": _iso(e.exposed_at),
+    }
+
+
+def _rejection_json(r: Rejection) -> dict[str, Any]:
+    return {
+        "reason": r.reason.value,
+        "detail": r.detail,
+        "exposure": None if r.exposure is None else _exposure_json(r.exposure),
+    }
+
+
+def _conversion_json(c: Conversion, currency: str) -> dict[str, Any]:
+    return {
+        "provider": c.provider.value,
+        "project": c.project,
+        "identity": c.identity.value,
+        "visitor": c.visitor_id,
+        "goals": list(c.goals),
+        "transaction_goals": list(c.transaction_goals),
+        "experiment_id": c.experiment_id,
+        "variation_id": c.variation_id,
+        "revenue": None if c.revenue is None else str(c.revenue),
+        "currency": None if c.revenue is None else currency,
+        "key": c.key,
+    }
+
+
+def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
+    """A JSON-serialisable report of what `match` decides for `event` at `now_ms`, and why."""
+    purchase = purchase_from_json(event)
+    settings = MatchSettings.from_config(cfg)
+    decision = match(purchase, settings, now_ms)
+    return {
+        "now": now_ms,
+        "now_iso": _iso(now_ms),
+        "purchase": {
+            "event_id": purchase.event_id,
+            "order_id": purchase.order_id,
+            "occurred_at": purchase.occurred_at,
+            "occurred_at_iso": _iso(purchase.occurred_at),
+            "age_ms": now_ms - purchase.occurred_at,
+            "channel": purchase.channel.value,
+            "currency": purchase.currency,
+            "revenue": str(purchase.revenue),
+            "item_count": purchase.item_count,
+            "customer_id": purchase.customer_id,
+            "exposures": len(purchase.exposures),
+        },
+        "attributed": decision.attributed,
+        "matched": [_exposure_json(e) for e in decision.matched],
+        "rejections": [_rejection_json(r) for r in decision.rejections],
+        "conversions": [
+            _conversion_json(c, settings.currency_of(c.provider, c.project, purchase)) for c in decision.conversions
+        ],
+        "warnings": [f"unknown field {f} ignored" for f in unknown_fields(event)],
+    }
+
+
+def _exposure_line(e: Mapping[str, Any]) -> str:
+    return (
+        f"{e['provider'].lower()}/{e['project']} experiment {e['experiment_id']} variation {e['variation_id']}"
+        f" visitor {e['visitor_id'] or '(empty)'} at {e['exposed_at_iso']}"
+    )
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    """The report for humans, one fact per line."""
+    p = report["purchase"]
+    lines = [
+        f"order {p['order_id']} (event {p['event_id']}): {p['revenue']} {p['currency']}, {p['item_count']} items,"
+        f" channel {p['channel']}, at {p['occurred_at_iso']} ({p['age_ms']} ms before now {report['now_iso']})",
+        f"customer: {p['customer_id'] or '(none)'}; exposures: {p['exposures']}",
+    ]
+    lines += [f"warning: {w}" for w in report["warnings"]]
+    lines.append(f"matched exposures: {len(report['matched'])}")
+    lines += [f"  + {_exposure_line(e)}" for e in report["matched"]]
+    lines.append(f"rejections: {len(report['rejections'])}")
+    for r in report["rejections"]:
+        where = f"{_exposure_line(r['exposure'])}: " if r["exposure"] else ""
+        lines.append(f"  - {r['reason']}: {where}{r['detail']}")
+    lines.append(f"conversions: {len(report['conversions'])}" + ("" if report["attributed"] else " (not attributed)"))
+    for c in report["conversions"]:
+        revenue = "no revenue" if c["revenue"] is None else f"revenue {c['revenue']} {c['currency']}"
+        experiment = f" experiment {c['experiment_id']}-{c['variation_id']}" if c["experiment_id"] else ""
+        tx = f" transaction goals {','.join(c['transaction_goals'])}" if c["transaction_goals"] else ""
+        lines.append(
+            f"  > {c['provider'].lower()}/{c['project']} {c['identity']} {c['visitor']}{experiment}"
+            f" goals {','.join(c['goals'])}{tx}, {revenue}, key {c['key']}"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,317 @@
+"""Attribution: which exposures of a purchase become which conversions, and why the others do not.
+
+`match` is a pure function of (purchase, settings, now_ms): no clock, no I/O, no randomness. The same
+input gives an identical `Decision`, including the order of its tuples, whatever the order of the
+purchase's exposures.
+
+Decisions worth knowing (tests pin each one to the millisecond):
+
+* Time is integer epoch milliseconds. Config durations (float seconds) are rounded to milliseconds once,
+  in `MatchSettings.from_config`.
+* Window, inclusive at both edges: an exposure counts when
+  ``occurred_at - window <= exposed_at <= occurred_at + clock_skew``.
+  An exposure up to `clock_skew` after the purchase is accepted (the order system's and the tag's clocks
+  disagree); one later than that is AFTER_PURCHASE, one earlier than the window is OUTSIDE_WINDOW.
+* Age, inclusive: a purchase exactly `max_age` old is still matched; one millisecond older is TOO_OLD.
+* Checks per exposure, first failure reported: project configured, after purchase, outside window,
+  channel, experiment allow/deny, currency, min revenue, identity.
+* Currency: a project without `currency` gets the purchase revenue as is. Otherwise a purchase in the
+  project currency is sent as is; another currency is converted with the rate FROM/TO, or, when only
+  TO/FROM is configured, divided by that rate (the direct pair wins when both are configured), then
+  quantized to 2 decimals ROUND_HALF_UP. Without a rate the project's exposures are rejected with
+  CURRENCY: nothing is ever sent in the wrong currency. When the project sends no revenue and sets no
+  min_revenue, no conversion is needed and a missing rate does not reject.
+* min_revenue: inclusive (revenue equal to the minimum passes), compared with the revenue in the project
+  currency as it would be sent (after quantizing).
+* Identity: an empty or blank visitor id is no identity. Kameleoon with `use_mapping_identifier` uses the
+  purchase's customer_id as a mapping value (Identity.MAPPING); Conductrics falls back to customer_id
+  when the exposure's visitor id is empty.
+* Keys hash a length-prefixed encoding of their parts (so ("ab", "c") and ("a", "bc") differ), always
+  including the provider and the ORDER id, never the event id: a republished order gets the same keys.
+  Kameleoon: 16 lowercase hex (the nonce); Convert and Conductrics: 32 lowercase hex.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Context, Decimal
+from types import MappingProxyType
+from typing import Any
+
+from consumer.config import Config, Rules
+from consumer.model import (
+    Conversion,
+    Decision,
+    Exposure,
+    Identity,
+    Provider,
+    Purchase,
+    Rejection,
+    RejectReason,
+)
+
+_CENT = Decimal("0.01")
+# Explicit context: the result must not depend on whatever the process's global decimal context is.
+_DECIMAL = Context(prec=34, rounding=ROUND_HALF_UP)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+@dataclass(frozen=True)
+class MatchSettings:
+    """Everything the matcher needs from the configuration, with durations in integer milliseconds."""
+
+    rules: Mapping[tuple[Provider, str], Rules]
+    windows_ms: Mapping[tuple[Provider, str], int]
+    mapping_identifier: frozenset[str]  # Kameleoon siteCodes with use_mapping_identifier
+    transaction_goals: Mapping[str, tuple[str, ...]]  # Convert project key -> goals carrying the transaction
+    clock_skew_ms: int
+    max_age_ms: int
+    rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> MatchSettings:
+        rules = cfg.rules()
+        return cls(
+            rules=MappingProxyType(dict(rules)),
+            windows_ms=MappingProxyType({k: _ms(r.attribution_window) for k, r in rules.items()}),
+            mapping_identifier=frozenset(k for k, p in cfg.kameleoon.projects.items() if p.use_mapping_identifier),
+            transaction_goals=MappingProxyType({k: p.transaction_goals for k, p in cfg.convert.projects.items()}),
+            clock_skew_ms=_ms(cfg.matcher.clock_skew),
+            max_age_ms=_ms(cfg.matcher.max_age),
+            rates=MappingProxyType(dict(cfg.matcher.rates)),
+        )
+
+    def currency_of(self, provider: Provider, project: str, purchase: Purchase) -> str:
+        """The currency a conversion's revenue is in: the project's, or the purchase's when it sets none."""
+        rules = self.rules.get((provider, project))
+        return rules.currency if rules is not None and rules.currency else purchase.currency.upper()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _digest(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        b = part.encode("utf-8")
+        h.update(f"{len(b)}:".encode("ascii"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _kameleoon_nonce(site_code: str, order_id: str, goal: str, identity: Identity, visitor: str) -> str:
+    return _digest("kameleoon", site_code, order_id, goal, identity.value, visitor)[:16]
+
+
+def _convert_key(project: str, visitor: str, experiment_id: str, variation_id: str, order_id: str) -> str:
+    return _digest("convert", project, visitor, experiment_id, variation_id, order_id)[:32]
+
+
+def _conductrics_key(project: str, vid: str, order_id: str) -> str:
+    return _digest("conductrics", project, vid, order_id)[:32]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class _Reject(Exception):
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _project_revenue(purchase: Purchase, rules: Rules, rates: Mapping[tuple[str, str], Decimal]) -> Decimal | None:
+    """The revenue in the project currency (None when it is not needed); raises _Reject(CURRENCY)."""
+    if not rules.send_revenue and rules.min_revenue is None:
+        return None
+    source = purchase.currency.upper()
+    target = rules.currency
+    if target is None or source == target:
+        return purchase.revenue
+    if (source, target) in rates:
+        converted = _DECIMAL.multiply(purchase.revenue, rates[(source, target)])
+    elif (target, source) in rates:
+        converted = _DECIMAL.divide(purchase.revenue, rates[(target, source)])
+    else:
+        raise _Reject(RejectReason.CURRENCY, f"no rate {source}/{target} (or {target}/{source}) configured")
+    return converted.quantize(_CENT, rounding=ROUND_HALF_UP, context=_DECIMAL)
+
+
+def _check_channel(purchase: Purchase, rules: Rules) -> None:
+    if purchase.channel not in rules.channels:
+        allowed = ",".join(c.value for c in rules.channels)
+        raise _Reject(RejectReason.FILTERED_CHANNEL, f"channel {purchase.channel.value} not in [{allowed}]")
+
+
+def _check_revenue(purchase: Purchase, rules: Rules, rates: Mapping[tuple[str, str], Decimal]) -> Decimal | None:
+    """Currency and min_revenue, which depend on the purchase and project only; the revenue to send or None."""
+    revenue = _project_revenue(purchase, rules, rates)
+    if rules.min_revenue is not None and revenue is not None and revenue < rules.min_revenue:
+        currency = rules.currency or purchase.currency.upper()
+        raise _Reject(
+            RejectReason.BELOW_MIN_REVENUE, f"revenue {revenue} {currency} below min_revenue {rules.min_revenue}"
+        )
+    return revenue if rules.send_revenue else None
+
+
+def _check_experiment(exposure: Exposure, rules: Rules) -> None:
+    if rules.experiments_allow and exposure.experiment_id not in rules.experiments_allow:
+        raise _Reject(RejectReason.FILTERED_EXPERIMENT, f"experiment {exposure.experiment_id} not in experiments_allow")
+    if exposure.experiment_id in rules.experiments_deny:
+        raise _Reject(RejectReason.FILTERED_EXPERIMENT, f"experiment {exposure.experiment_id} in experiments_deny")
+
+
+def _check_time(exposure: Exposure, purchase: Purchase, window_ms: int, skew_ms: int) -> None:
+    ahead = exposure.exposed_at - purchase.occurred_at
+    if ahead > skew_ms:
+        raise _Reject(
+            RejectReason.AFTER_PURCHASE, f"exposed {ahead} ms after the purchase (clock skew tolerance {skew_ms} ms)"
+        )
+    if -ahead > window_ms:
+        raise _Reject(
+            RejectReason.OUTSIDE_WINDOW, f"exposed {-ahead} ms before the purchase (attribution window {window_ms} ms)"
+        )
+
+
+def _identity(exposure: Exposure, purchase: Purchase, mapping: bool) -> tuple[Identity, str]:
+    customer = purchase.customer_id if purchase.customer_id and purchase.customer_id.strip() else None
+    if exposure.provider is Provider.KAMELEOON and mapping:
+        if customer is None:
+            raise _Reject(
+                RejectReason.NO_IDENTITY, "project uses the mapping identifier; the purchase has no customer_id"
+            )
+        return Identity.MAPPING, customer
+    if exposure.visitor_id.strip():
+        return Identity.VISITOR, exposure.visitor_id
+    if exposure.provider is Provider.CONDUCTRICS and customer is not None:
+        return Identity.VISITOR, customer
+    if exposure.provider is Provider.CONDUCTRICS:
+        raise _Reject(RejectReason.NO_IDENTITY, "empty visitor id and no customer_id to fall back to")
+    raise _Reject(RejectReason.NO_IDENTITY, "empty visitor id")
+
+
+# --------------------------------------------------------------------------- match
+
+
+def _exposure_order(e: Exposure) -> tuple[str, str, str, str, str, int]:
+    return (e.provider.value, e.project, e.experiment_id, e.variation_id, e.visitor_id, e.exposed_at)
+
+
+def _conversion_order(c: Conversion) -> tuple[str, ...]:
+    return (
+        c.provider.value,
+        c.project,
+        c.identity.value,
+        c.visitor_id,
+        c.experiment_id or "",
+        c.variation_id or "",
+        *c.goals,
+        "\x00",
+        c.key,
+    )
+
+
+def _rejection(purchase: Purchase, reason: RejectReason, detail: str) -> Decision:
+    return Decision(conversions=(), rejections=(Rejection(reason, f"order {purchase.order_id}: {detail}"),))
+
+
+def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
+    """Decide which conversions a purchase produces in which provider projects, and why others do not."""
+    age = now_ms - purchase.occurred_at
+    if age > settings.max_age_ms:
+        detail = f"purchase is {age} ms old (max_age {settings.max_age_ms} ms)"
+        return _rejection(purchase, RejectReason.TOO_OLD, detail)
+    if not purchase.exposures:
+        return _rejection(purchase, RejectReason.NO_EXPOSURES, "purchase carries no exposures")
+
+    revenues: dict[tuple[Provider, str], Decimal | _Reject | None] = {}  # per project, computed once
+    matched: list[Exposure] = []
+    rejections: list[Rejection] = []
+    units: dict[tuple[str, ...], Conversion] = {}  # collapsing: one entry per provider delivery unit
+
+    # Sorted first, so that matched, rejections and which exposure builds a unit never depend on input order.
+    for exposure in sorted(purchase.exposures, key=_exposure_order):
+        pk = (exposure.provider, exposure.project)
+        rules = settings.rules.get(pk)
+        try:
+            if rules is None:
+                detail = f"{exposure.provider.slug} project {exposure.project} is not configured"
+                raise _Reject(RejectReason.UNKNOWN_PROJECT, detail)
+            _check_time(exposure, purchase, settings.windows_ms[pk], settings.clock_skew_ms)
+            _check_channel(purchase, rules)
+            _check_experiment(exposure, rules)
+            if pk not in revenues:
+                try:
+                    revenues[pk] = _check_revenue(purchase, rules, settings.rates)
+                except _Reject as exc:
+                    revenues[pk] = exc
+            revenue = revenues[pk]
+            if isinstance(revenue, _Reject):
+                raise revenue
+            identity, visitor = _identity(exposure, purchase, exposure.project in settings.mapping_identifier)
+        except _Reject as exc:
+            rejections.append(Rejection(exc.reason, exc.detail, exposure))
+            continue
+        matched.append(exposure)
+        for unit, conversion in _conversions(exposure, purchase, rules, settings, identity, visitor, revenue):
+            units.setdefault(unit, conversion)
+
+    return Decision(
+        conversions=tuple(sorted(units.values(), key=_conversion_order)),
+        matched=tuple(matched),
+        rejections=tuple(rejections),
+    )
+
+
+def _conversions(
+    exposure: Exposure,
+    purchase: Purchase,
+    rules: Rules,
+    settings: MatchSettings,
+    identity: Identity,
+    visitor: str,
+    revenue: Decimal | None,
+) -> Iterator[tuple[tuple[str, ...], Conversion]]:
+    """The delivery units one accepted exposure stands for, each with the key that collapses duplicates."""
+    p, project, order = exposure.provider, exposure.project, purchase.order_id
+
+    def conversion(goals: tuple[str, ...], key: str, **extra: Any) -> Conversion:
+        return Conversion(
+            provider=p,
+            project=project,
+            visitor_id=visitor,
+            goals=goals,
+            revenue=revenue,
+            key=key,
+            event_id=purchase.event_id,
+            order_id=order,
+            occurred_at=purchase.occurred_at,
+            item_count=purchase.item_count,
+            identity=identity,
+            **extra,
+        )
+
+    if p is Provider.KAMELEOON:
+        for goal in rules.goals:
+            nonce = _kameleoon_nonce(project, order, goal, identity, visitor)
+            yield (p.value, project, goal, identity.value, visitor), conversion((goal,), nonce)
+    elif p is Provider.CONVERT:
+        exp, var = exposure.experiment_id, exposure.variation_id
+        yield (
+            (p.value, project, visitor, exp, var),
+            conversion(
+                rules.goals,
+                _convert_key(project, visitor, exp, var, order),
+                experiment_id=exp,
+                variation_id=var,
+                transaction_goals=settings.transaction_goals.get(project, ()),
+            ),
+        )
+    else:
+        yield (p.value, project, visitor), conversion(rules.goals, _conductrics_key(project, visitor, order))

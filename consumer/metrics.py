@@ -1,0 +1,164 @@
+"""The Prometheus metric catalogue (docs/metrics.md) and the /metrics, /healthz, /readyz server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NS = "offline_conversions"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
+
+
+class Metrics:
+    """Every metric the service exports, on its own registry so tests can run several services."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.events_consumed = Counter(
+            f"{NS}_events_consumed_total", "Messages read from the source topic.", registry=r
+        )
+        self.events_decoded = Counter(f"{NS}_events_decoded_total", "Messages decoded into purchases.", registry=r)
+        self.decode_failures = Counter(
+            f"{NS}_decode_failures_total", "Messages that could not be decoded, by reason.", ["reason"], registry=r
+        )
+        self.match_decisions = Counter(
+            f"{NS}_match_decisions_total",
+            "Matcher outcomes per exposure or purchase: matched, or the rejection reason.",
+            ["provider", "reason"],
+            registry=r,
+        )
+        self.purchases = Counter(
+            f"{NS}_purchases_total", "Purchases by attribution result (attributed, unattributed).", ["result"],
+            registry=r,
+        )
+        self.conversions = Counter(
+            f"{NS}_conversions_total",
+            "Conversions by provider and outcome (delivered, dead_lettered, not_accepted, skipped).",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            f"{NS}_http_request_duration_seconds",
+            "Provider HTTP request duration by status class (2xx, 4xx, 5xx, error).",
+            ["provider", "status_class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            f"{NS}_http_retries_total", "Provider requests scheduled for retry, by reason.", ["provider", "reason"],
+            registry=r,
+        )
+        self.batch_conversions = Histogram(
+            f"{NS}_batch_conversions",
+            "Conversions per provider request.",
+            ["provider"],
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+            registry=r,
+        )
+        self.batch_bytes = Histogram(
+            f"{NS}_batch_bytes",
+            "Body bytes per provider request.",
+            ["provider"],
+            buckets=(256, 1024, 4096, 16384, 65536, 262144, 1048576, 3145728),
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            f"{NS}_circuit_state", "Circuit breaker per provider project: 0 closed, 1 half-open, 2 open.",
+            ["provider", "project"], registry=r,
+        )
+        self.token_grants = Counter(
+            f"{NS}_token_grants_total", "OAuth tokens obtained, by result.", ["provider", "result"], registry=r
+        )
+        self.in_flight = Gauge(
+            f"{NS}_in_flight_events", "Events read but not yet delivered or dead-lettered.", registry=r
+        )
+        self.paused_partitions = Gauge(
+            f"{NS}_paused_partitions", "Assigned partitions paused by backpressure.", registry=r
+        )
+        self.assigned_partitions = Gauge(f"{NS}_assigned_partitions", "Partitions assigned to this member.", registry=r)
+        self.dlq_produced = Counter(
+            f"{NS}_dlq_messages_total", "Messages written to the dead-letter topic, by stage and provider.",
+            ["stage", "provider"], registry=r,
+        )
+        self.dlq_failures = Counter(f"{NS}_dlq_failures_total", "Dead-letter writes that failed.", registry=r)
+        self.commits = Counter(f"{NS}_commits_total", "Offset commits, by result (ok, failed).", ["result"], registry=r)
+        self.consumer_lag = Gauge(
+            f"{NS}_consumer_lag_messages", "Consumer lag per partition, from librdkafka statistics.",
+            ["topic", "partition"], registry=r,
+        )
+        self.delivery_delay = Histogram(
+            f"{NS}_delivery_delay_seconds",
+            "Time from the purchase's occurred_at to its delivery at the provider.",
+            ["provider"],
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.processing_delay = Histogram(
+            f"{NS}_processing_delay_seconds",
+            "Time from reading an event to it being done (delivered or dead-lettered).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge(
+            f"{NS}_ready", "1 while the service is ready (assigned, broker and DLQ reachable).", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def status_class(status: int | None) -> str:
+    if status is None:
+        return "error"
+    return f"{status // 100}xx"
+
+
+class HealthServer:
+    """Serves /metrics, /healthz and /readyz; readiness is asked of the application each time."""
+
+    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, dict[str, object]]]) -> None:
+        self.metrics = metrics
+        self.readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ok, detail = self.readiness()
+        return web.Response(
+            status=200 if ok else 503,
+            text=json.dumps({"ready": ok, **detail}),
+            content_type="application/json",
+        )

@@ -1,0 +1,140 @@
+"""Kameleoon Data API: `POST /visit/events?siteCode=…&json=true`, many visitors per request.
+
+One conversion is one CONVERSION event (one goal). The visitor goes into each event
+(`visitorCode`, or `mappingValue` for a cross-device identifier) instead of the query, so one
+request can carry many visitors (seed 001 puts `visitorCode` in the query: that form applies
+to every event and cannot batch). The body is written by hand so that `item_bytes` is exact and
+revenue keeps its exact decimal digits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from urllib.parse import quote
+
+import orjson
+
+from consumer.config import KameleoonConfig, KameleoonProject
+from consumer.model import Conversion, Identity, Provider
+from consumer.providers.base import HttpRequest, Outcome, Route, TokenSpec, Verdict, classify_status
+
+# Every event starts with this; a JSON string escapes `"`, so it can only occur at an event's start.
+_EVENT_START = b'{"nonce":'
+
+
+def json_number(value: Decimal) -> str:
+    """A JSON number token with the Decimal's exact digits: 23.50 -> "23.50", 1E+2 -> "100"."""
+    if not value.is_finite():
+        raise ValueError(f"not a finite number: {value}")
+    return format(value, "f")
+
+
+def json_string(value: str) -> str:
+    """A JSON string literal (UTF-8, compact); a lone surrogate is \\u-escaped instead of failing."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
+def digest(*parts: str) -> str:
+    """sha256 hex of length-prefixed UTF-8 parts, so ("ab", "c") and ("a", "bc") differ.
+
+    The same encoding as the matcher's keys, so a key computed here equals the one it computes.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        b = part.encode("utf-8", "surrogatepass")
+        h.update(b"%d:" % len(b))
+        h.update(b)
+    return h.hexdigest()
+
+
+def nonce(site_code: str, order_id: str, goal: str, visitor: str, identity: Identity = Identity.VISITOR) -> str:
+    """The event nonce: 16 lowercase hex digits, the same for the same (site, order, goal, visitor).
+
+    Kameleoon keeps a nonce across retries and de-duplicates on it, so a redelivered purchase
+    cannot count twice. The identity kind is part of it: a visitorCode and a mappingValue that
+    happen to be the same string are different visitors.
+    """
+    return digest("kameleoon", site_code, order_id, goal, identity.value, visitor)[:16]
+
+
+def event_json(conversion: Conversion) -> str:
+    """One CONVERSION event, compact JSON, keys in a fixed order."""
+    if len(conversion.goals) != 1:
+        raise ValueError(f"a Kameleoon conversion carries exactly one goal, got {len(conversion.goals)}")
+    parts = [
+        '{"nonce":',
+        json_string(conversion.key),
+        ',"eventType":"CONVERSION","goalId":',
+        str(int(conversion.goals[0])),
+    ]
+    if conversion.revenue is not None:
+        parts += [',"revenue":', json_number(conversion.revenue)]
+    who = "mappingValue" if conversion.identity is Identity.MAPPING else "visitorCode"
+    parts += [f',"{who}":', json_string(conversion.visitor_id), "}"]
+    return "".join(parts)
+
+
+def events_url(base_url: str, site_code: str) -> str:
+    return f"{base_url}/visit/events?siteCode={quote(site_code, safe='')}&json=true"
+
+
+def count_events(body: bytes | None) -> int:
+    """How many events a body built by `KameleoonModule.build` carries (exact: see _EVENT_START)."""
+    return body.count(_EVENT_START) if body else 0
+
+
+class KameleoonModule:
+    provider: Provider = Provider.KAMELEOON
+
+    def __init__(self, cfg: KameleoonConfig) -> None:
+        self._cfg = cfg
+
+    def __repr__(self) -> str:
+        return f"KameleoonModule(projects={sorted(self._cfg.projects)})"
+
+    def _project(self, site_code: str) -> KameleoonProject:
+        try:
+            return self._cfg.projects[site_code]
+        except KeyError:
+            raise ValueError(f"unknown Kameleoon project {site_code!r}") from None
+
+    def route(self, conversion: Conversion) -> Route:
+        p = self._project(conversion.project)
+        token = None
+        if p.client_id and p.client_secret:
+            token = TokenSpec(self._cfg.token_url, p.client_id, p.client_secret, self._cfg.token_refresh_margin)
+        return Route(
+            key=(p.base_url, p.site_code),
+            project=p.site_code,
+            batch=self._cfg.batch,
+            flow=p.flow,
+            retry=self._cfg.retry,
+            token=token,
+        )
+
+    def item_bytes(self, conversion: Conversion) -> int:
+        """The event's JSON plus one comma: a body of n events is sum(item_bytes) + 1 bytes."""
+        return len(event_json(conversion).encode()) + 1
+
+    def build(self, route: Route, conversions: Sequence[Conversion], token: str | None = None) -> HttpRequest:
+        p = self._project(route.project)
+        body = ("[" + ",".join(event_json(c) for c in conversions) + "]").encode()
+        headers = {"Content-Type": "application/json", "User-Agent": self._cfg.user_agent}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        url = events_url(p.base_url, p.site_code)
+        return HttpRequest("POST", url, headers, body, redacted_url=url)
+
+    def classify(self, request: HttpRequest, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
+        if status == 400 and count_events(request.body) > 1:
+            # Bisect: one malformed event must not poison its batch; only a single-event 400 is permanent.
+            return Outcome(Verdict.SPLIT, "bad request: splitting the batch", status)
+        if status == 403:
+            return Outcome(Verdict.PERMANENT, "forbidden (user-agent?)", status)
+        return classify_status(status, headers, has_token="Authorization" in request.headers)

@@ -1,0 +1,169 @@
+"""The Kafka side: a consumer-group member whose offsets are stored only when events are done."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.config import KafkaConfig
+from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": kafka.group_id,
+        "auto.offset.reset": "earliest",
+        "statistics.interval.ms": 5000,
+        "partition.assignment.strategy": "cooperative-sticky",
+    }
+    conf.update(kafka.common)
+    conf.update(kafka.consumer)
+    # The at-least-once promise rests on these two: offsets move only when events are done.
+    conf["enable.auto.offset.store"] = False
+    conf["enable.auto.commit"] = False
+    return conf
+
+
+class Source:
+    """Wraps confluent_kafka.Consumer; every call happens on the event loop's thread."""
+
+    def __init__(
+        self,
+        kafka: KafkaConfig,
+        metrics: Metrics,
+        on_assign: Callable[[list[TP]], None],
+        on_revoke: Callable[[list[TP]], None],
+    ) -> None:
+        self.kafka = kafka
+        self.metrics = metrics
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+        conf = consumer_config(kafka)
+        conf["stats_cb"] = self._stats
+        conf["error_cb"] = self._error
+        conf["on_commit"] = self._committed
+        self.consumer = Consumer(conf)
+        self.assigned: set[TP] = set()
+        self._fresh: list[TopicPartition] = []
+        self.paused = False
+        self.broker_up = True
+        self.last_error: str | None = None
+
+    def subscribe(self) -> None:
+        self.consumer.subscribe([self.kafka.topic], on_assign=self._assign, on_revoke=self._revoke,
+                                on_lost=self._lost)
+
+    # ------------------------------------------------------------------ rebalance
+
+    def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self.assigned.update(tps)
+        self.metrics.assigned_partitions.set(len(self.assigned))
+        log.info("partitions assigned", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        # The assignment takes effect after this callback returns; pausing is done on the next poll.
+        self._fresh.extend(partitions)
+        self._on_assign(tps)
+
+    def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("partitions revoked", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        self._on_revoke(tps)
+        self.assigned.difference_update(tps)
+        self.metrics.assigned_partitions.set(len(self.assigned))
+        for t, p in tps:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(t, str(p))
+
+    def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: another member may own them already, so committing would be wrong.
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        self.assigned.difference_update(tps)
+        self.metrics.assigned_partitions.set(len(self.assigned))
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _stats(self, raw: str) -> None:
+        try:
+            stats = json.loads(raw)
+        except ValueError:
+            return
+        for topic, t in stats.get("topics", {}).items():
+            for pid, p in t.get("partitions", {}).items():
+                if pid == "-1" or (topic, int(pid)) not in self.assigned:
+                    continue
+                lag = p.get("consumer_lag_stored", p.get("consumer_lag", -1))
+                if isinstance(lag, int) and lag >= 0:
+                    self.metrics.consumer_lag.labels(topic, pid).set(lag)
+
+    def _error(self, err: KafkaError) -> None:
+        self.last_error = err.str()
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self.broker_up = False
+        log.warning("kafka: %s", err.str())
+
+    def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            self.metrics.commits.labels("failed").inc()
+            log.warning("offset commit failed: %s", err.str())
+        elif err is None:
+            self.metrics.commits.labels("ok").inc()
+
+    # ------------------------------------------------------------------ I/O
+
+    def poll(self, max_messages: int) -> list[Message]:
+        messages = self.consumer.consume(num_messages=max_messages, timeout=0)
+        if self._fresh:
+            fresh, self._fresh = self._fresh, []
+            if self.paused:
+                self.consumer.pause(fresh)
+                self.metrics.paused_partitions.set(len(self.assigned))
+        if messages:
+            self.broker_up = True
+        return messages
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            parts = [TopicPartition(t, p) for t, p in self.assigned]
+            if parts:
+                self.consumer.pause(parts)
+            self.metrics.paused_partitions.set(len(parts))
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            parts = [TopicPartition(t, p) for t, p in self.assigned]
+            if parts:
+                self.consumer.resume(parts)
+            self.metrics.paused_partitions.set(0)
+
+    def commit(self, offsets: Mapping[TP, int], *, asynchronous: bool) -> bool:
+        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]
+        if not parts:
+            return True
+        try:
+            if asynchronous:
+                self.consumer.commit(offsets=parts, asynchronous=True)
+            else:
+                self.consumer.commit(offsets=parts, asynchronous=False)
+        except KafkaException as exc:
+            self.metrics.commits.labels("failed").inc()
+            log.warning("offset commit failed: %s", exc)
+            return False
+        if not asynchronous:
+            self.metrics.commits.labels("ok").inc()
+        return True
+
+    def close(self) -> None:
+        self.consumer.close()

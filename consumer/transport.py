@@ -1,0 +1,142 @@
+"""HTTP I/O to the providers: one keep-alive session, OAuth client-credentials tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from consumer.providers.base import HttpRequest, TokenSpec
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class TransportError(Exception):
+    """A request got no HTTP answer (connection refused or reset, timeout); its text names no secret."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        super().__init__(f"{kind} on {url}")
+        self.kind = kind
+
+
+class Transport:
+    """Sends provider requests over one pooled aiohttp session (keep-alive, TLS verified by default)."""
+
+    def __init__(self, *, limit: int = 256, verify_tls: bool = True) -> None:
+        self._limit = limit
+        self._verify = verify_tls
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # ssl=True verifies certificates (the default); False is only for a test endpoint, by choice.
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._verify, keepalive_timeout=30)
+            # Cookies are never part of these APIs; a shared jar would only cost time.
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                                  skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+        session = self._open()
+        safe_url = request.redacted_url or request.url.split("?", 1)[0]
+        try:
+            async with session.request(
+                request.method, request.url, data=request.body, headers=dict(request.headers),
+                timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                return HttpResponse(resp.status, resp.headers, body)
+        except TimeoutError:
+            raise TransportError("timeout", safe_url) from None
+        except aiohttp.ClientError as exc:
+            # aiohttp's own messages can include the full URL, query string and all: keep the class only.
+            raise TransportError(type(exc).__name__, safe_url) from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class TokenError(Exception):
+    """No token could be obtained (the grant was refused or the token endpoint failed)."""
+
+    def __init__(self, message: str, *, permanent: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.status = status
+
+
+class TokenCache:
+    """Client-credentials tokens per spec: fetched once, shared, refreshed `refresh_margin` before expiry."""
+
+    def __init__(self, transport: Transport, user_agent: str, clock: Callable[[], float] = time.monotonic,
+                 on_grant: Callable[[str], None] | None = None) -> None:
+        self.transport = transport
+        self.user_agent = user_agent
+        self.clock = clock
+        self.on_grant = on_grant
+        self._tokens: dict[TokenSpec, tuple[str, float]] = {}
+        self._locks: dict[TokenSpec, asyncio.Lock] = {}
+
+    async def get(self, spec: TokenSpec, timeout: float) -> str:
+        cached = self._tokens.get(spec)
+        if cached and cached[1] - spec.refresh_margin > self.clock():
+            return cached[0]
+        lock = self._locks.setdefault(spec, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(spec)
+            if cached and cached[1] - spec.refresh_margin > self.clock():
+                return cached[0]
+            token, expires_in = await self._grant(spec, timeout)
+            self._tokens[spec] = (token, self.clock() + expires_in)
+            return token
+
+    def invalidate(self, spec: TokenSpec, token: str) -> None:
+        """Drop a token the provider refused, unless another request already replaced it."""
+        cached = self._tokens.get(spec)
+        if cached and cached[0] == token:
+            del self._tokens[spec]
+
+    async def _grant(self, spec: TokenSpec, timeout: float) -> tuple[str, float]:
+        from urllib.parse import urlencode
+
+        body = urlencode({
+            "grant_type": "client_credentials",
+            "client_id": spec.client_id.reveal(),
+            "client_secret": spec.client_secret.reveal(),
+        }).encode()
+        request = HttpRequest("POST", spec.token_url, {
+            "Content-Type": "application/x-www-form-urlencoded", "User-Agent": self.user_agent,
+        }, body, spec.token_url)
+        try:
+            resp = await self.transport.send(request, timeout)
+        except TransportError as exc:
+            self._count("error")
+            raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=False) from None
+        if resp.status != 200:
+            self._count("refused" if resp.status in (400, 401, 403) else "error")
+            permanent = resp.status in (400, 401, 403)
+            raise TokenError(f"token endpoint answered {resp.status}", permanent=permanent, status=resp.status)
+        try:
+            data = json.loads(resp.body)
+            token = str(data["access_token"])
+            expires_in = float(data.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            self._count("error")
+            raise TokenError("token endpoint answered without an access_token", permanent=False) from None
+        self._count("ok")
+        return token, expires_in
+
+    def _count(self, result: str) -> None:
+        if self.on_grant is not None:
+            self.on_grant(result)

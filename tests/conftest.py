@@ -1,0 +1,107 @@
+"""Shared fixtures: the embedded broker, the provider sandbox, configs that point at both."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from consumer.app import Application
+from consumer.config import Config, parse
+from consumer.demo import EMBEDDED_CONSUMER, sample_config
+from consumer.embedded import EmbeddedBroker
+from consumer.metrics import Metrics
+from consumer.sandbox import Sandbox
+
+FAST_GROUP = EMBEDDED_CONSUMER
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def topics(broker: EmbeddedBroker) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    names = {"topic": f"purchases-{suffix}", "dlq": f"purchases-{suffix}.dlq", "group": f"oc-{suffix}"}
+    broker.create_topics([names["topic"], names["dlq"]], partitions=3)
+    return names
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    sb = Sandbox(conductrics_keys={"ac-xxx": "api-1234567890"}, kameleoon_clients={"client-1": "secret-1"})
+    await sb.start()
+    yield sb
+    await sb.stop()
+
+
+def config_dict(bootstrap: str, topics: dict[str, str], sandbox_url: str, **sections: Any) -> dict[str, Any]:
+    """The demo's config for the sample projects, tuned for tests: fast commits, fast retries."""
+    data = sample_config(bootstrap, topics["topic"], topics["dlq"], topics["group"], sandbox_url)
+    data["pipeline"] = {"commit_interval": "200ms", "shutdown_deadline": "20s", "dlq_timeout": "10s"}
+    data["logging"] = {"level": "INFO"}
+    data["kameleoon"]["batch"] = {"linger": "20ms"}
+    data["conductrics"]["projects"]["ac-xxx"]["api_key"] = "api-1234567890"
+    for provider in ("kameleoon", "convert", "conductrics"):
+        data[provider]["retry"] = {"base_delay": "10ms", "max_delay": "200ms", "max_attempts": 5}
+    for name, section in sections.items():
+        if section is None:
+            data.pop(name, None)
+        else:
+            data[name] = section
+    return data
+
+
+@pytest.fixture
+def make_config(broker: EmbeddedBroker, topics: dict[str, str]) -> Callable[..., Config]:
+    def make(sandbox_url: str, **sections: Any) -> Config:
+        return parse(config_dict(broker.bootstrap, topics, sandbox_url, **sections), env={})
+    return make
+
+
+async def run_until_done(cfg: Config, expected: int, *, timeout: float = 60.0,
+                         metrics: Metrics | None = None) -> Application:
+    """Run the service until it has read `expected` events and finished all of them."""
+    app = Application(cfg, metrics=metrics, install_signals=False,
+                      stop_when=lambda a: a.consumed >= expected and a.live == 0)
+    code = await asyncio.wait_for(app.run(), timeout)
+    assert code == 0, f"the service exited with {code}: {app.fatal}"
+    return app
+
+
+def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[Message]:
+    """Every message of a topic, waiting (bounded) until `expected` have arrived."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **FAST_GROUP})
+    c.subscribe([topic])
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            for m in c.consume(500, 0.2):
+                if m.error() is None:
+                    out.append(m)
+        # Drain briefly past `expected` so an unexpected extra message is seen too.
+        for m in c.consume(500, 0.5):
+            if m.error() is None:
+                out.append(m)
+    finally:
+        c.close()
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {p.partition: p.offset for p in parts}
+    finally:
+        c.close()
