@@ -21,7 +21,8 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): metadata first, then the package and its schema.
-COPY pyproject.toml README.md ./
+# README.md* (a glob) is the long description pyproject names; the build does not fail without it.
+COPY pyproject.toml README.md* ./
 COPY consumer ./consumer
 COPY schemas ./schemas
 

@@ -88,6 +88,7 @@ class Application:
         self._drained = asyncio.Event()
         self._drained.set()
         self._committed: dict[TP, int] = {}
+        self._in_flight_keys: dict[str, list[InFlight]] = {}  # key being delivered -> later events waiting on it
         self._tasks: set[asyncio.Task[None]] = set()
         self.source: Source | None = None
         self.dlq: DeadLetterWriter | None = None
@@ -303,6 +304,13 @@ class Application:
                 self.metrics.conversions.labels(conversion.provider.slug, "skipped").inc()
                 ev.pending -= 1
                 continue
+            waiting = self._in_flight_keys.get(conversion.key)
+            if waiting is not None:
+                # The same conversion is on its way for an earlier event (the same order published twice):
+                # this event waits for that delivery instead of sending it again.
+                waiting.append(ev)
+                continue
+            self._in_flight_keys[conversion.key] = []
             self.dispatcher.submit(conversion, ev)
         if ev.pending == 0:
             self._done(ev)
@@ -321,6 +329,14 @@ class Application:
             if result.status is Status.DELIVERED:
                 self.metrics.delivery_delay.labels(provider).observe(
                     max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000))
+        for waiter in self._in_flight_keys.pop(conversion.key, ()):
+            # A failure is dead-lettered once, with the event that sent it; the waiter carries no second copy.
+            self.metrics.conversions.labels(provider, "skipped").inc()
+            self._settle(waiter)
+        self._settle(ev)
+
+    def _settle(self, ev: InFlight) -> None:
+        """One of the event's conversions has its result; the last one finishes the event."""
         ev.pending -= 1
         if ev.pending == 0:
             if ev.failures:

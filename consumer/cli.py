@@ -76,9 +76,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from consumer.sandbox import serve
+    from consumer.sandbox import load_options, serve
 
-    serve(args.host, args.port)
+    try:
+        options = load_options(args.options) if args.options else {}
+    except (OSError, ValueError) as exc:
+        print(f"offline-conversions: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    serve(args.host, args.port, **options)
     return 0
 
 
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("sandbox", help="serve the provider emulator")
     sb.add_argument("--host", default="127.0.0.1")
     sb.add_argument("--port", type=int, default=8080)
+    sb.add_argument("--options", help="JSON file of sandbox options (API keys, OAuth clients, limits)")
     sb.set_defaults(func=cmd_sandbox)
 
     pr = sub.add_parser("produce", help="produce sample purchases to a topic")

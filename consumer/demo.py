@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -147,7 +148,7 @@ async def _demo(broker: EmbeddedBroker, events: int, bad: int, seed: int, out: T
 
 def run_demo(events: int = 3000, malformed: int = 30, seed: int = 7, out: TextIO | None = None) -> int:
     stream = out or sys.stdout
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
     try:
         broker = EmbeddedBroker().start()
     except EmbeddedBrokerError as exc:
@@ -156,4 +157,6 @@ def run_demo(events: int = 3000, malformed: int = 30, seed: int = 7, out: TextIO
     try:
         return asyncio.run(_demo(broker, events, malformed, seed, stream))
     finally:
+        # Kafka clients caught in reference cycles would log the broker going away; free them first.
+        gc.collect()
         broker.stop()

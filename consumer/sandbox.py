@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import hmac
 import json
-import logging
 import math
 import random
 import re
@@ -34,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-
-log = logging.getLogger(__name__)
 
 KAMELEOON = "kameleoon"
 CONVERT = "convert"

@@ -746,27 +746,26 @@ def test_serve_runs_until_sigterm() -> None:
     code = (f"from consumer.sandbox import serve; serve('127.0.0.1', {port}, "
             f"conductrics_keys={{'ac-xxx': {APIKEY!r}}})")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"provider sandbox listening on http://127.0.0.1:{port}"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() == f"provider sandbox listening on http://127.0.0.1:{port}"
 
-        async def probe() -> tuple[int, Any]:
-            async with aiohttp.ClientSession() as http, http.post(
-                f"http://127.0.0.1:{port}/ac-xxx/v3/agent-api?vid=v&session=s&apikey={APIKEY}",
-                json={"commands": [{"g": "g"}]},
-            ) as r:
-                return r.status, await r.json()
+            async def probe() -> tuple[int, Any]:
+                async with aiohttp.ClientSession() as http, http.post(
+                    f"http://127.0.0.1:{port}/ac-xxx/v3/agent-api?vid=v&session=s&apikey={APIKEY}",
+                    json={"commands": [{"g": "g"}]},
+                ) as r:
+                    return r.status, await r.json()
 
-        assert asyncio.run(probe())[0] == 200
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
+            assert asyncio.run(probe())[0] == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:  # an assertion above failed
+                proc.kill()
+                proc.wait()
 
 async def test_request_log_can_be_turned_off_for_benchmarks(http: aiohttp.ClientSession) -> None:
     async with Sandbox(request_log=False) as sb:
