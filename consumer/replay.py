@@ -86,8 +86,12 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     conf = consumer_config(cfg.kafka)
     conf.pop("statistics.interval.ms", None)
     conf["group.id"] = group_id or f"{cfg.kafka.group_id}.replay"
+    # Stored as read, committed only after the batch's deliveries have their results (below).
+    conf["enable.auto.offset.store"] = True
     consumer = Consumer(conf)
-    consumer.subscribe([cfg.kafka.dlq_topic])
+    assigned: list[bool] = []
+    # The idle clock starts once the group has given us the partitions: a join can take seconds.
+    consumer.subscribe([cfg.kafka.dlq_topic], on_assign=lambda _c, _p: assigned.append(True))
     decoder = make_decoder(cfg.decoding)
     settings = MatchSettings.from_config(cfg)
     stats = ReplayStats()
@@ -96,9 +100,12 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, cfg.kameleoon.user_agent), Metrics(),
                             lambda _t, c, r: results.put_nowait((c, r)))
     last_message = time.monotonic()
+    join_deadline = last_message + max(60.0, idle_timeout)
     try:
-        while time.monotonic() - last_message < idle_timeout:
+        while (not assigned and time.monotonic() < join_deadline) or time.monotonic() - last_message < idle_timeout:
             batch: list[Message] = consumer.consume(num_messages=200, timeout=0.2)
+            if not assigned:
+                last_message = time.monotonic()
             for msg in batch:
                 err = msg.error()
                 if err is not None:

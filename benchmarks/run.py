@@ -1,0 +1,797 @@
+#!/usr/bin/env python
+"""Throughput, latency and memory benchmark of offline-conversions, in one command.
+
+    python benchmarks/run.py [--events N] [--latency-ms 20] [--out benchmarks/out] [--workers 1,2]
+                             [--backlog 1000000] [--naive-events 2000] [--naive-seconds 20]
+
+What one run does (everything against the same broker, topic and sandbox):
+
+1. starts the embedded Tansu broker and produces N sample purchases (1-4 exposures each) into one
+   topic, once; every measured run reads them with its own consumer group (or its own assignment);
+2. starts the provider sandbox in its own process (`python -m consumer sandbox`, request log off)
+   with the response latency set through its control API;
+3. measures, each in its own subprocess (so peak RSS is per run):
+   - ceiling: consume + decode only (confluent `consume(num_messages=…)` + the project's decoder);
+   - service: `consumer.app.Application` end to end, for Kameleoon only, Convert only,
+     Conductrics only and all three (configs with only that provider's project);
+   - http client alone: aiohttp, same concurrency as the service, the same requests
+     (one per conversion) for Convert and Conductrics;
+   - naive: poll, decode, one synchronous `requests` call per conversion, commit, on a bounded
+     subset (--naive-events / --naive-seconds);
+   - workers: the service through its CLI (`offline-conversions run --config F [--workers N]`);
+   - half throughput: a rate-limited producer at half the measured max ("all" config) while the
+     service runs; p50/p99 of event (Kafka timestamp) → delivery;
+   - backlog (optional, --backlog M): peak RSS of the service draining an M-event backlog.
+4. prints a Markdown table and PASS/FAIL per target, writes results.json and results.md to --out.
+
+Rates are measured from the first message a run reads to its last delivery (group join excluded).
+The machine is shared by the broker, the sandbox and the measured process: read ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PROVIDERS = ("kameleoon", "convert", "conductrics")
+SETS: dict[str, tuple[str, ...]] = {"kameleoon": ("kameleoon",), "convert": ("convert",),
+                                    "conductrics": ("conductrics",), "all": PROVIDERS}
+SEED = 7
+RESULT = "RESULT "
+READY = "READY"
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return round(s[min(len(s) - 1, int(q * len(s)))], 4)
+
+
+def make_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The demo's sample config, keeping only the providers of this run."""
+    from consumer.demo import sample_config
+
+    cfg = sample_config(spec["bootstrap"], spec["topic"], spec["dlq"], spec["group"], spec["sandbox"])
+    for p in PROVIDERS:
+        if p not in spec["providers"]:
+            del cfg[p]
+    cfg["logging"] = {"level": "ERROR", "format": "json"}
+    return cfg
+
+
+def parsed_config(spec: dict[str, Any]) -> Any:
+    from consumer.config import parse
+
+    return parse(make_config(spec), env={})
+
+
+def ends_of(spec: dict[str, Any]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in spec["ends"].items()}
+
+
+def emit(result: dict[str, Any]) -> None:
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    print(RESULT + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- children (one per measured run)
+
+
+def child_ceiling(spec: dict[str, Any]) -> None:
+    """Consume + decode only: the most any consumer built on this client and decoder can do."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from consumer.config import DecodingConfig
+    from consumer.decoding import make_decoder
+    from consumer.demo import EMBEDDED_CONSUMER
+
+    ends = ends_of(spec)
+    decoder = make_decoder(DecodingConfig())
+    c = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", **EMBEDDED_CONSUMER})
+    c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
+    todo = {p for p, last in ends.items() if last >= 0}
+    first = None
+    n = bad = 0
+    deadline = time.monotonic() + spec.get("timeout", 600)
+    while todo and time.monotonic() < deadline:
+        for m in c.consume(num_messages=spec.get("batch", 500), timeout=0.5):
+            if m.error():
+                continue
+            if first is None:
+                first = time.monotonic()
+            try:
+                decoder.decode(m.value())
+            except Exception:
+                bad += 1
+            n += 1
+            if m.offset() >= ends[m.partition()]:
+                todo.discard(m.partition())
+    seconds = time.monotonic() - (first or time.monotonic())
+    c.close()
+    emit({"events": n, "decode_errors": bad, "seconds": round(seconds, 3),
+          "events_per_s": round(n / max(seconds, 1e-9), 1), "complete": not todo})
+
+
+def child_service(spec: dict[str, Any]) -> None:
+    """The service in-process (Application with stop_when), instrumented by a thin subclass."""
+    import asyncio
+
+    from consumer.app import Application
+    from consumer.delivery import Status
+    from consumer.metrics import Metrics
+
+    cfg = parsed_config(spec)
+    total = int(spec["expect"])
+    profile = spec.get("profile")
+
+    class BenchApp(Application):
+        first: float | None = None
+        done_at: float | None = None
+        announced = False
+
+        def _handle(self, msg: Any) -> None:  # type: ignore[override]
+            if self.first is None and not msg.error():
+                self.first = time.monotonic()
+            super()._handle(msg)
+
+        def _on_result(self, ev: Any, conversion: Any, result: Any) -> None:  # type: ignore[override]
+            if result.status is Status.DELIVERED:
+                read_delays.append(time.monotonic() - ev.read_at)
+                ts = getattr(ev.source, "timestamp", None)
+                if ts:
+                    event_delays.append(time.time() - ts / 1000)
+            super()._on_result(ev, conversion, result)
+
+    read_delays: list[float] = []
+    event_delays: list[float] = []
+    deadline = time.monotonic() + spec.get("timeout", 1800)
+
+    def stop_when(app: Application) -> bool:
+        assert isinstance(app, BenchApp)
+        if spec.get("announce") and not app.announced and app.source is not None and app.source.assigned:
+            app.announced = True
+            print(READY, flush=True)
+        if (app.consumed >= total and app.live == 0) or time.monotonic() > deadline:
+            app.done_at = time.monotonic()
+            return True
+        return False
+
+    metrics = Metrics()
+    app = BenchApp(cfg, metrics=metrics, stop_when=stop_when, install_signals=False)
+    profiler = None
+    if profile == "cprofile":
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    code = asyncio.run(app.run())
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(spec["profile_out"])
+    seconds = (app.done_at or time.monotonic()) - (app.first or time.monotonic())
+
+    def counter(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels) or 0.0
+
+    delivered = {p: int(counter("offline_conversions_conversions_total", provider=p, outcome="delivered"))
+                 for p in PROVIDERS}
+    not_accepted = {p: int(counter("offline_conversions_conversions_total", provider=p, outcome="not_accepted"))
+                    for p in PROVIDERS}
+    conv = sum(delivered.values()) + sum(not_accepted.values())
+    emit({
+        "exit_code": code, "events": app.consumed, "complete": app.consumed >= total,
+        "seconds": round(seconds, 3), "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
+        "conversions": conv, "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
+        "delivered": delivered, "not_accepted": not_accepted,
+        "attributed": int(counter("offline_conversions_purchases_total", result="attributed")),
+        "unattributed": int(counter("offline_conversions_purchases_total", result="unattributed")),
+        "read_to_delivery_p50_s": pct(read_delays, 0.5), "read_to_delivery_p99_s": pct(read_delays, 0.99),
+        "event_to_delivery_p50_s": pct(event_delays, 0.5), "event_to_delivery_p99_s": pct(event_delays, 0.99),
+    })
+
+
+def _requests_for(spec: dict[str, Any], limit: int | None = None) -> tuple[list[Any], int]:
+    """The requests the service sends for these events: match each purchase, build one request per conversion."""
+    from consumer.matcher import MatchSettings, match
+    from consumer.providers.registry import modules
+    from consumer.samples import purchases
+
+    cfg = parsed_config(spec)
+    settings, mods = MatchSettings.from_config(cfg), modules(cfg)
+    now = int(time.time() * 1000)
+    out = []
+    concurrency = 16
+    for p in purchases(int(spec["events"]), now_ms=int(spec["now_ms"]), seed=SEED):
+        for c in match(p, settings, now).conversions:
+            module = mods[c.provider]
+            route = module.route(c)
+            concurrency = route.flow.concurrency
+            out.append(module.build(route, [c], None))
+            if limit is not None and len(out) >= limit:
+                return out, concurrency
+    return out, concurrency
+
+
+def child_http(spec: dict[str, Any]) -> None:
+    """aiohttp alone, the service's concurrency, the same requests: what the HTTP client achieves."""
+    import asyncio
+
+    import aiohttp
+
+    reqs, concurrency = _requests_for(spec)
+
+    async def main() -> tuple[float, dict[int, int]]:
+        statuses: dict[int, int] = {}
+        it = iter(reqs)
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                         skip_auto_headers=("User-Agent",)) as session:
+            async def worker() -> None:
+                for r in it:
+                    async with session.request(r.method, r.url, data=r.body, headers=dict(r.headers),
+                                               timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False) as resp:
+                        await resp.read()
+                        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+            started = time.monotonic()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return time.monotonic() - started, statuses
+
+    seconds, statuses = asyncio.run(main())
+    ok = sum(n for s, n in statuses.items() if 200 <= s < 300)
+    emit({"requests": len(reqs), "ok": ok, "statuses": {str(k): v for k, v in statuses.items()},
+          "concurrency": concurrency, "seconds": round(seconds, 3),
+          "conversions_per_s": round(ok / max(seconds, 1e-9), 1)})
+
+
+def child_naive(spec: dict[str, Any]) -> None:
+    """What a user would write instead: poll, decode, one blocking request per conversion, commit, repeat."""
+    import requests
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from consumer.decoding import make_decoder
+    from consumer.demo import EMBEDDED_CONSUMER
+    from consumer.matcher import MatchSettings, match
+    from consumer.providers.registry import modules
+
+    cfg = parsed_config(spec)
+    settings, mods, decoder = MatchSettings.from_config(cfg), modules(cfg), make_decoder(cfg.decoding)
+    ends = ends_of(spec)
+    c = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False,
+                  "auto.offset.reset": "earliest", **EMBEDDED_CONSUMER})
+    c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
+    http = requests.Session()
+    limit, budget = int(spec["max_events"]), float(spec["max_seconds"])
+    first = None
+    n = conv = failed = 0
+    delays: list[float] = []
+    give_up = time.monotonic() + budget + 30
+    while n < limit and time.monotonic() < give_up:
+        if first is not None and time.monotonic() - first >= budget:
+            break
+        msg = c.poll(0.5)
+        if msg is None or msg.error():
+            continue
+        read_at = time.monotonic()
+        if first is None:
+            first = read_at
+        purchase = decoder.decode(msg.value())
+        for conversion in match(purchase, settings, int(time.time() * 1000)).conversions:
+            module = mods[conversion.provider]
+            r = module.build(module.route(conversion), [conversion], None)
+            resp = http.request(r.method, r.url, data=r.body, headers=dict(r.headers), timeout=10)
+            if resp.ok:
+                conv += 1
+                delays.append(time.monotonic() - read_at)
+            else:
+                failed += 1
+        c.commit(message=msg, asynchronous=False)
+        n += 1
+    seconds = time.monotonic() - (first or time.monotonic())
+    c.close()
+    emit({"events": n, "conversions": conv, "failed": failed, "seconds": round(seconds, 3),
+          "events_per_s": round(n / max(seconds, 1e-9), 2), "conversions_per_s": round(conv / max(seconds, 1e-9), 2),
+          "read_to_delivery_p50_s": pct(delays, 0.5), "read_to_delivery_p99_s": pct(delays, 0.99)})
+
+
+CHILDREN: dict[str, Callable[[dict[str, Any]], None]] = {
+    "ceiling": child_ceiling, "service": child_service, "http": child_http, "naive": child_naive,
+}
+
+
+# --------------------------------------------------------------------------- parent side
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_child(spec: dict[str, Any], logdir: Path, name: str, timeout: float = 3600,
+              on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run one measured child process; returns its RESULT (or an error record)."""
+    errlog = logdir / f"{name}.stderr.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    if spec.get("profile") == "py-spy":
+        cmd = [spec["py_spy"], "record", "--nonblocking", "-r", "200", "-f", spec.get("py_spy_format", "raw"),
+               "-o", spec["profile_out"], "--", *cmd]
+    started = time.monotonic()
+    with open(errlog, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        result: dict[str, Any] | None = None
+        threads: list[threading.Thread] = []
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(RESULT):
+                    result = json.loads(line[len(RESULT):])
+                elif line.strip() == READY and on_ready is not None:
+                    t = threading.Thread(target=on_ready, daemon=True)
+                    t.start()
+                    threads.append(t)
+            proc.wait()
+        finally:
+            timer.cancel()
+        for t in threads:
+            t.join(600)
+    if result is None:
+        tail = errlog.read_text()[-1500:]
+        log(f"{name}: no result (exit {proc.returncode}); stderr tail:\n{tail}")
+        return {"error": f"exit {proc.returncode}", "stderr_tail": tail}
+    result["wall_seconds"] = round(time.monotonic() - started, 2)
+    return result
+
+
+class SandboxProcess:
+    """`python -m consumer sandbox` in its own process, driven through its control API."""
+
+    def __init__(self, workdir: Path, latency: float) -> None:
+        from consumer.embedded import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.latency = latency
+        opts = workdir / "sandbox-options.json"
+        opts.write_text(json.dumps({"request_log": False}))
+        self.errlog = open(workdir / "sandbox.stderr.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "consumer", "sandbox", "--port", str(self.port),
+                                      "--options", str(opts)], stdout=subprocess.PIPE, stderr=self.errlog,
+                                     text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening" not in line:
+            raise RuntimeError(f"sandbox did not start: {line!r}")
+        self.reset()
+
+    def _post(self, path: str, body: Any = None) -> bytes:
+        data = json.dumps(body).encode() if body is not None else b""
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return bytes(r.read())
+
+    def reset(self) -> None:
+        """Forget records (bounded memory across runs) and set the latency again (reset clears it)."""
+        self._post("/_sandbox/reset")
+        if self.latency > 0:
+            self._post("/_sandbox/faults", {"kind": "latency", "provider": "*", "seconds": self.latency})
+
+    def summary(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_sandbox/records?records=false", timeout=30) as r:
+            data: dict[str, Any] = json.loads(r.read())
+        return {"counts": data.get("counts"), "requests": data.get("requests"),
+                "duplicates": len(data.get("duplicates") or {})}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.errlog.close()
+
+
+def produce(bootstrap: str, topic: str, count: int, now_ms: int, seed: int = SEED, rate: float = 0.0) -> dict[int, int]:
+    from consumer.producer import encoded, produce_values
+    from consumer.samples import purchases
+
+    tally = produce_values(bootstrap, topic, encoded(purchases(count, now_ms=now_ms, seed=seed)), rate)
+    return tally.last_offset
+
+
+# ------------------------------------------------------------------ the CLI path (workers)
+
+
+def toml_dump(data: dict[str, Any]) -> str:
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    lines: list[str] = []
+
+    def table(d: dict[str, Any], path: list[str]) -> None:
+        if path:
+            lines.append("")
+            lines.append("[" + ".".join(json.dumps(p) for p in path) + "]")
+        for k, v in d.items():
+            if not isinstance(v, dict):
+                lines.append(f"{json.dumps(k)} = {scalar(v)}")
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(v, [*path, k])
+
+    table(data, [])
+    return "\n".join(lines) + "\n"
+
+
+def cli_supports_workers() -> bool:
+    out = subprocess.run([sys.executable, "-m", "consumer", "run", "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
+    return "--workers" in out.stdout
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Current RSS of a process and all its descendants (from /proc; psutil not needed)."""
+    total = 0
+    todo = [pid]
+    seen = set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total / 1024
+
+
+def run_cli_service(spec: dict[str, Any], workers: int | None, workdir: Path, name: str,
+                    timeout: float = 3600) -> dict[str, Any]:
+    """`python -m consumer run --config F [--workers N]`, done when the group has committed every offset."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    cfg_path = workdir / f"{name}.toml"
+    cfg_path.write_text(toml_dump(make_config(spec)))
+    cmd = [sys.executable, "-m", "consumer", "run", "--config", str(cfg_path)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    ends = ends_of(spec)
+    watcher = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"],
+                        "enable.auto.commit": False})
+    parts = [TopicPartition(spec["topic"], p) for p in ends]
+    total = int(spec["expect"])
+    peak = 0.0
+    t0: float | None = None
+    c0 = 0
+    done_at: float | None = None
+    started = time.monotonic()
+    with open(workdir / f"{name}.stderr.log", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=err, cwd=ROOT)
+        try:
+            next_check = 0.0
+            while proc.poll() is None and time.monotonic() - started < timeout:
+                peak = max(peak, tree_rss_mb(proc.pid))
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.5
+                    committed = watcher.committed(parts, timeout=5)
+                    done = sum(max(0, tp.offset) for tp in committed)
+                    if t0 is None and done > 0:
+                        t0, c0 = time.monotonic(), done
+                    if all(tp.offset >= ends[tp.partition] + 1 for tp in committed):
+                        done_at = time.monotonic()
+                        break
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            watcher.close()
+    if done_at is None:
+        return {"error": f"did not finish (exit {proc.returncode})", "peak_rss_mb": round(peak, 1)}
+    steady = (total - c0) / max(done_at - (t0 or started), 1e-9)
+    return {"workers": workers or 1, "events": total, "wall_seconds": round(done_at - started, 2),
+            "events_per_s_wall": round(total / (done_at - started), 1),
+            "events_per_s": round(steady, 1), "peak_rss_mb_tree": round(peak, 1),
+            "note": "events/s measured between the first and the last committed offset seen (0.5 s polls)"}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if not a or not b:
+        return None
+    return round(a / b, 2)
+
+
+def fmt(v: Any, digits: int = 0) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def ms(v: float | None) -> str:
+    return "–" if v is None else f"{v * 1000:,.0f} ms"
+
+
+def build_report(res: dict[str, Any]) -> str:
+    rows = ["| run | events | s | events/s | conversions/s | p50 delay | p99 delay | peak RSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def row(name: str, r: dict[str, Any] | None, delay: str = "read_to_delivery") -> None:
+        if not r:
+            return
+        if "error" in r:
+            rows.append(f"| {name} | error: {r['error']} | | | | | | |")
+            return
+        rows.append(f"| {name} | {fmt(r.get('events', r.get('requests')))} | {fmt(r.get('seconds'), 1)} | "
+                    f"{fmt(r.get('events_per_s'))} | {fmt(r.get('conversions_per_s'))} | "
+                    f"{ms(r.get(delay + '_p50_s'))} | {ms(r.get(delay + '_p99_s'))} | "
+                    f"{fmt(r.get('peak_rss_mb', r.get('peak_rss_mb_tree')), 0)} |")
+
+    row("ceiling: consume + decode", res["ceiling"])
+    for k, r in res["service"].items():
+        row(f"service, {k}", r)
+    for k, r in res["http_client"].items():
+        row(f"HTTP client alone (aiohttp), {k}", r)
+    for k, r in res["naive"].items():
+        row(f"naive (sequential requests), {k}", r)
+    for k, r in res["workers"].items():
+        if isinstance(r, dict) and r.get("status") == "unsupported":
+            rows.append(f"| service CLI, {k} | not supported by `run` yet | | | | | | |")
+        else:
+            row(f"service CLI, {k}", r)
+    hr = res["half_throughput"]
+    if hr.get("status") != "skipped":
+        row(f"half throughput ({fmt(hr.get('rate'))} ev/s), event→delivery", hr.get("run"), "event_to_delivery")
+    bl = res["backlog"]
+    if bl.get("status") != "skipped":
+        row(f"backlog {fmt(bl.get('events'))}, {bl.get('providers')}", bl.get("run"))
+    lines = ["\n".join(rows), "", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {fmt(v, 2)} |" for k, v in res["ratios"].items()]
+    lines += ["", "| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {t['result']} |" for t in res["targets"]]
+    m = res["machine"]
+    lines += ["", f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}; "
+                  f"latency {res['params']['latency_ms']} ms; delays: read→delivery per conversion "
+                  "(event→delivery from the Kafka timestamp for the half-throughput run)"]
+    return "\n".join(lines)
+
+
+def evaluate(res: dict[str, Any]) -> None:
+    svc, naive, http, ceil = res["service"], res["naive"], res["http_client"], res["ceiling"]
+    r: dict[str, Any] = {}
+    r["kameleoon service / ceiling (events/s)"] = ratio(svc.get("kameleoon", {}).get("events_per_s"),
+                                                        ceil.get("events_per_s"))
+    for k in SETS:
+        r[f"{k} service / naive (events/s)"] = ratio(svc.get(k, {}).get("events_per_s"),
+                                                     naive.get(k, {}).get("events_per_s"))
+    for k in ("convert", "conductrics"):
+        r[f"{k} service / HTTP client alone (conversions/s)"] = ratio(svc.get(k, {}).get("conversions_per_s"),
+                                                                      http.get(k, {}).get("conversions_per_s"))
+    w = res["workers"]
+    r["CLI 2 workers / 1 worker (events/s)"] = ratio(w.get("2 workers", {}).get("events_per_s"),
+                                                     w.get("1 worker", {}).get("events_per_s"))
+    res["ratios"] = r
+
+    def verdict(value: float | None, ok: bool) -> str:
+        return "n/a" if value is None else ("PASS" if ok else "FAIL")
+
+    t = []
+    v = r["kameleoon service / ceiling (events/s)"]
+    t.append({"target": "Kameleoon only ≥ 50% of ceiling", "measured": fmt(v, 2), "result": verdict(v, (v or 0) >= 0.5)})
+    v = r["kameleoon service / naive (events/s)"]
+    t.append({"target": "Kameleoon only ≥ 20× naive", "measured": fmt(v, 1), "result": verdict(v, (v or 0) >= 20)})
+    for k in ("convert", "conductrics"):
+        v = r[f"{k} service / HTTP client alone (conversions/s)"]
+        t.append({"target": f"{k} ≥ 70% of HTTP client alone", "measured": fmt(v, 2),
+                  "result": verdict(v, (v or 0) >= 0.7)})
+        v = r[f"{k} service / naive (events/s)"]
+        t.append({"target": f"{k} ≥ 20× naive", "measured": fmt(v, 1), "result": verdict(v, (v or 0) >= 20)})
+    bl = res["backlog"]
+    rss = (bl.get("run") or {}).get("peak_rss_mb")
+    label = f"peak RSS < 250 MB with a {bl.get('events', 0):,}-event backlog"
+    if bl.get("events") != 1_000_000:
+        label += " (target is stated for 1,000,000)"
+    t.append({"target": label, "measured": fmt(rss, 0) + " MB" if rss else "not run",
+              "result": verdict(rss, (rss or 1e9) < 250)})
+    p99 = (res["half_throughput"].get("run") or {}).get("event_to_delivery_p99_s")
+    t.append({"target": "p99 event→delivery < 1 s at half max throughput", "measured": ms(p99),
+              "result": verdict(p99, (p99 if p99 is not None else 1e9) < 1.0)})
+    res["targets"] = t
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
+    ap.add_argument("--workers", default="1,2", help="worker counts for the CLI runs, e.g. 1,2 (empty: skip)")
+    ap.add_argument("--workers-providers", default="kameleoon", choices=list(SETS))
+    ap.add_argument("--naive-events", type=int, default=2000)
+    ap.add_argument("--naive-seconds", type=float, default=20.0)
+    ap.add_argument("--half-seconds", type=float, default=20.0, help="length of the half-throughput run")
+    ap.add_argument("--backlog", type=int, default=0, help="also measure peak RSS draining this many events")
+    ap.add_argument("--backlog-providers", default="kameleoon", choices=list(SETS))
+    ap.add_argument("--only", default="", help="comma-separated subset of: ceiling,service,http,naive,workers,half,backlog")
+    ap.add_argument("--profile", choices=("py-spy", "cprofile"), help="profile the service runs (one file per run)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(list(argv) if argv is not None else None)
+
+    if args.child:
+        spec = json.loads(args.child)
+        CHILDREN[spec["kind"]](spec)
+        return 0
+
+    from consumer.embedded import EmbeddedBroker
+
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(section: str) -> bool:
+        return not only or section in only
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logdir = out / "logs"
+    logdir.mkdir(exist_ok=True)
+    latency = args.latency_ms / 1000
+    res: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "params": {"events": args.events, "latency_ms": args.latency_ms, "naive_events": args.naive_events,
+                   "naive_seconds": args.naive_seconds, "seed": SEED},
+        "ceiling": {}, "service": {}, "http_client": {}, "naive": {}, "workers": {},
+        "half_throughput": {"status": "skipped"}, "backlog": {"status": "skipped"},
+    }
+    py_spy = None
+    if args.profile == "py-spy":
+        py_spy = str(Path(sys.executable).parent / "py-spy")
+    broker = EmbeddedBroker().start()
+    sandbox: SandboxProcess | None = None
+    suffix = uuid.uuid4().hex[:6]
+    try:
+        topic, dlq = f"bench.purchases.{suffix}", f"bench.purchases.{suffix}.dlq"
+        broker.create_topics([topic, dlq], partitions=3)
+        sandbox = SandboxProcess(logdir, latency)
+        now_ms = int(time.time() * 1000)
+        log(f"broker {broker.bootstrap}, sandbox {sandbox.url}; producing {args.events:,} events to {topic}")
+        t = time.monotonic()
+        ends = produce(broker.bootstrap, topic, args.events, now_ms)
+        res["params"]["produce_seconds"] = round(time.monotonic() - t, 1)
+        base = {"bootstrap": broker.bootstrap, "topic": topic, "dlq": dlq, "sandbox": sandbox.url,
+                "ends": {str(k): v for k, v in ends.items()}, "expect": args.events, "events": args.events,
+                "now_ms": now_ms}
+
+        def spec(kind: str, providers: str = "all", **extra: Any) -> dict[str, Any]:
+            return {**base, "kind": kind, "providers": list(SETS[providers]),
+                    "group": f"bench-{kind}-{providers}-{uuid.uuid4().hex[:6]}", **extra}
+
+        def measured(name: str, s: dict[str, Any], **kw: Any) -> dict[str, Any]:
+            sandbox.reset()
+            log(f"{name} …")
+            r = run_child(s, logdir, name.replace(" ", "_").replace(",", ""), **kw)
+            if "error" not in r:
+                r["sandbox"] = sandbox.summary()
+            log(f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb')})}")
+            return r
+
+        if wanted("ceiling"):
+            res["ceiling"] = measured("ceiling", spec("ceiling"))
+        if wanted("service"):
+            for k in SETS:
+                extra: dict[str, Any] = {}
+                if args.profile and k in ("kameleoon", "convert"):
+                    ext = {"cprofile": "prof", "py-spy": "txt"}[args.profile]
+                    extra = {"profile": args.profile, "profile_out": str(out / f"profile-{k}.{ext}"), "py_spy": py_spy}
+                res["service"][k] = measured(f"service {k}", spec("service", k, **extra))
+        if wanted("http"):
+            for k in ("convert", "conductrics"):
+                res["http_client"][k] = measured(f"http {k}", spec("http", k))
+        if wanted("naive"):
+            for k in SETS:
+                res["naive"][k] = measured(f"naive {k}", spec("naive", k, max_events=args.naive_events,
+                                                              max_seconds=args.naive_seconds))
+        if wanted("workers") and args.workers.strip():
+            supported = cli_supports_workers()
+            res["workers_flag_supported"] = supported
+            for w in (int(x) for x in args.workers.split(",") if x.strip()):
+                label = f"{w} worker" + ("s" if w != 1 else "")
+                if w != 1 and not supported:
+                    res["workers"][label] = {"status": "unsupported",
+                                             "note": "`offline-conversions run` has no --workers flag yet"}
+                    continue
+                sandbox.reset()
+                log(f"CLI {label} …")
+                s = spec("service", args.workers_providers)
+                r = run_cli_service(s, w if supported else None, logdir, f"cli_{w}")
+                r["providers"] = args.workers_providers
+                res["workers"][label] = r
+                log(f"CLI {label}: {r}")
+        if wanted("half"):
+            full = res["service"].get("all", {}).get("events_per_s")
+            if not full:
+                log("half throughput: measuring the max first")
+                full = measured("service all", spec("service", "all")).get("events_per_s") or 1000.0
+            rate = full / 2
+            n = max(200, min(args.events, int(rate * args.half_seconds)))
+            htopic = f"bench.half.{suffix}"
+            broker.create_topics([htopic], partitions=3)
+            s = spec("service", "all", announce=True, expect=n, events=n)
+            s["topic"] = htopic
+
+            def producer() -> None:
+                produce(broker.bootstrap, htopic, n, int(time.time() * 1000), seed=SEED + 1, rate=rate)
+
+            r = measured("half throughput", s, on_ready=producer)
+            res["half_throughput"] = {"rate": round(rate, 1), "events": n, "run": r}
+        if args.backlog and wanted("backlog"):
+            btopic = f"bench.backlog.{suffix}"
+            broker.create_topics([btopic], partitions=3)
+            log(f"backlog: producing {args.backlog:,} events")
+            bends = produce(broker.bootstrap, btopic, args.backlog, int(time.time() * 1000), seed=SEED + 2)
+            s = spec("service", args.backlog_providers, expect=args.backlog, events=args.backlog)
+            s.update(topic=btopic, ends={str(k): v for k, v in bends.items()})
+            r = measured(f"backlog {args.backlog_providers}", s)
+            res["backlog"] = {"events": args.backlog, "providers": args.backlog_providers, "run": r}
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+        broker.stop()
+    evaluate(res)
+    report = build_report(res)
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "results.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Helpers for the fault-injection suite: configs (dict and TOML), produced streams with their offsets,
+the expected conversions, the accounting of what reached the sandbox and the DLQ, the service as a
+subprocess, and bounded waits on conditions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from consumer.config import Config, parse
+from consumer.demo import EMBEDDED_CONSUMER, sample_config
+from consumer.dlq import parse_headers
+from consumer.matcher import MatchSettings, match
+from consumer.model import Conversion, Purchase
+from consumer.producer import encoded
+from consumer.samples import malformed, purchases
+from consumer.sandbox import Sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+FAST_GROUP = EMBEDDED_CONSUMER
+PROVIDERS = ("kameleoon", "convert", "conductrics")
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_dict(bootstrap: str, topics: dict[str, str], sandbox_url: str, **sections: Any) -> dict[str, Any]:
+    """tests/conftest.py's config_dict (fast commits, fast retries), with sections replaced or merged.
+
+    A section given as a dict replaces the section; `pipeline_extra`/`kafka_extra` style merging is done
+    by the callers on the returned dict.
+    """
+    data = sample_config(bootstrap, topics["topic"], topics["dlq"], topics["group"], sandbox_url)
+    data["pipeline"] = {"commit_interval": "200ms", "shutdown_deadline": "20s", "dlq_timeout": "10s"}
+    data["logging"] = {"level": "INFO"}
+    data["kameleoon"]["batch"] = {"linger": "20ms"}
+    data["conductrics"]["projects"]["ac-xxx"]["api_key"] = "api-1234567890"
+    for provider in PROVIDERS:
+        data[provider]["retry"] = {"base_delay": "10ms", "max_delay": "200ms", "max_attempts": 5}
+    for name, section in sections.items():
+        if section is None:
+            data.pop(name, None)
+        else:
+            data[name] = section
+    return data
+
+
+def to_config(data: dict[str, Any]) -> Config:
+    return parse(data, env={})
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """A minimal TOML writer: nested dicts become [tables], keys are always quoted."""
+    lines: list[str] = []
+
+    def table(path: list[str], d: dict[str, Any]) -> None:
+        scalars = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
+        tables = [(k, v) for k, v in d.items() if isinstance(v, dict)]
+        if path and (scalars or not tables):
+            lines.append("[" + ".".join(json.dumps(p) for p in path) + "]")
+        for k, v in scalars:
+            lines.append(f"{json.dumps(k)} = {_toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables:
+            table([*path, k], v)
+
+    table([], data)
+    return "\n".join(lines) + "\n"
+
+
+def new_topics(broker: Any, partitions: int = 3, create_dlq: bool = True) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    names = {"topic": f"rel-{suffix}", "dlq": f"rel-{suffix}.dlq", "group": f"rel-{suffix}"}
+    broker.create_topics([names["topic"], names["dlq"]] if create_dlq else [names["topic"]], partitions=partitions)
+    return names
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class Stream:
+    """What was produced: purchases, malformed values, and where each landed."""
+
+    items: list[Purchase] = field(default_factory=list)
+    bad: list[bytes] = field(default_factory=list)
+    # (partition, offset) of each produced message, purchases then malformed, in production order
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # "purchase" | "malformed", parallel to positions
+    refs: list[Any] = field(default_factory=list)  # the Purchase or the bytes, parallel to positions
+
+    @property
+    def total(self) -> int:
+        return len(self.positions)
+
+    def ends(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for p, o in self.positions:
+            out[p] = max(out.get(p, 0), o + 1)
+        return out
+
+    def malformed_positions(self) -> set[tuple[int, int]]:
+        return {pos for pos, k in zip(self.positions, self.kinds, strict=True) if k == "malformed"}
+
+    def first_malformed(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for (p, o) in self.malformed_positions():
+            out[p] = min(out.get(p, o), o)
+        return out
+
+    def by_position(self) -> dict[tuple[int, int], Any]:
+        return dict(zip(self.positions, self.refs, strict=True))
+
+
+def produce(bootstrap: str, topic: str, n_purchases: int, n_malformed: int = 0, *, seed: int = 7,
+            stream: Stream | None = None, malformed_first_at: float = 0.5, partitions: int = 3) -> Stream:
+    """Produce purchases with malformed messages interleaved after `malformed_first_at` of the stream; the
+    malformed ones go round-robin over the partitions. Appends to `stream` when given."""
+    s = stream or Stream()
+    items = list(purchases(n_purchases, now_ms=int(time.time() * 1000), seed=seed))
+    good = list(encoded(items))
+    bad = list(malformed(n_malformed, seed))
+    plan: list[tuple[str, Any, bytes | None, bytes, int | None]] = [
+        ("purchase", item, key, value, None) for item, (key, value) in zip(items, good, strict=True)]
+    if bad:
+        start = int(len(plan) * malformed_first_at)
+        step = max(1, (len(plan) - start) // len(bad))
+        for j in reversed(range(len(bad))):
+            plan.insert(min(len(plan), start + j * step),
+                        ("malformed", bad[j], f"bad-{seed}-{j}".encode(), bad[j], j % partitions))
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 10,
+                         "queue.buffering.max.messages": 1_000_000})
+    results: list[tuple[int, int] | None] = [None] * len(plan)
+    errors: list[str] = []
+
+    def report(i: int) -> Callable[[KafkaError | None, Message], None]:
+        def cb(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                errors.append(err.str())
+            else:
+                results[i] = (msg.partition(), msg.offset())  # type: ignore[assignment]
+        return cb
+
+    for i, (_kind, _ref, key, value, partition) in enumerate(plan):
+        kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": report(i)}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    remaining = producer.flush(60)
+    assert remaining == 0 and not errors, f"produce failed: {remaining} undelivered, {errors[:3]}"
+    for (kind, ref, *_), pos in zip(plan, results, strict=True):
+        assert pos is not None
+        s.positions.append(pos)
+        s.kinds.append(kind)
+        s.refs.append(ref)
+        if kind == "purchase":
+            s.items.append(ref)
+        else:
+            s.bad.append(ref)
+    return s
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def conversions_of(cfg: Config, items: Iterable[Purchase]) -> dict[str, list[Conversion]]:
+    settings = MatchSettings.from_config(cfg)
+    now = int(time.time() * 1000)
+    out: dict[str, list[Conversion]] = {p: [] for p in PROVIDERS}
+    for p in items:
+        for c in match(p, settings, now).conversions:
+            out[c.provider.slug].append(c)
+    return out
+
+
+def expected_view(conversions: dict[str, list[Conversion]]) -> dict[str, Counter[Any]]:
+    """What the sandbox records for these conversions, in the sandbox's own terms (as tests/test_pipeline.py)."""
+    return {
+        "kameleoon": Counter(c.key for c in conversions["kameleoon"]),
+        "convert": Counter((c.visitor_id, c.experiment_id, c.variation_id, c.order_id)
+                           for c in conversions["convert"]),
+        "conductrics": Counter((c.visitor_id, (g,)) for c in conversions["conductrics"] for g in c.goals),
+    }
+
+
+def record_view(provider: str, r: Any) -> Any:
+    if provider == "kameleoon":
+        return r.nonce
+    if provider == "convert":
+        return (r.visitor, r.experiment_id, r.variation_id, r.transaction_id)
+    return (r.visitor, r.goals)
+
+
+def sandbox_view(sandbox: Sandbox) -> dict[str, Counter[Any]]:
+    return {p: Counter(record_view(p, r) for r in sandbox.records_for(p)) for p in PROVIDERS}
+
+
+def expected_total(want: dict[str, Counter[Any]]) -> int:
+    return sum(sum(c.values()) for c in want.values())
+
+
+def all_present(sandbox: Sandbox, want: dict[str, Counter[Any]]) -> bool:
+    """Cheap enough to be a sandbox.wait_until predicate."""
+    if len(sandbox.records) < expected_total(want):
+        return False
+    got = sandbox_view(sandbox)
+    return all(not (want[p] - got[p]) for p in PROVIDERS)
+
+
+@dataclass
+class Accounting:
+    expected: int
+    received: int
+    lost: int
+    unexpected: int
+    duplicates: int  # extra copies of expected conversions
+    duplicate_keys: int  # sandbox.duplicates() keys
+    missing_sample: list[Any]
+
+
+def account(sandbox: Sandbox, want: dict[str, Counter[Any]]) -> Accounting:
+    got = sandbox_view(sandbox)
+    lost = unexpected = dupes = 0
+    missing: list[Any] = []
+    for p in PROVIDERS:
+        short = want[p] - got[p]
+        extra = got[p] - want[p]
+        lost += sum(short.values())
+        missing += [(p, k) for k in list(short)[:3]]
+        for k, n in extra.items():
+            if k in want[p]:
+                dupes += n
+            else:
+                unexpected += n
+    # Every key the sandbox saw more than once must be a re-send of an expected conversion.
+    for key in sandbox.duplicates():
+        recs = [r for r in sandbox.records if r.key == key]
+        for r in recs:
+            if record_view(r.provider, r) not in want[r.provider]:
+                unexpected += 1
+    return Accounting(expected_total(want), len(sandbox.records), lost, unexpected, dupes,
+                      len(sandbox.duplicates()), missing)
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[Message]:
+    """Every message of a topic, waiting (bounded) until at least `expected` arrived."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **FAST_GROUP})
+    c.subscribe([topic])
+    out: list[Message] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            out += [m for m in c.consume(500, 0.2) if m.error() is None]
+        out += [m for m in c.consume(500, 0.5) if m.error() is None]
+    finally:
+        c.close()
+    return out
+
+
+def dlq_sources(messages: list[Message]) -> Counter[tuple[int, int]]:
+    """(original partition, original offset) of every dead letter, with repeats."""
+    out: Counter[tuple[int, int]] = Counter()
+    for m in messages:
+        h = parse_headers(m.headers())
+        out[(int(h["original.partition"]), int(h["original.offset"]))] += 1
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {p.partition: p.offset for p in parts}
+    finally:
+        c.close()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str,
+                   every: float = 0.2) -> None:
+    """Poll a condition until it holds; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(every)  # a poll interval, bounded by the deadline above
+
+
+async def committed_async(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+    return await asyncio.get_running_loop().run_in_executor(None, committed, bootstrap, group, topic, partitions)
+
+
+async def wait_committed(bootstrap: str, group: str, topic: str, ends: dict[int, int],
+                         timeout: float = 30.0) -> dict[int, int]:
+    last: dict[int, int] = {}
+
+    async def reached() -> bool:
+        nonlocal last
+        last = await committed_async(bootstrap, group, topic)
+        return all(last.get(p, -1) >= end for p, end in ends.items())
+
+    try:
+        await wait_for(reached, timeout, f"committed offsets to reach {ends}", every=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen {last}") from None
+    return last
+
+
+# --------------------------------------------------------------------------- the service as a process
+
+
+class Service:
+    """`python -m consumer run --config FILE` in a subprocess, its log in a file."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, name: str = "svc") -> None:
+        self.config = config
+        self.workdir = workdir
+        self.name = name
+        self.path = workdir / f"{name}.toml"
+        self.path.write_text(to_toml(config))
+        self.proc: asyncio.subprocess.Process | None = None
+        self.runs = 0
+        self.logs: list[Path] = []
+
+    async def start(self) -> None:
+        assert self.proc is None or self.proc.returncode is not None
+        self.runs += 1
+        log = self.workdir / f"{self.name}-{self.runs}.log"
+        self.logs.append(log)
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        with log.open("wb") as fh:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "consumer", "run", "--config", str(self.path),
+                cwd=str(REPO), env=env, stdout=fh, stderr=fh,
+            )
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name} did not exit within {timeout}s; log tail:\n{self.tail()}") from None
+
+    def tail(self, n: int = 30) -> str:
+        if not self.logs:
+            return ""
+        lines = self.logs[-1].read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for path in self.logs:
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append({"raw": line})
+        return out
+
+    async def stop(self) -> None:
+        """Cleanup: SIGKILL a process still running (only our own child)."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+
+
+def result_line(name: str, **numbers: Any) -> str:
+    line = f"RESULT {name}: " + ", ".join(f"{k}={v}" for k, v in numbers.items())
+    print(line)
+    return line
