@@ -532,7 +532,11 @@ def run_cli_service(spec: dict[str, Any], workers: int | None, workdir: Path, na
             watcher.close()
     if done_at is None:
         return {"error": f"did not finish (exit {proc.returncode})", "peak_rss_mb": round(peak, 1)}
-    steady = (total - c0) / max(done_at - (t0 or started), 1e-9)
+    if t0 is None or c0 >= total or done_at - t0 < 1.0:
+        # Everything landed in one commit: only the wall rate (startup and group join included) is known.
+        steady = total / (done_at - started)
+    else:
+        steady = (total - c0) / (done_at - t0)
     return {"workers": workers or 1, "events": total, "wall_seconds": round(done_at - started, 2),
             "events_per_s_wall": round(total / (done_at - started), 1),
             "events_per_s": round(steady, 1), "peak_rss_mb_tree": round(peak, 1),
