@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from consumer.config import ConfigError, load
+from consumer.config import Config, ConfigError, load
 
 EXIT_CONFIG = 2
 
 
-def _load_or_exit(path: str) -> object:
+def _load_or_exit(path: str) -> Config:
     try:
         return load(path)
     except ConfigError as exc:
@@ -26,10 +29,13 @@ def _load_or_exit(path: str) -> object:
 def cmd_run(args: argparse.Namespace) -> int:
     from consumer import logs
     from consumer.app import Application
-    from consumer.config import Config
 
     cfg = _load_or_exit(args.config)
     assert isinstance(cfg, Config)
+    if args.workers > 1:
+        return run_workers(args.config, args.workers)
+    if args.worker_index is not None:
+        cfg = for_worker(cfg, args.worker_index)
     logs.setup(cfg.logging.level, cfg.logging.format, cfg.secrets())
     try:
         app = Application(cfg)
@@ -39,9 +45,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(app.run())
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    from consumer.config import Config
+def for_worker(cfg: Config, index: int) -> Config:
+    """Worker `index` of a multi-process container: its own metrics port and static member id."""
+    consumer = dict(cfg.kafka.consumer)
+    if "group.instance.id" in consumer:
+        consumer["group.instance.id"] = f"{consumer['group.instance.id']}-{index}"
+    port = cfg.metrics.port + index if cfg.metrics.port else 0
+    return replace(cfg, kafka=replace(cfg.kafka, consumer=consumer), metrics=replace(cfg.metrics, port=port))
 
+
+def run_workers(config: str, workers: int) -> int:
+    """N consumer processes, each a group member, to use every core; signals are passed on to them."""
+    children = [
+        subprocess.Popen([sys.executable, "-m", "consumer", "run", "--config", config, "--worker-index", str(i)])
+        for i in range(workers)
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, key=abs)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.file)
     assert isinstance(cfg, Config)
     projects = {
@@ -55,7 +86,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from consumer.config import Config
     from consumer.explain import explain, render_text
 
     cfg = _load_or_exit(args.config)
@@ -118,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the service")
     run.add_argument("--config", required=True, help="TOML config file")
+    run.add_argument("--workers", type=int, default=1,
+                     help="consumer processes in this container, each a group member (metrics port + index)")
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")

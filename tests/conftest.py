@@ -105,3 +105,31 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> di
         return {p.partition: p.offset for p in parts}
     finally:
         c.close()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A config dict as TOML (tables and scalars only), for tests that run the service as a process."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for k, v in data.items():
+        key = f'"{k}"' if not k.replace("_", "").replace("-", "").isalnum() else k
+        if isinstance(v, dict):
+            tables.append((f"{prefix}{key}", v))
+        else:
+            lines.append(f"{key} = {_toml_value(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for name, table in tables:
+        out += f"\n[{name}]\n" + to_toml(table, f"{name}.")
+    return out

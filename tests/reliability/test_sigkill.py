@@ -34,14 +34,19 @@ from .harness import (
 N_PURCHASES = 1500
 N_MALFORMED = 30
 KILLS = 3
+SHORT_SESSION = {"session.timeout.ms": 3000, "heartbeat.interval.ms": 300}
 
 
 async def sigkill_round(broker: EmbeddedBroker, sandbox: Sandbox, workdir: Path, seed: int) -> dict[str, int]:
     topics = new_topics(broker)
     data = config_dict(broker.bootstrap, topics, sandbox.url)
     data["logging"] = {"level": "INFO", "format": "json"}
-    # A little latency stretches the stream so that the kills land while work is in flight.
-    sandbox.set_latency("*", 0.005)
+    # A dead member holds its partitions until its session times out: keep that short.
+    data["kafka"]["consumer"].update(SHORT_SESSION)
+    # Latency and a modest in-flight bound stretch the stream over a few seconds, so that commits
+    # progress between kills and each kill lands with work in flight.
+    data["pipeline"]["max_in_flight"] = 200
+    sandbox.set_latency("*", 0.02)
     stream = produce(broker.bootstrap, topics["topic"], N_PURCHASES, N_MALFORMED, seed=seed)
     want = expected_view(conversions_of(to_config(data), stream.items))
     total = expected_total(want)
