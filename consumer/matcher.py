@@ -33,7 +33,6 @@ Decisions worth knowing (tests pin each one to the millisecond):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Context, Decimal
@@ -51,6 +50,9 @@ from consumer.model import (
     Rejection,
     RejectReason,
 )
+from consumer.providers.conductrics import conductrics_key
+from consumer.providers.convert import transaction_key
+from consumer.providers.kameleoon import nonce
 
 _CENT = Decimal("0.01")
 # Explicit context: the result must not depend on whatever the process's global decimal context is.
@@ -95,26 +97,8 @@ class MatchSettings:
 # --------------------------------------------------------------------------- keys
 
 
-def _digest(*parts: str) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        b = part.encode("utf-8")
-        h.update(f"{len(b)}:".encode("ascii"))
-        h.update(b)
-    return h.hexdigest()
-
-
-def _kameleoon_nonce(site_code: str, order_id: str, goal: str, identity: Identity, visitor: str) -> str:
-    return _digest("kameleoon", site_code, order_id, goal, identity.value, visitor)[:16]
-
-
-def _convert_key(project: str, visitor: str, experiment_id: str, variation_id: str, order_id: str) -> str:
-    return _digest("convert", project, visitor, experiment_id, variation_id, order_id)[:32]
-
-
-def _conductrics_key(project: str, vid: str, order_id: str) -> str:
-    return _digest("conductrics", project, vid, order_id)[:32]
-
+# The keys are the provider modules' own (one definition each): a changed key would re-send
+# every conversion already delivered, so they are pinned by tests in tests/test_providers.py.
 
 # --------------------------------------------------------------------------- checks
 
@@ -299,19 +283,19 @@ def _conversions(
 
     if p is Provider.KAMELEOON:
         for goal in rules.goals:
-            nonce = _kameleoon_nonce(project, order, goal, identity, visitor)
-            yield (p.value, project, goal, identity.value, visitor), conversion((goal,), nonce)
+            key = nonce(project, order, goal, visitor, identity)
+            yield (p.value, project, goal, identity.value, visitor), conversion((goal,), key)
     elif p is Provider.CONVERT:
         exp, var = exposure.experiment_id, exposure.variation_id
         yield (
             (p.value, project, visitor, exp, var),
             conversion(
                 rules.goals,
-                _convert_key(project, visitor, exp, var, order),
+                transaction_key(project, visitor, exp, var, order),
                 experiment_id=exp,
                 variation_id=var,
                 transaction_goals=settings.transaction_goals.get(project, ()),
             ),
         )
     else:
-        yield (p.value, project, visitor), conversion(rules.goals, _conductrics_key(project, visitor, order))
+        yield (p.value, project, visitor), conversion(rules.goals, conductrics_key(project, visitor, order))

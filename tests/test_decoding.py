@@ -19,6 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+# tests/registry_server.py: pytest's default "prepend" import mode puts tests/ on sys.path.
+from registry_server import RegistryServer
+
 from consumer.config import DecodingConfig
 from consumer.decoding import (
     MAX_TIMESTAMP_MS,
@@ -37,7 +40,6 @@ from consumer.decoding import (
     strip_logical_types,
 )
 from consumer.model import Channel, Exposure, Provider, Purchase
-from tests.registry_server import RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "purchase_completed.avsc"

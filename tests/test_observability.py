@@ -235,6 +235,9 @@ def slow_config(broker: EmbeddedBroker, topics: dict[str, str], sandbox_url: str
     """The test config, with statistics every 500 ms and a small in-flight window so a backlog builds up."""
     data = config_dict(broker.bootstrap, topics, sandbox_url)
     data["kafka"]["consumer"]["statistics.interval.ms"] = 500
+    # With fetch.wait.max.ms=5 every pause/resume cycle of the small in-flight window costs ~1 s on Tansu
+    # (240 events took ~27 s); 100 ms makes the catch-up take ~3 s.
+    data["kafka"]["consumer"]["fetch.wait.max.ms"] = 100
     data["pipeline"].update({"max_in_flight": 8, "poll_batch": 8})
     return parse(data, env={})
 
@@ -281,7 +284,7 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
             await prom.wait_scraping()
             # A backlog: Prometheus sees a positive lag on some partition while the providers are slow.
             lag = await poll_until(lambda: prom.value(f"max({LAG})"), lambda v: v is not None and v > 0, 20,
-                                   "a positive consumer lag in Prometheus")
+                                   f"a positive consumer lag in Prometheus (None: the service exports no {LAG})")
             assert lag is not None and 0 < lag <= total
             assert app.consumed < total, "the backlog was gone before Prometheus saw the lag"
             assert await prom.value("offline_conversions_ready") == 1

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import hashlib
+import json
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Protocol
+
+import orjson
 
 from consumer.config import BatchConfig, FlowConfig, RetryConfig, Secret
 from consumer.model import Conversion, Provider
@@ -116,3 +121,31 @@ def classify_status(status: int, headers: Mapping[str, str], *, has_token: bool 
         ra = parse_retry_after(headers.get("Retry-After") or headers.get("retry-after"))
         return Outcome(Verdict.RETRY, f"http {status}", status, ra)
     return Outcome(Verdict.PERMANENT, f"http {status}", status)
+
+
+def json_number(value: Decimal) -> str:
+    """A JSON number token with the Decimal's exact digits: 23.50 -> "23.50", 1E+2 -> "100"."""
+    if not value.is_finite():
+        raise ValueError(f"not a finite number: {value}")
+    return format(value, "f")
+
+
+def json_string(value: str) -> str:
+    """A JSON string literal (UTF-8, compact); a lone surrogate is \\u-escaped instead of failing."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value)
+
+
+def digest(*parts: str) -> str:
+    """sha256 hex of length-prefixed UTF-8 parts, so ("ab", "c") and ("a", "bc") differ.
+
+    The same encoding as the matcher's keys, so a key computed here equals the one it computes.
+    """
+    h = hashlib.sha256()
+    for part in parts:
+        b = part.encode("utf-8", "surrogatepass")
+        h.update(b"%d:" % len(b))
+        h.update(b)
+    return h.hexdigest()

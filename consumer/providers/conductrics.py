@@ -15,8 +15,16 @@ import orjson
 
 from consumer.config import BatchConfig, ConductricsConfig, ConductricsProject
 from consumer.model import Conversion, Provider
-from consumer.providers.base import HttpRequest, Outcome, Route, Verdict, classify_status
-from consumer.providers.kameleoon import digest, json_number, json_string
+from consumer.providers.base import (
+    HttpRequest,
+    Outcome,
+    Route,
+    Verdict,
+    classify_status,
+    digest,
+    json_number,
+    json_string,
+)
 
 REDACTED = "***"
 

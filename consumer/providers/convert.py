@@ -22,8 +22,16 @@ from urllib.parse import quote
 
 from consumer.config import BatchConfig, ConvertConfig, ConvertProject
 from consumer.model import Conversion, Provider
-from consumer.providers.base import HttpRequest, Outcome, Route, Verdict, classify_status
-from consumer.providers.kameleoon import digest, json_number, json_string
+from consumer.providers.base import (
+    HttpRequest,
+    Outcome,
+    Route,
+    Verdict,
+    classify_status,
+    digest,
+    json_number,
+    json_string,
+)
 
 _CENT = Decimal("0.01")
 # Every v1 visitor entry starts with this; a JSON string escapes `"`, so it occurs nowhere else.

@@ -9,48 +9,25 @@ revenue keeps its exact decimal digits.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from urllib.parse import quote
-
-import orjson
 
 from consumer.config import KameleoonConfig, KameleoonProject
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.base import HttpRequest, Outcome, Route, TokenSpec, Verdict, classify_status
+from consumer.providers.base import (
+    HttpRequest,
+    Outcome,
+    Route,
+    TokenSpec,
+    Verdict,
+    classify_status,
+    digest,
+    json_number,
+    json_string,
+)
 
 # Every event starts with this; a JSON string escapes `"`, so it can only occur at an event's start.
 _EVENT_START = b'{"nonce":'
-
-
-def json_number(value: Decimal) -> str:
-    """A JSON number token with the Decimal's exact digits: 23.50 -> "23.50", 1E+2 -> "100"."""
-    if not value.is_finite():
-        raise ValueError(f"not a finite number: {value}")
-    return format(value, "f")
-
-
-def json_string(value: str) -> str:
-    """A JSON string literal (UTF-8, compact); a lone surrogate is \\u-escaped instead of failing."""
-    try:
-        return orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(value)
-
-
-def digest(*parts: str) -> str:
-    """sha256 hex of length-prefixed UTF-8 parts, so ("ab", "c") and ("a", "bc") differ.
-
-    The same encoding as the matcher's keys, so a key computed here equals the one it computes.
-    """
-    h = hashlib.sha256()
-    for part in parts:
-        b = part.encode("utf-8", "surrogatepass")
-        h.update(b"%d:" % len(b))
-        h.update(b)
-    return h.hexdigest()
 
 
 def nonce(site_code: str, order_id: str, goal: str, visitor: str, identity: Identity = Identity.VISITOR) -> str:
