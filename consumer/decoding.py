@@ -500,15 +500,17 @@ class _AvroDecoder:
         stripped = strip_logical_types(self._reader_json)
         self._reader, _ = _parse_with_names(stripped)
         self._reader_stripped_json = stripped
-        _, self._reader_named = _parse_with_names(self._reader_json)
+        # Parsed (fully-qualified names) with logical types: what writer schemas are checked against.
+        self._reader_logical, self._reader_named = _parse_with_names(self._reader_json)
 
     def _compile(self, writer_json: Any) -> _Compiled:
         """Prepare a writer schema; _Compiled(None) means "same as the reader" (fastavro skips resolution)."""
         try:
-            _, named = _parse_with_names(writer_json)
+            # Walk the parsed form: fastavro has resolved every type name to its fully-qualified one.
+            parsed_logical, named = _parse_with_names(writer_json)
             walker = _SchemaWalker(named)
-            walker.min_size(writer_json)
-            walker.check_logical(writer_json, self._reader_json, self._reader_named, "")
+            walker.min_size(parsed_logical)
+            walker.check_logical(parsed_logical, self._reader_logical, self._reader_named, "")
             stripped = strip_logical_types(writer_json)
             if stripped == self._reader_stripped_json:
                 return _Compiled(None)

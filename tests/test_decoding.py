@@ -268,6 +268,16 @@ def _fields(p: Purchase) -> dict[str, Any]:
     return {name: getattr(p, name) for name in Purchase.__dataclass_fields__}
 
 
+def test_newer_writer_reusing_a_named_type_by_short_name(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+    s = read_schema_json(SCHEMA)
+    s["fields"].append({"name": "earlier", "type": {"type": "array", "items": "Exposure"}, "default": []})
+    schema_id = registry.register(SUBJECT, json.dumps(s))
+    body = write(
+        fastavro.parse_schema(s), {**purchase_to_record(PURCHASE), "earlier": purchase_to_record(PURCHASE)["exposures"]}
+    )
+    assert confluent.decode(b"\x00" + schema_id.to_bytes(4, "big") + body) == PURCHASE
+
+
 def test_incompatible_writer_is_rejected(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     s = read_schema_json(SCHEMA)
     s["fields"] = [f for f in s["fields"] if f["name"] != "currency"]  # required by the reader, no default
@@ -424,8 +434,7 @@ def test_encode_confluent_rejects_ids_beyond_four_bytes(schema: Any) -> None:
 
 def test_confluent_serializer_interoperates(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     """An independent producer-side client (confluent-kafka's AvroSerializer) against our server and decoder."""
-    avro = pytest.importorskip("confluent_kafka.schema_registry.avro", reason="needs confluent-kafka[schemaregistry]")
-    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry import SchemaRegistryClient, avro
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     client = SchemaRegistryClient({"url": registry.url})

@@ -194,7 +194,8 @@ class PrometheusServer:
 
     async def wait_scraping(self, timeout: float = 30.0) -> None:
         await poll_until(lambda: self.query('up{job="offline-conversions"}'),
-                         lambda r: bool(r) and r[0]["value"][1] == "1", timeout, "the first successful scrape")
+                         lambda r: r is not None and len(r) > 0 and r[0]["value"][1] == "1",
+                         timeout, "the first successful scrape")
 
 
 @contextlib.contextmanager
@@ -352,7 +353,7 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
 
     # Every event reached the end: the dead-letter topic holds exactly the malformed ones.
     dlq = read_all(broker.bootstrap, topics["dlq"], N_MALFORMED)
-    assert sorted(m.value() for m in dlq) == sorted(bad)
+    assert sorted(m.value() or b"" for m in dlq) == sorted(bad)
     assert all(parse_headers(m.headers())["stage"] == "decode" for m in dlq)
 
     # Structured logs: every line one JSON object, with the lifecycle in it.

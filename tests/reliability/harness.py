@@ -332,7 +332,7 @@ async def wait_committed(bootstrap: str, group: str, topic: str, ends: dict[int,
 
     async def reached() -> bool:
         nonlocal last
-        last = await committed_async(bootstrap, group, topic)
+        last = await committed_async(bootstrap, group, topic, max(ends) + 1)
         return all(last.get(p, -1) >= end for p, end in ends.items())
 
     try:
