@@ -148,9 +148,10 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text, "k") == seconds
 
 
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True),
-                     st.text(max_size=12), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4),
-                                                                                                st.integers(), max_size=2))
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10, 10**7), st.floats(allow_nan=True), st.text(max_size=12),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
 _paths = st.sampled_from([
     "kafka.topic", "kafka.group_id", "decoding.format", "decoding.max_message_bytes", "metrics.port",
     "pipeline.max_in_flight", "pipeline.commit_interval", "logging.level", "matcher.max_age",
