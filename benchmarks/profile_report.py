@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Summarise py-spy "raw" (collapsed stacks) output: top functions by self and by inclusive share.
 
-    python benchmarks/run.py --events 20000 --only service --profile py-spy --out /tmp/prof
-    python benchmarks/profile_report.py /tmp/prof/profile-kameleoon.txt [--top 25] [--filter consumer/]
+python benchmarks/run.py --events 20000 --only service --profile py-spy --out /tmp/prof
+python benchmarks/profile_report.py /tmp/prof/profile-kameleoon.txt [--top 25] [--filter consumer/]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def short(frame: str) -> str:
     path = m.group("file")
     for marker in ("site-packages/", "/consumer/", "/lib/python3"):
         if marker in path:
-            path = path[path.index(marker) + (0 if marker == "/consumer/" else len(marker)):].lstrip("/")
+            path = path[path.index(marker) + (0 if marker == "/consumer/" else len(marker)) :].lstrip("/")
             break
     return f"{m.group('fn')} ({path})"
 
@@ -43,8 +43,12 @@ def main() -> None:
         count = int(n)
         total += count
         frames = [short(f) for f in stack.split(";")]
-        if frames and ("select (selectors.py" in frames[-1] or "poll (selectors.py" in frames[-1]
-                       or frames[-1].startswith("select (") or frames[-1].startswith("epoll")):
+        if frames and (
+            "select (selectors.py" in frames[-1]
+            or "poll (selectors.py" in frames[-1]
+            or frames[-1].startswith("select (")
+            or frames[-1].startswith("epoll")
+        ):
             idle += count
         own[frames[-1]] += count
         for f in set(frames):

@@ -50,8 +50,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 PROVIDERS = ("kameleoon", "convert", "conductrics")
-SETS: dict[str, tuple[str, ...]] = {"kameleoon": ("kameleoon",), "convert": ("convert",),
-                                    "conductrics": ("conductrics",), "all": PROVIDERS}
+SETS: dict[str, tuple[str, ...]] = {
+    "kameleoon": ("kameleoon",),
+    "convert": ("convert",),
+    "conductrics": ("conductrics",),
+    "all": PROVIDERS,
+}
 SEED = 7
 RESULT = "RESULT "
 READY = "READY"
@@ -111,8 +115,15 @@ def child_ceiling(spec: dict[str, Any]) -> None:
 
     ends = ends_of(spec)
     decoder = make_decoder(DecodingConfig())
-    c = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest", **EMBEDDED_CONSUMER})
+    c = Consumer(
+        {
+            "bootstrap.servers": spec["bootstrap"],
+            "group.id": spec["group"],
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **EMBEDDED_CONSUMER,
+        }
+    )
     c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
     todo = {p for p, last in ends.items() if last >= 0}
     first = None
@@ -133,8 +144,15 @@ def child_ceiling(spec: dict[str, Any]) -> None:
                 todo.discard(m.partition())
     seconds = time.monotonic() - (first or time.monotonic())
     c.close()
-    emit({"events": n, "decode_errors": bad, "seconds": round(seconds, 3),
-          "events_per_s": round(n / max(seconds, 1e-9), 1), "complete": not todo})
+    emit(
+        {
+            "events": n,
+            "decode_errors": bad,
+            "seconds": round(seconds, 3),
+            "events_per_s": round(n / max(seconds, 1e-9), 1),
+            "complete": not todo,
+        }
+    )
 
 
 def child_service(spec: dict[str, Any]) -> None:
@@ -162,8 +180,8 @@ def child_service(spec: dict[str, Any]) -> None:
         def _on_result(self, ev: Any, conversion: Any, result: Any) -> None:  # type: ignore[override]
             if result.status is Status.DELIVERED:
                 read_delays.append(time.monotonic() - ev.read_at)
-                ts = getattr(ev.source, "timestamp", None)
-                if ts:
+                ts_type, ts = ev.message.timestamp()
+                if ts_type and ts:
                     event_delays.append(time.time() - ts / 1000)
             super()._on_result(ev, conversion, result)
 
@@ -198,21 +216,32 @@ def child_service(spec: dict[str, Any]) -> None:
     def counter(name: str, **labels: str) -> float:
         return metrics.registry.get_sample_value(name, labels) or 0.0
 
-    delivered = {p: int(counter("offline_conversions_conversions_total", provider=p, outcome="delivered"))
-                 for p in PROVIDERS}
-    not_accepted = {p: int(counter("offline_conversions_conversions_total", provider=p, outcome="not_accepted"))
-                    for p in PROVIDERS}
+    delivered = {
+        p: int(counter("offline_conversions_conversions_total", provider=p, outcome="delivered")) for p in PROVIDERS
+    }
+    not_accepted = {
+        p: int(counter("offline_conversions_conversions_total", provider=p, outcome="not_accepted")) for p in PROVIDERS
+    }
     conv = sum(delivered.values()) + sum(not_accepted.values())
-    emit({
-        "exit_code": code, "events": app.consumed, "complete": app.consumed >= total,
-        "seconds": round(seconds, 3), "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
-        "conversions": conv, "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
-        "delivered": delivered, "not_accepted": not_accepted,
-        "attributed": int(counter("offline_conversions_purchases_total", result="attributed")),
-        "unattributed": int(counter("offline_conversions_purchases_total", result="unattributed")),
-        "read_to_delivery_p50_s": pct(read_delays, 0.5), "read_to_delivery_p99_s": pct(read_delays, 0.99),
-        "event_to_delivery_p50_s": pct(event_delays, 0.5), "event_to_delivery_p99_s": pct(event_delays, 0.99),
-    })
+    emit(
+        {
+            "exit_code": code,
+            "events": app.consumed,
+            "complete": app.consumed >= total,
+            "seconds": round(seconds, 3),
+            "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
+            "conversions": conv,
+            "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
+            "delivered": delivered,
+            "not_accepted": not_accepted,
+            "attributed": int(counter("offline_conversions_purchases_total", result="attributed")),
+            "unattributed": int(counter("offline_conversions_purchases_total", result="unattributed")),
+            "read_to_delivery_p50_s": pct(read_delays, 0.5),
+            "read_to_delivery_p99_s": pct(read_delays, 0.99),
+            "event_to_delivery_p50_s": pct(event_delays, 0.5),
+            "event_to_delivery_p99_s": pct(event_delays, 0.99),
+        }
+    )
 
 
 def _requests_for(spec: dict[str, Any], limit: int | None = None) -> tuple[list[Any], int]:
@@ -249,12 +278,20 @@ def child_http(spec: dict[str, Any]) -> None:
         statuses: dict[int, int] = {}
         it = iter(reqs)
         connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30)
-        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                         skip_auto_headers=("User-Agent",)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",)
+        ) as session:
+
             async def worker() -> None:
                 for r in it:
-                    async with session.request(r.method, r.url, data=r.body, headers=dict(r.headers),
-                                               timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False) as resp:
+                    async with session.request(
+                        r.method,
+                        r.url,
+                        data=r.body,
+                        headers=dict(r.headers),
+                        timeout=aiohttp.ClientTimeout(total=10),
+                        allow_redirects=False,
+                    ) as resp:
                         await resp.read()
                         statuses[resp.status] = statuses.get(resp.status, 0) + 1
 
@@ -264,9 +301,16 @@ def child_http(spec: dict[str, Any]) -> None:
 
     seconds, statuses = asyncio.run(main())
     ok = sum(n for s, n in statuses.items() if 200 <= s < 300)
-    emit({"requests": len(reqs), "ok": ok, "statuses": {str(k): v for k, v in statuses.items()},
-          "concurrency": concurrency, "seconds": round(seconds, 3),
-          "conversions_per_s": round(ok / max(seconds, 1e-9), 1)})
+    emit(
+        {
+            "requests": len(reqs),
+            "ok": ok,
+            "statuses": {str(k): v for k, v in statuses.items()},
+            "concurrency": concurrency,
+            "seconds": round(seconds, 3),
+            "conversions_per_s": round(ok / max(seconds, 1e-9), 1),
+        }
+    )
 
 
 def child_naive(spec: dict[str, Any]) -> None:
@@ -282,8 +326,15 @@ def child_naive(spec: dict[str, Any]) -> None:
     cfg = parsed_config(spec)
     settings, mods, decoder = MatchSettings.from_config(cfg), modules(cfg), make_decoder(cfg.decoding)
     ends = ends_of(spec)
-    c = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest", **EMBEDDED_CONSUMER})
+    c = Consumer(
+        {
+            "bootstrap.servers": spec["bootstrap"],
+            "group.id": spec["group"],
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **EMBEDDED_CONSUMER,
+        }
+    )
     c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
     http = requests.Session()
     limit, budget = int(spec["max_events"]), float(spec["max_seconds"])
@@ -314,13 +365,25 @@ def child_naive(spec: dict[str, Any]) -> None:
         n += 1
     seconds = time.monotonic() - (first or time.monotonic())
     c.close()
-    emit({"events": n, "conversions": conv, "failed": failed, "seconds": round(seconds, 3),
-          "events_per_s": round(n / max(seconds, 1e-9), 2), "conversions_per_s": round(conv / max(seconds, 1e-9), 2),
-          "read_to_delivery_p50_s": pct(delays, 0.5), "read_to_delivery_p99_s": pct(delays, 0.99)})
+    emit(
+        {
+            "events": n,
+            "conversions": conv,
+            "failed": failed,
+            "seconds": round(seconds, 3),
+            "events_per_s": round(n / max(seconds, 1e-9), 2),
+            "conversions_per_s": round(conv / max(seconds, 1e-9), 2),
+            "read_to_delivery_p50_s": pct(delays, 0.5),
+            "read_to_delivery_p99_s": pct(delays, 0.99),
+        }
+    )
 
 
 CHILDREN: dict[str, Callable[[dict[str, Any]], None]] = {
-    "ceiling": child_ceiling, "service": child_service, "http": child_http, "naive": child_naive,
+    "ceiling": child_ceiling,
+    "service": child_service,
+    "http": child_http,
+    "naive": child_naive,
 }
 
 
@@ -331,14 +394,26 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_child(spec: dict[str, Any], logdir: Path, name: str, timeout: float = 3600,
-              on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_child(
+    spec: dict[str, Any], logdir: Path, name: str, timeout: float = 3600, on_ready: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Run one measured child process; returns its RESULT (or an error record)."""
     errlog = logdir / f"{name}.stderr.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     if spec.get("profile") == "py-spy":
-        cmd = [spec["py_spy"], "record", "--nonblocking", "-r", "200", "-f", spec.get("py_spy_format", "raw"),
-               "-o", spec["profile_out"], "--", *cmd]
+        cmd = [
+            spec["py_spy"],
+            "record",
+            "--nonblocking",
+            "-r",
+            "200",
+            "-f",
+            spec.get("py_spy_format", "raw"),
+            "-o",
+            spec["profile_out"],
+            "--",
+            *cmd,
+        ]
     started = time.monotonic()
     with open(errlog, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
@@ -350,7 +425,7 @@ def run_child(spec: dict[str, Any], logdir: Path, name: str, timeout: float = 36
             assert proc.stdout is not None
             for line in proc.stdout:
                 if line.startswith(RESULT):
-                    result = json.loads(line[len(RESULT):])
+                    result = json.loads(line[len(RESULT) :])
                 elif line.strip() == READY and on_ready is not None:
                     t = threading.Thread(target=on_ready, daemon=True)
                     t.start()
@@ -380,9 +455,13 @@ class SandboxProcess:
         opts = workdir / "sandbox-options.json"
         opts.write_text(json.dumps({"request_log": False}))
         self.errlog = open(workdir / "sandbox.stderr.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "consumer", "sandbox", "--port", str(self.port),
-                                      "--options", str(opts)], stdout=subprocess.PIPE, stderr=self.errlog,
-                                     text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "consumer", "sandbox", "--port", str(self.port), "--options", str(opts)],
+            stdout=subprocess.PIPE,
+            stderr=self.errlog,
+            text=True,
+            cwd=ROOT,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "listening" not in line:
@@ -391,8 +470,9 @@ class SandboxProcess:
 
     def _post(self, path: str, body: Any = None) -> bytes:
         data = json.dumps(body).encode() if body is not None else b""
-        req = urllib.request.Request(self.url + path, data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return bytes(r.read())
 
@@ -405,8 +485,11 @@ class SandboxProcess:
     def summary(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/_sandbox/records?records=false", timeout=30) as r:
             data: dict[str, Any] = json.loads(r.read())
-        return {"counts": data.get("counts"), "requests": data.get("requests"),
-                "duplicates": len(data.get("duplicates") or {})}
+        return {
+            "counts": data.get("counts"),
+            "requests": data.get("requests"),
+            "duplicates": len(data.get("duplicates") or {}),
+        }
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -458,8 +541,7 @@ def toml_dump(data: dict[str, Any]) -> str:
 
 
 def cli_supports_workers() -> bool:
-    out = subprocess.run([sys.executable, "-m", "consumer", "run", "--help"], capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "consumer", "run", "--help"], capture_output=True, text=True, cwd=ROOT)
     return "--workers" in out.stdout
 
 
@@ -486,8 +568,9 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def run_cli_service(spec: dict[str, Any], workers: int | None, workdir: Path, name: str,
-                    timeout: float = 3600) -> dict[str, Any]:
+def run_cli_service(
+    spec: dict[str, Any], workers: int | None, workdir: Path, name: str, timeout: float = 3600
+) -> dict[str, Any]:
     """`python -m consumer run --config F [--workers N]`, done when the group has committed every offset."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -497,8 +580,7 @@ def run_cli_service(spec: dict[str, Any], workers: int | None, workdir: Path, na
     if workers is not None:
         cmd += ["--workers", str(workers)]
     ends = ends_of(spec)
-    watcher = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"],
-                        "enable.auto.commit": False})
+    watcher = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False})
     parts = [TopicPartition(spec["topic"], p) for p in ends]
     total = int(spec["expect"])
     peak = 0.0
@@ -537,10 +619,15 @@ def run_cli_service(spec: dict[str, Any], workers: int | None, workdir: Path, na
         steady = total / (done_at - started)
     else:
         steady = (total - c0) / (done_at - t0)
-    return {"workers": workers or 1, "events": total, "wall_seconds": round(done_at - started, 2),
-            "events_per_s_wall": round(total / (done_at - started), 1),
-            "events_per_s": round(steady, 1), "peak_rss_mb_tree": round(peak, 1),
-            "note": "events/s measured between the first and the last committed offset seen (0.5 s polls)"}
+    return {
+        "workers": workers or 1,
+        "events": total,
+        "wall_seconds": round(done_at - started, 2),
+        "events_per_s_wall": round(total / (done_at - started), 1),
+        "events_per_s": round(steady, 1),
+        "peak_rss_mb_tree": round(peak, 1),
+        "note": "events/s measured between the first and the last committed offset seen (0.5 s polls)",
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -565,8 +652,10 @@ def ms(v: float | None) -> str:
 
 
 def build_report(res: dict[str, Any]) -> str:
-    rows = ["| run | events | s | events/s | conversions/s | p50 delay | p99 delay | peak RSS MB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| run | events | s | events/s | conversions/s | p50 delay | p99 delay | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def row(name: str, r: dict[str, Any] | None, delay: str = "read_to_delivery") -> None:
         if not r:
@@ -574,10 +663,12 @@ def build_report(res: dict[str, Any]) -> str:
         if "error" in r:
             rows.append(f"| {name} | error: {r['error']} | | | | | | |")
             return
-        rows.append(f"| {name} | {fmt(r.get('events', r.get('requests')))} | {fmt(r.get('seconds'), 1)} | "
-                    f"{fmt(r.get('events_per_s'))} | {fmt(r.get('conversions_per_s'))} | "
-                    f"{ms(r.get(delay + '_p50_s'))} | {ms(r.get(delay + '_p99_s'))} | "
-                    f"{fmt(r.get('peak_rss_mb', r.get('peak_rss_mb_tree')), 0)} |")
+        rows.append(
+            f"| {name} | {fmt(r.get('events', r.get('requests')))} | {fmt(r.get('seconds'), 1)} | "
+            f"{fmt(r.get('events_per_s'))} | {fmt(r.get('conversions_per_s'))} | "
+            f"{ms(r.get(delay + '_p50_s'))} | {ms(r.get(delay + '_p99_s'))} | "
+            f"{fmt(r.get('peak_rss_mb', r.get('peak_rss_mb_tree')), 0)} |"
+        )
 
     row("ceiling: consume + decode", res["ceiling"])
     for k, r in res["service"].items():
@@ -602,26 +693,33 @@ def build_report(res: dict[str, Any]) -> str:
     lines += ["", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['result']} |" for t in res["targets"]]
     m = res["machine"]
-    lines += ["", f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}; "
-                  f"latency {res['params']['latency_ms']} ms; delays: read→delivery per conversion "
-                  "(event→delivery from the Kafka timestamp for the half-throughput run)"]
+    lines += [
+        "",
+        f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}; "
+        f"latency {res['params']['latency_ms']} ms; delays: read→delivery per conversion "
+        "(event→delivery from the Kafka timestamp for the half-throughput run)",
+    ]
     return "\n".join(lines)
 
 
 def evaluate(res: dict[str, Any]) -> None:
     svc, naive, http, ceil = res["service"], res["naive"], res["http_client"], res["ceiling"]
     r: dict[str, Any] = {}
-    r["kameleoon service / ceiling (events/s)"] = ratio(svc.get("kameleoon", {}).get("events_per_s"),
-                                                        ceil.get("events_per_s"))
+    r["kameleoon service / ceiling (events/s)"] = ratio(
+        svc.get("kameleoon", {}).get("events_per_s"), ceil.get("events_per_s")
+    )
     for k in SETS:
-        r[f"{k} service / naive (events/s)"] = ratio(svc.get(k, {}).get("events_per_s"),
-                                                     naive.get(k, {}).get("events_per_s"))
+        r[f"{k} service / naive (events/s)"] = ratio(
+            svc.get(k, {}).get("events_per_s"), naive.get(k, {}).get("events_per_s")
+        )
     for k in ("convert", "conductrics"):
-        r[f"{k} service / HTTP client alone (conversions/s)"] = ratio(svc.get(k, {}).get("conversions_per_s"),
-                                                                      http.get(k, {}).get("conversions_per_s"))
+        r[f"{k} service / HTTP client alone (conversions/s)"] = ratio(
+            svc.get(k, {}).get("conversions_per_s"), http.get(k, {}).get("conversions_per_s")
+        )
     w = res["workers"]
-    r["CLI 2 workers / 1 worker (events/s)"] = ratio(w.get("2 workers", {}).get("events_per_s"),
-                                                     w.get("1 worker", {}).get("events_per_s"))
+    r["CLI 2 workers / 1 worker (events/s)"] = ratio(
+        w.get("2 workers", {}).get("events_per_s"), w.get("1 worker", {}).get("events_per_s")
+    )
     res["ratios"] = r
 
     def verdict(value: float | None, ok: bool) -> str:
@@ -629,13 +727,16 @@ def evaluate(res: dict[str, Any]) -> None:
 
     t = []
     v = r["kameleoon service / ceiling (events/s)"]
-    t.append({"target": "Kameleoon only ≥ 50% of ceiling", "measured": fmt(v, 2), "result": verdict(v, (v or 0) >= 0.5)})
+    t.append(
+        {"target": "Kameleoon only ≥ 50% of ceiling", "measured": fmt(v, 2), "result": verdict(v, (v or 0) >= 0.5)}
+    )
     v = r["kameleoon service / naive (events/s)"]
     t.append({"target": "Kameleoon only ≥ 20× naive", "measured": fmt(v, 1), "result": verdict(v, (v or 0) >= 20)})
     for k in ("convert", "conductrics"):
         v = r[f"{k} service / HTTP client alone (conversions/s)"]
-        t.append({"target": f"{k} ≥ 70% of HTTP client alone", "measured": fmt(v, 2),
-                  "result": verdict(v, (v or 0) >= 0.7)})
+        t.append(
+            {"target": f"{k} ≥ 70% of HTTP client alone", "measured": fmt(v, 2), "result": verdict(v, (v or 0) >= 0.7)}
+        )
         v = r[f"{k} service / naive (events/s)"]
         t.append({"target": f"{k} ≥ 20× naive", "measured": fmt(v, 1), "result": verdict(v, (v or 0) >= 20)})
     bl = res["backlog"]
@@ -643,11 +744,21 @@ def evaluate(res: dict[str, Any]) -> None:
     label = f"peak RSS < 250 MB with a {bl.get('events', 0):,}-event backlog"
     if bl.get("events") != 1_000_000:
         label += " (target is stated for 1,000,000)"
-    t.append({"target": label, "measured": fmt(rss, 0) + " MB" if rss else "not run",
-              "result": verdict(rss, (rss or 1e9) < 250)})
+    t.append(
+        {
+            "target": label,
+            "measured": fmt(rss, 0) + " MB" if rss else "not run",
+            "result": verdict(rss, (rss or 1e9) < 250),
+        }
+    )
     p99 = (res["half_throughput"].get("run") or {}).get("event_to_delivery_p99_s")
-    t.append({"target": "p99 event→delivery < 1 s at half max throughput", "measured": ms(p99),
-              "result": verdict(p99, (p99 if p99 is not None else 1e9) < 1.0)})
+    t.append(
+        {
+            "target": "p99 event→delivery < 1 s at half max throughput",
+            "measured": ms(p99),
+            "result": verdict(p99, (p99 if p99 is not None else 1e9) < 1.0),
+        }
+    )
     res["targets"] = t
 
 
@@ -664,9 +775,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--naive-events", type=int, default=2000)
     ap.add_argument("--naive-seconds", type=float, default=20.0)
     ap.add_argument("--half-seconds", type=float, default=20.0, help="length of the half-throughput run")
+    ap.add_argument(
+        "--half-rate",
+        type=float,
+        default=0.0,
+        help="rate of the half-throughput run (default: half the measured 'all' max)",
+    )
     ap.add_argument("--backlog", type=int, default=0, help="also measure peak RSS draining this many events")
     ap.add_argument("--backlog-providers", default="kameleoon", choices=list(SETS))
-    ap.add_argument("--only", default="", help="comma-separated subset of: ceiling,service,http,naive,workers,half,backlog")
+    ap.add_argument(
+        "--only", default="", help="comma-separated subset of: ceiling,service,http,naive,workers,half,backlog"
+    )
+    ap.add_argument("--sets", default="kameleoon,convert,conductrics,all", help="service runs to measure")
     ap.add_argument("--profile", choices=("py-spy", "cprofile"), help="profile the service runs (one file per run)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
@@ -690,10 +810,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     latency = args.latency_ms / 1000
     res: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "params": {"events": args.events, "latency_ms": args.latency_ms, "naive_events": args.naive_events,
-                   "naive_seconds": args.naive_seconds, "seed": SEED},
-        "ceiling": {}, "service": {}, "http_client": {}, "naive": {}, "workers": {},
-        "half_throughput": {"status": "skipped"}, "backlog": {"status": "skipped"},
+        "params": {
+            "events": args.events,
+            "latency_ms": args.latency_ms,
+            "naive_events": args.naive_events,
+            "naive_seconds": args.naive_seconds,
+            "seed": SEED,
+        },
+        "ceiling": {},
+        "service": {},
+        "http_client": {},
+        "naive": {},
+        "workers": {},
+        "half_throughput": {"status": "skipped"},
+        "backlog": {"status": "skipped"},
     }
     py_spy = None
     if args.profile == "py-spy":
@@ -710,13 +840,25 @@ def main(argv: Iterable[str] | None = None) -> int:
         t = time.monotonic()
         ends = produce(broker.bootstrap, topic, args.events, now_ms)
         res["params"]["produce_seconds"] = round(time.monotonic() - t, 1)
-        base = {"bootstrap": broker.bootstrap, "topic": topic, "dlq": dlq, "sandbox": sandbox.url,
-                "ends": {str(k): v for k, v in ends.items()}, "expect": args.events, "events": args.events,
-                "now_ms": now_ms}
+        base = {
+            "bootstrap": broker.bootstrap,
+            "topic": topic,
+            "dlq": dlq,
+            "sandbox": sandbox.url,
+            "ends": {str(k): v for k, v in ends.items()},
+            "expect": args.events,
+            "events": args.events,
+            "now_ms": now_ms,
+        }
 
         def spec(kind: str, providers: str = "all", **extra: Any) -> dict[str, Any]:
-            return {**base, "kind": kind, "providers": list(SETS[providers]),
-                    "group": f"bench-{kind}-{providers}-{uuid.uuid4().hex[:6]}", **extra}
+            return {
+                **base,
+                "kind": kind,
+                "providers": list(SETS[providers]),
+                "group": f"bench-{kind}-{providers}-{uuid.uuid4().hex[:6]}",
+                **extra,
+            }
 
         def measured(name: str, s: dict[str, Any], **kw: Any) -> dict[str, Any]:
             sandbox.reset()
@@ -724,13 +866,15 @@ def main(argv: Iterable[str] | None = None) -> int:
             r = run_child(s, logdir, name.replace(" ", "_").replace(",", ""), **kw)
             if "error" not in r:
                 r["sandbox"] = sandbox.summary()
-            log(f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb')})}")
+            log(
+                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb')})}"
+            )
             return r
 
         if wanted("ceiling"):
             res["ceiling"] = measured("ceiling", spec("ceiling"))
         if wanted("service"):
-            for k in SETS:
+            for k in (x for x in args.sets.split(",") if x in SETS):
                 extra: dict[str, Any] = {}
                 if args.profile and k in ("kameleoon", "convert"):
                     ext = {"cprofile": "prof", "py-spy": "txt"}[args.profile]
@@ -741,16 +885,19 @@ def main(argv: Iterable[str] | None = None) -> int:
                 res["http_client"][k] = measured(f"http {k}", spec("http", k))
         if wanted("naive"):
             for k in SETS:
-                res["naive"][k] = measured(f"naive {k}", spec("naive", k, max_events=args.naive_events,
-                                                              max_seconds=args.naive_seconds))
+                res["naive"][k] = measured(
+                    f"naive {k}", spec("naive", k, max_events=args.naive_events, max_seconds=args.naive_seconds)
+                )
         if wanted("workers") and args.workers.strip():
             supported = cli_supports_workers()
             res["workers_flag_supported"] = supported
             for w in (int(x) for x in args.workers.split(",") if x.strip()):
                 label = f"{w} worker" + ("s" if w != 1 else "")
                 if w != 1 and not supported:
-                    res["workers"][label] = {"status": "unsupported",
-                                             "note": "`offline-conversions run` has no --workers flag yet"}
+                    res["workers"][label] = {
+                        "status": "unsupported",
+                        "note": "`offline-conversions run` has no --workers flag yet",
+                    }
                     continue
                 sandbox.reset()
                 log(f"CLI {label} …")
@@ -760,7 +907,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 res["workers"][label] = r
                 log(f"CLI {label}: {r}")
         if wanted("half"):
-            full = res["service"].get("all", {}).get("events_per_s")
+            full = args.half_rate * 2 or res["service"].get("all", {}).get("events_per_s")
             if not full:
                 log("half throughput: measuring the max first")
                 full = measured("service all", spec("service", "all")).get("events_per_s") or 1000.0
@@ -772,6 +919,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             s["topic"] = htopic
 
             def producer() -> None:
+                time.sleep(2.0)  # let the fetcher start: a join transient is not steady-state latency
                 produce(broker.bootstrap, htopic, n, int(time.time() * 1000), seed=SEED + 1, rate=rate)
 
             r = measured("half throughput", s, on_ready=producer)

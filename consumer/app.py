@@ -25,7 +25,7 @@ from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
 from consumer.matcher import MatchSettings, match
-from consumer.metrics import HealthServer, Metrics
+from consumer.metrics import HealthServer, Metrics, Tally
 from consumer.model import Conversion, Purchase
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.registry import modules
@@ -46,7 +46,9 @@ _REGISTRY_RETRY_SECONDS = 60.0
 class InFlight:
     """One event between being read and being done."""
 
-    source: SourceRef
+    message: Message
+    tp: TP
+    offset: int
     read_at: float
     event_id: str | None = None
     occurred_at: int = 0
@@ -54,12 +56,19 @@ class InFlight:
     failures: dict[str, list[tuple[Conversion, Result]]] = field(default_factory=dict)
 
     @property
-    def tp(self) -> TP:
-        return (self.source.topic, self.source.partition)
+    def source(self) -> SourceRef:
+        """Where the event came from, for its dead letter; built only when one is written."""
+        msg = self.message
+        ts_type, ts = msg.timestamp()
+        raw = msg.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers: Headers = [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
+        return SourceRef(self.tp[0], self.tp[1], self.offset, msg.key(), msg.value(), headers,
+                         ts if ts_type else None)
 
     @property
     def correlation_id(self) -> str:
-        return self.event_id or f"{self.source.topic}/{self.source.partition}/{self.source.offset}"
+        return self.event_id or f"{self.tp[0]}/{self.tp[1]}/{self.offset}"
 
 
 class Application:
@@ -74,6 +83,7 @@ class Application:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.tally = Tally()
         self.clock_ms = clock_ms
         self.stop_when = stop_when
         self.install_signals = install_signals
@@ -150,13 +160,14 @@ class Application:
         while not self.stopping and self.fatal is None:
             if self.live >= pipe.max_in_flight:
                 src.pause()
-            elif src.paused and self.live <= pipe.max_in_flight // 2:
+            elif src.paused and self.live <= pipe.max_in_flight * 3 // 4:
                 src.resume()
             room = pipe.max_in_flight - self.live
             messages = src.poll(max(1, min(pipe.poll_batch, room)))
             for msg in messages:
                 self._handle(msg)
             self.metrics.in_flight.set(self.live)
+            self.tally.flush()
             now = time.monotonic()
             if now >= next_commit:
                 self._commit(asynchronous=True)
@@ -194,6 +205,7 @@ class Application:
         await transport.close()
         if self.dlq is not None:
             self.dlq.close(5.0)
+        self.tally.flush()
         if self.health is not None:
             await self.health.stop()
         if self.fatal is not None:
@@ -240,31 +252,26 @@ class Application:
         self.consumed += 1
         self.live += 1
         self._drained.clear()
-        self.metrics.events_consumed.inc()
-        ts_type, ts = msg.timestamp()
-        raw = msg.headers() or []
-        pairs = raw.items() if isinstance(raw, dict) else raw
-        headers: Headers = [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
-        ev = InFlight(SourceRef(topic, partition, offset, msg.key(), msg.value(), headers, ts if ts_type else None),
-                      time.monotonic())
+        self.tally.inc(self.metrics.events_consumed)
+        ev = InFlight(msg, (topic, partition), offset, time.monotonic())
         self._decode(ev)
 
     def _decode(self, ev: InFlight, first_try: float | None = None) -> None:
         try:
-            purchase = self.decoder.decode(ev.source.value)
+            purchase = self.decoder.decode(ev.message.value())
         except DecodeError as exc:
             started = first_try if first_try is not None else time.monotonic()
             if getattr(exc, "transient", False) and time.monotonic() - started < _REGISTRY_RETRY_SECONDS:
                 self._spawn(self._decode_later(ev, started))
                 return
-            self.metrics.decode_failures.labels(exc.reason).inc()
+            self.tally.inc(self.metrics.decode_failures, exc.reason)
             self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, f"{exc.reason}: {exc}")])
             return
         except Exception as exc:  # a decoder bug must not lose the event or kill the service
-            self.metrics.decode_failures.labels("internal").inc()
+            self.tally.inc(self.metrics.decode_failures, "internal")
             self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
             return
-        self.metrics.events_decoded.inc()
+        self.tally.inc(self.metrics.events_decoded)
         self._match(ev, purchase)
 
     async def _decode_later(self, ev: InFlight, started: float) -> None:
@@ -281,10 +288,10 @@ class Application:
                                               event_id=purchase.event_id)])
             return
         for exposure in decision.matched:
-            self.metrics.match_decisions.labels(exposure.provider.slug, "matched").inc()
+            self.tally.inc(self.metrics.match_decisions, exposure.provider.slug, "matched")
         for rej in decision.rejections:
             provider = rej.exposure.provider.slug if rej.exposure else "none"
-            self.metrics.match_decisions.labels(provider, rej.reason.value).inc()
+            self.tally.inc(self.metrics.match_decisions, provider, rej.reason.value)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decision", extra={
                 "correlation_id": ev.correlation_id,
@@ -292,16 +299,16 @@ class Application:
                 "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
             })
         if not decision.conversions:
-            self.metrics.purchases.labels("unattributed").inc()
+            self.tally.inc(self.metrics.purchases, "unattributed")
             self._done(ev)
             return
-        self.metrics.purchases.labels("attributed").inc()
+        self.tally.inc(self.metrics.purchases, "attributed")
         assert self.dispatcher is not None
         ev.pending = len(decision.conversions)
         for conversion in decision.conversions:
             if self.recent.seen(conversion.key):
                 # Delivered moments ago in this process (a redelivery after a rebalance): do not count twice.
-                self.metrics.conversions.labels(conversion.provider.slug, "skipped").inc()
+                self.tally.inc(self.metrics.conversions, conversion.provider.slug, "skipped")
                 ev.pending -= 1
                 continue
             waiting = self._in_flight_keys.get(conversion.key)
@@ -325,13 +332,13 @@ class Application:
             })
         else:
             self.recent.add(conversion.key)
-            self.metrics.conversions.labels(provider, result.status.value).inc()
+            self.tally.inc(self.metrics.conversions, provider, result.status.value)
             if result.status is Status.DELIVERED:
-                self.metrics.delivery_delay.labels(provider).observe(
-                    max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000))
+                self.tally.observe(self.metrics.delivery_delay,
+                                   max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000), provider)
         for waiter in self._in_flight_keys.pop(conversion.key, ()):
             # A failure is dead-lettered once, with the event that sent it; the waiter carries no second copy.
-            self.metrics.conversions.labels(provider, "skipped").inc()
+            self.tally.inc(self.metrics.conversions, provider, "skipped")
             self._settle(waiter)
         self._settle(ev)
 
@@ -369,15 +376,15 @@ class Application:
                 log.error(self.fatal)
             return  # never finished: its offset stays uncommitted
         for dl in letters:
-            self.metrics.dlq_produced.labels(dl.stage, dl.provider or "none").inc()
+            self.tally.inc(self.metrics.dlq_produced, dl.stage, dl.provider or "none")
             if dl.provider:
-                self.metrics.conversions.labels(dl.provider, "dead_lettered").inc(len(dl.keys))
+                self.tally.inc(self.metrics.conversions, dl.provider, "dead_lettered", n=len(dl.keys))
         self._done(ev)
 
     def _done(self, ev: InFlight) -> None:
-        self.tracker.finish(ev.tp, ev.source.offset)
+        self.tracker.finish(ev.tp, ev.offset)
         self.live -= 1
-        self.metrics.processing_delay.observe(time.monotonic() - ev.read_at)
+        self.tally.observe(self.metrics.processing_delay, time.monotonic() - ev.read_at)
         if self.live == 0:
             self._drained.set()
 

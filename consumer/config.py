@@ -270,7 +270,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    max_in_flight: int = 5000
+    max_in_flight: int = 20_000
     poll_batch: int = 500
     commit_interval: float = 5.0
     shutdown_deadline: float = 30.0
@@ -542,7 +542,8 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
 
 def _convert(t: _Table) -> ConvertConfig:
     d = ConvertConfig()
-    flow = _flow(t.table("flow"), FlowConfig())
+    # One request per conversion: throughput is concurrency / latency, so allow more requests at once.
+    flow = _flow(t.table("flow"), FlowConfig(concurrency=64))
 
     def project(key: str, p: _Table) -> ConvertProject:
         m = re.fullmatch(r"(\d+)_(\d+)", key)
@@ -585,7 +586,7 @@ def _convert(t: _Table) -> ConvertConfig:
 
 def _conductrics(t: _Table) -> ConductricsConfig:
     d = ConductricsConfig()
-    flow = _flow(t.table("flow"), FlowConfig())
+    flow = _flow(t.table("flow"), FlowConfig(concurrency=64))
 
     def project(key: str, p: _Table) -> ConductricsProject:
         session = p.get_str("session", "{vid}")

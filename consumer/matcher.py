@@ -184,14 +184,14 @@ def _identity(exposure: Exposure, purchase: Purchase, mapping: bool) -> tuple[Id
 
 
 def _exposure_order(e: Exposure) -> tuple[str, str, str, str, str, int]:
-    return (e.provider.value, e.project, e.experiment_id, e.variation_id, e.visitor_id, e.exposed_at)
+    return (e.provider, e.project, e.experiment_id, e.variation_id, e.visitor_id, e.exposed_at)
 
 
 def _conversion_order(c: Conversion) -> tuple[str, ...]:
     return (
-        c.provider.value,
+        c.provider,
         c.project,
-        c.identity.value,
+        c.identity,
         c.visitor_id,
         c.experiment_id or "",
         c.variation_id or "",
@@ -220,13 +220,15 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
     units: dict[tuple[str, ...], Conversion] = {}  # collapsing: one entry per provider delivery unit
 
     # Sorted first, so that matched, rejections and which exposure builds a unit never depend on input order.
-    for exposure in sorted(purchase.exposures, key=_exposure_order):
+    exposures = purchase.exposures
+    for exposure in sorted(exposures, key=_exposure_order) if len(exposures) > 1 else exposures:
         pk = (exposure.provider, exposure.project)
         rules = settings.rules.get(pk)
+        if rules is None:  # the common case for a buyer seen by several tools: no exception for it
+            detail = f"{exposure.provider.slug} project {exposure.project} is not configured"
+            rejections.append(Rejection(RejectReason.UNKNOWN_PROJECT, detail, exposure))
+            continue
         try:
-            if rules is None:
-                detail = f"{exposure.provider.slug} project {exposure.project} is not configured"
-                raise _Reject(RejectReason.UNKNOWN_PROJECT, detail)
             _check_time(exposure, purchase, settings.windows_ms[pk], settings.clock_skew_ms)
             _check_channel(purchase, rules)
             _check_experiment(exposure, rules)
@@ -247,7 +249,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
             units.setdefault(unit, conversion)
 
     return Decision(
-        conversions=tuple(sorted(units.values(), key=_conversion_order)),
+        conversions=tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values()),
         matched=tuple(matched),
         rejections=tuple(rejections),
     )
@@ -284,11 +286,11 @@ def _conversions(
     if p is Provider.KAMELEOON:
         for goal in rules.goals:
             key = nonce(project, order, goal, visitor, identity)
-            yield (p.value, project, goal, identity.value, visitor), conversion((goal,), key)
+            yield (p, project, goal, identity, visitor), conversion((goal,), key)
     elif p is Provider.CONVERT:
         exp, var = exposure.experiment_id, exposure.variation_id
         yield (
-            (p.value, project, visitor, exp, var),
+            (p, project, visitor, exp, var),
             conversion(
                 rules.goals,
                 transaction_key(project, visitor, exp, var, order),
@@ -298,4 +300,4 @@ def _conversions(
             ),
         )
     else:
-        yield (p.value, project, visitor), conversion(rules.goals, conductrics_key(project, visitor, order))
+        yield (p, project, visitor), conversion(rules.goals, conductrics_key(project, visitor, order))

@@ -16,7 +16,7 @@ class Provider(enum.StrEnum):
     @property
     def slug(self) -> str:
         """The lower-case name used in config sections, metric labels and DLQ headers."""
-        return self.value.lower()
+        return self.lower()  # a StrEnum member is its value: no descriptor lookup on this hot path
 
 
 class Channel(enum.StrEnum):

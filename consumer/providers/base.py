@@ -143,9 +143,8 @@ def digest(*parts: str) -> str:
 
     The same encoding as the matcher's keys, so a key computed here equals the one it computes.
     """
-    h = hashlib.sha256()
+    chunks = []
     for part in parts:
         b = part.encode("utf-8", "surrogatepass")
-        h.update(b"%d:" % len(b))
-        h.update(b)
-    return h.hexdigest()
+        chunks.append(b"%d:%b" % (len(b), b))
+    return hashlib.sha256(b"".join(chunks)).hexdigest()

@@ -71,6 +71,9 @@ class KameleoonModule:
 
     def __init__(self, cfg: KameleoonConfig) -> None:
         self._cfg = cfg
+        self._routes: dict[str, Route] = {}
+        # Each event's JSON is written once: measured for the batch limit, then joined into the body.
+        self._encoded: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"KameleoonModule(projects={sorted(self._cfg.projects)})"
@@ -82,7 +85,13 @@ class KameleoonModule:
             raise ValueError(f"unknown Kameleoon project {site_code!r}") from None
 
     def route(self, conversion: Conversion) -> Route:
-        p = self._project(conversion.project)
+        route = self._routes.get(conversion.project)
+        if route is None:
+            route = self._routes[conversion.project] = self._route(conversion.project)
+        return route
+
+    def _route(self, site_code: str) -> Route:
+        p = self._project(site_code)
         token = None
         if p.client_id and p.client_secret:
             token = TokenSpec(self._cfg.token_url, p.client_id, p.client_secret, self._cfg.token_refresh_margin)
@@ -97,11 +106,13 @@ class KameleoonModule:
 
     def item_bytes(self, conversion: Conversion) -> int:
         """The event's JSON plus one comma: a body of n events is sum(item_bytes) + 1 bytes."""
-        return len(event_json(conversion).encode()) + 1
+        encoded = self._encoded[conversion.key] = event_json(conversion)
+        return (len(encoded) if encoded.isascii() else len(encoded.encode())) + 1
 
     def build(self, route: Route, conversions: Sequence[Conversion], token: str | None = None) -> HttpRequest:
         p = self._project(route.project)
-        body = ("[" + ",".join(event_json(c) for c in conversions) + "]").encode()
+        pop = self._encoded.pop
+        body = ("[" + ",".join(pop(c.key, "") or event_json(c) for c in conversions) + "]").encode()
         headers = {"Content-Type": "application/json", "User-Agent": self._cfg.user_agent}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
