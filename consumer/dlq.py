@@ -79,12 +79,14 @@ def dead_letter_headers(dl: DeadLetter, now_ms: int) -> Headers:
     return own + [(HEADER_PREFIX + k, v.encode()) for k, v in ours.items()]
 
 
-def parse_headers(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
+def parse_headers(headers: Sequence[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None,
+                  ) -> dict[str, str]:
     """Our dlq.* headers back as a dict (the replay tool's view)."""
     out: dict[str, str] = {}
-    for k, v in headers or ():
+    pairs = headers.items() if isinstance(headers, dict) else headers or ()
+    for k, v in pairs:
         if k.startswith(HEADER_PREFIX) and v is not None:
-            out[k[len(HEADER_PREFIX):]] = v.decode("utf-8", "replace")
+            out[k[len(HEADER_PREFIX):]] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
     return out
 
 

@@ -137,7 +137,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
 
 async def _replay_one(msg: Message, flt: ReplayFilter, decoder: Decoder, settings: MatchSettings,
                       dispatcher: Dispatcher, stats: ReplayStats, dry_run: bool, stream: TextIO) -> None:
-    headers = parse_headers(msg.headers())  # type: ignore[arg-type]
+    headers = parse_headers(msg.headers())
     if not flt.accepts(headers):
         stats.skipped += 1
         return

@@ -102,7 +102,9 @@ class Source:
             for pid, p in t.get("partitions", {}).items():
                 if pid == "-1" or (topic, int(pid)) not in self.assigned:
                     continue
-                lag = p.get("consumer_lag_stored", p.get("consumer_lag", -1))
+                # Offsets are committed explicitly, never "stored": consumer_lag_stored stays -1 here, and
+                # consumer_lag (from the committed offset) is the lag this service really has.
+                lag = p.get("consumer_lag", -1)
                 if isinstance(lag, int) and lag >= 0:
                     self.metrics.consumer_lag.labels(topic, pid).set(lag)
 
