@@ -142,7 +142,7 @@ class Application:
         self.dlq.start()
         self.health = HealthServer(self.metrics, self.readiness)
         await self.health.start(cfg.metrics.host, cfg.metrics.port)
-        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke)
+        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke, self._on_lost)
         self.source.subscribe()
         log.info("started", extra={"topic": cfg.kafka.topic, "group": cfg.kafka.group_id,
                                    "metrics_port": self.health.port})
@@ -188,9 +188,7 @@ class Application:
         deadline = pipe.shutdown_deadline if self.fatal is None else min(pipe.shutdown_deadline, pipe.dlq_timeout)
         if self.dispatcher is not None:
             self.dispatcher.flush()
-        try:
-            await asyncio.wait_for(self._drained.wait(), deadline)
-        except TimeoutError:
+        if not await self._drain(deadline):
             log.warning("shutdown deadline reached with events in flight; their offsets stay uncommitted",
                         extra={"in_flight": self.live})
         if self.source is not None:
@@ -214,9 +212,35 @@ class Application:
         log.info("stopped", extra={"consumed": self.consumed})
         return EXIT_OK
 
+    async def _drain(self, deadline: float) -> bool:
+        """Wait for in-flight work while still serving the group (heartbeats, rebalances), fetching nothing.
+
+        A member that stopped polling while it drains would hold a rebalance of the whole group up
+        for as long as the drain takes; paused, it answers at once and commits what it finished.
+        """
+        src = self.source
+        if src is not None:
+            src.pause()
+        end = time.monotonic() + deadline
+        while self.live > 0 and (remaining := end - time.monotonic()) > 0:
+            if src is not None:
+                # Paused: at most a message of a partition assigned a moment ago, left unread and uncommitted.
+                src.poll(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), min(0.05, remaining))
+        return self.live == 0
+
     # ------------------------------------------------------------------ offsets
 
     def _on_assign(self, tps: list[TP]) -> None:
+        # A partition newly ours starts from its committed offset: whatever we knew of it is stale.
+        self.tracker.forget(tps)
+        for tp in tps:
+            self._committed.pop(tp, None)
+
+    def _on_lost(self, tps: list[TP]) -> None:
+        # Lost (the group or the broker is gone): another member may own them, so nothing is committed.
+        self.tracker.forget(tps)
         for tp in tps:
             self._committed.pop(tp, None)
 
@@ -244,11 +268,18 @@ class Application:
             return
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         assert topic is not None and partition is not None and offset is not None
+        tp = (topic, partition)
         try:
-            self.tracker.track((topic, partition), offset)
-        except OffsetOrderError as exc:
-            log.debug("skipping a re-read offset: %s", exc)
-            return
+            self.tracker.track(tp, offset)
+        except OffsetOrderError:
+            # The partition went back (a reset to an earlier offset, a recreated topic, a broker that lost
+            # its data): start it afresh from here. Events still in flight from before finish untracked,
+            # so nothing is committed on their account, and every message is read again, never skipped.
+            log.warning("partition rewound; tracking it afresh", extra={"partition": f"{topic}[{partition}]",
+                                                                         "offset": offset})
+            self.tracker.forget([tp])
+            self._committed.pop(tp, None)
+            self.tracker.track(tp, offset)
         self.consumed += 1
         self.live += 1
         self._drained.clear()

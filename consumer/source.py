@@ -24,7 +24,6 @@ def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
         "group.id": kafka.group_id,
         "auto.offset.reset": "earliest",
         "statistics.interval.ms": 5000,
-        "partition.assignment.strategy": "cooperative-sticky",
     }
     conf.update(kafka.common)
     conf.update(kafka.consumer)
@@ -43,11 +42,13 @@ class Source:
         metrics: Metrics,
         on_assign: Callable[[list[TP]], None],
         on_revoke: Callable[[list[TP]], None],
+        on_lost: Callable[[list[TP]], None] | None = None,
     ) -> None:
         self.kafka = kafka
         self.metrics = metrics
         self._on_assign = on_assign
         self._on_revoke = on_revoke
+        self._on_lost = on_lost
         conf = consumer_config(kafka)
         conf["stats_cb"] = self._stats
         conf["error_cb"] = self._error
@@ -88,6 +89,8 @@ class Source:
         # Lost, not revoked: another member may own them already, so committing would be wrong.
         tps = [(p.topic, p.partition) for p in partitions]
         log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        if self._on_lost is not None:
+            self._on_lost(tps)
         self.assigned.difference_update(tps)
         self.metrics.assigned_partitions.set(len(self.assigned))
 

@@ -21,6 +21,14 @@ from consumer.sandbox import Sandbox
 FAST_GROUP = EMBEDDED_CONSUMER
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("reliability", "fault-injection suite (tests/reliability)")
+    group.addoption("--soak", action="store_true", default=False,
+                    help="repeat the SIGKILL and rebalance scenarios for --soak-seconds")
+    group.addoption("--soak-seconds", type=float, default=300.0,
+                    help="how long --soak repeats each soak scenario (default 300)")
+
+
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
     with EmbeddedBroker() as b:

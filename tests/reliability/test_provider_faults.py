@@ -73,7 +73,7 @@ async def test_provider_faults_are_retried_until_delivered(broker: EmbeddedBroke
     acc = account(sandbox, want)
     assert acc.lost == 0 and acc.unexpected == 0, acc
     assert sandbox.duplicates() == {}, f"{len(sandbox.duplicates())} keys delivered twice"
-    assert read_topic(broker.bootstrap, topics["dlq"], 0, timeout=1) == [], "nothing should be dead-lettered"
+    assert read_topic(broker.bootstrap, topics["dlq"], 1, timeout=5) == [], "nothing should be dead-lettered"
     statuses = {p: sandbox.status_counts(p) for p in ("kameleoon", "convert", "conductrics")}
     assert statuses["convert"].get(429, 0) == 4 and statuses["kameleoon"].get(503, 0) == 6
     assert statuses["convert"].get(0, 0) >= 7 and statuses["conductrics"].get(0, 0) >= 3  # hangs + resets
@@ -91,9 +91,9 @@ async def test_slow_provider_pauses_partitions_and_bounds_in_flight(broker: Embe
     max_in_flight, poll_batch = 40, 10
     data["pipeline"].update({"max_in_flight": max_in_flight, "poll_batch": poll_batch})
     cfg = to_config(data)
-    stream = produce(broker.bootstrap, topics["topic"], 600, 0, seed=22)
+    stream = produce(broker.bootstrap, topics["topic"], 400, 0, seed=22)
     want = expected_view(conversions_of(cfg, stream.items))
-    sandbox.set_latency("*", 0.08)  # a slow provider everywhere
+    sandbox.set_latency("*", 0.06)  # a slow provider everywhere
 
     seen: dict[str, Any] = {"max_live": 0, "max_outstanding": 0, "paused_iterations": 0, "max_paused_metric": 0.0,
                             "iterations": 0}
@@ -127,6 +127,6 @@ async def test_slow_provider_pauses_partitions_and_bounds_in_flight(broker: Embe
     assert seen["paused_iterations"] > 0, f"the partitions were never paused: {seen}"
     assert seen["max_paused_metric"] >= 1, f"offline_conversions_paused_partitions never rose: {seen}"
     result_line("backpressure", events=stream.total, conversions=acc.expected,
-                faults="latency 80ms on every provider", max_in_flight=max_in_flight,
+                faults="latency 60ms on every provider", max_in_flight=max_in_flight,
                 max_live=seen["max_live"], max_outstanding_conversions=seen["max_outstanding"],
                 paused_iterations=seen["paused_iterations"], lost=acc.lost, duplicates=acc.duplicates)

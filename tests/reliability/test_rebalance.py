@@ -21,6 +21,7 @@ from .harness import (
     Stream,
     account,
     all_present,
+    committed_async,
     config_dict,
     conversions_of,
     dlq_sources,
@@ -93,11 +94,22 @@ async def rebalance_round(broker: EmbeddedBroker, sandbox: Sandbox, seed: int) -
     assert await b.leave() == 0, b.app.fatal
     changes += 1
     more(250)
-    await d.assigned()
+    # D may or may not end up with partitions (cooperative-sticky, C already holds them all): not asserted;
+    # what matters is that every event is delivered by whoever owns its partition.
 
     want = expected_view(conversions_of(cfg, stream.items))
     try:
-        await sandbox.wait_until(lambda s: all_present(s, want), timeout=60)
+        try:
+            await sandbox.wait_until(lambda s: all_present(s, want), timeout=30)
+        except TimeoutError:
+            acc = account(sandbox, want)
+            state = {m.name: {"done": m.task.done(), "assigned": sorted(p for _, p in m.app.source.assigned)
+                              if m.app.source else None, "paused": m.app.source.paused if m.app.source else None,
+                              "consumed": m.app.consumed, "live": m.app.live}
+                     for m in members}
+            got = await committed_async(broker.bootstrap, topics["group"], topics["topic"], 6)
+            raise AssertionError(f"not delivered: lost {acc.lost} of {acc.expected}; members {state}; "
+                                 f"committed {got}; ends {stream.ends()}") from None
         await wait_committed(broker.bootstrap, topics["group"], topics["topic"], stream.ends(), timeout=30)
     finally:
         codes = [await m.leave() for m in (c, d)]
@@ -112,6 +124,7 @@ async def rebalance_round(broker: EmbeddedBroker, sandbox: Sandbox, seed: int) -
     consumed = Counter({m.name: m.app.consumed for m in members})
     return {"events": stream.total, "conversions": acc.expected, "changes": changes, "dupes": acc.duplicates,
             "dlq_dupes": sum(sources.values()) - len(sources), "consumed": dict(consumed)}
+
 
 
 async def test_members_join_and_leave_mid_stream(broker: EmbeddedBroker, sandbox: Sandbox,
