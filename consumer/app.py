@@ -127,6 +127,11 @@ class Application:
         self.metrics.ready.set(1 if ok else 0)
         return ok, detail
 
+    @staticmethod
+    def producer_config(cfg: Config) -> dict[str, str | int | float | bool]:
+        """The DLQ producer's librdkafka settings: the shared ones (TLS, SASL), then its own."""
+        return {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.producer}
+
     async def run(self) -> int:
         cfg = self.config
         loop = asyncio.get_running_loop()
@@ -137,8 +142,7 @@ class Application:
         tokens = TokenCache(transport, cfg.kameleoon.user_agent,
                             on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
         self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_result)
-        producer_conf = {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.producer}
-        self.dlq = DeadLetterWriter(cfg.kafka.dlq_topic, producer_conf, cfg.pipeline.dlq_timeout)
+        self.dlq = DeadLetterWriter(cfg.kafka.dlq_topic, self.producer_config(cfg), cfg.pipeline.dlq_timeout)
         self.dlq.start()
         self.health = HealthServer(self.metrics, self.readiness)
         await self.health.start(cfg.metrics.host, cfg.metrics.port)

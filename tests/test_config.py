@@ -183,3 +183,23 @@ def test_check_config_command_exits_2_naming_the_key(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "consumer", "check-config", str(broken)], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr
+
+
+def test_tls_and_sasl_settings_reach_the_consumer_and_the_dlq_producer() -> None:
+    from consumer.source import consumer_config
+
+    data = copy.deepcopy(BASE)
+    data["kafka"]["common"] = {"security.protocol": "SASL_SSL", "sasl.mechanisms": "SCRAM-SHA-512",
+                               "sasl.username": "svc", "sasl.password": "${KAFKA_PASSWORD}",
+                               "ssl.ca.location": "/etc/ssl/ca.pem"}
+    data["kafka"]["consumer"] = {"sasl.mechanisms": "OAUTHBEARER"}  # a section-specific value wins
+    cfg = parse(data, env={"KAFKA_PASSWORD": "pw-from-env"})
+    conf = consumer_config(cfg.kafka)
+    assert conf["security.protocol"] == "SASL_SSL" and conf["ssl.ca.location"] == "/etc/ssl/ca.pem"
+    assert conf["sasl.password"] == "pw-from-env" and conf["sasl.mechanisms"] == "OAUTHBEARER"
+    assert conf["enable.auto.commit"] is False and conf["enable.auto.offset.store"] is False
+    from consumer.app import Application
+
+    producer = Application.producer_config(cfg)
+    assert producer["security.protocol"] == "SASL_SSL" and producer["sasl.mechanisms"] == "SCRAM-SHA-512"
+    assert producer["sasl.password"] == "pw-from-env"
