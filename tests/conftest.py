@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -121,23 +122,27 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A config dict as TOML (tables and scalars only), for tests that run the service as a process."""
+def to_toml(data: dict[str, Any]) -> str:
+    """A minimal TOML writer: nested dicts become [tables], keys are always quoted."""
     lines: list[str] = []
-    tables: list[tuple[str, dict[str, Any]]] = []
-    for k, v in data.items():
-        key = f'"{k}"' if not k.replace("_", "").replace("-", "").isalnum() else k
-        if isinstance(v, dict):
-            tables.append((f"{prefix}{key}", v))
-        else:
-            lines.append(f"{key} = {_toml_value(v)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for name, table in tables:
-        out += f"\n[{name}]\n" + to_toml(table, f"{name}.")
-    return out
+
+    def table(path: list[str], d: dict[str, Any]) -> None:
+        scalars = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
+        tables = [(k, v) for k, v in d.items() if isinstance(v, dict)]
+        if path and (scalars or not tables):
+            lines.append("[" + ".".join(json.dumps(p) for p in path) + "]")
+        for k, v in scalars:
+            lines.append(f"{json.dumps(k)} = {_toml_value(v)}")
+        if scalars:
+            lines.append("")
+        for k, v in tables:
+            table([*path, k], v)
+
+    table([], data)
+    return "\n".join(lines) + "\n"

@@ -17,80 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from consumer.config import Config, parse
-from consumer.demo import EMBEDDED_CONSUMER, sample_config
 from consumer.dlq import parse_headers
 from consumer.matcher import MatchSettings, match
 from consumer.model import Conversion, Purchase
 from consumer.producer import encoded
 from consumer.samples import malformed, purchases
 from consumer.sandbox import Sandbox
+from tests.conftest import FAST_GROUP, committed, to_toml
+from tests.conftest import config_dict as config_dict  # re-exported for the scenarios
 
 REPO = Path(__file__).resolve().parents[2]
-FAST_GROUP = EMBEDDED_CONSUMER
 PROVIDERS = ("kameleoon", "convert", "conductrics")
 
 
 # --------------------------------------------------------------------------- configs
 
 
-def config_dict(bootstrap: str, topics: dict[str, str], sandbox_url: str, **sections: Any) -> dict[str, Any]:
-    """tests/conftest.py's config_dict (fast commits, fast retries), with sections replaced or merged.
-
-    A section given as a dict replaces the section; `pipeline_extra`/`kafka_extra` style merging is done
-    by the callers on the returned dict.
-    """
-    data = sample_config(bootstrap, topics["topic"], topics["dlq"], topics["group"], sandbox_url)
-    data["pipeline"] = {"commit_interval": "200ms", "shutdown_deadline": "20s", "dlq_timeout": "10s"}
-    data["logging"] = {"level": "INFO"}
-    data["kameleoon"]["batch"] = {"linger": "20ms"}
-    data["conductrics"]["projects"]["ac-xxx"]["api_key"] = "api-1234567890"
-    for provider in PROVIDERS:
-        data[provider]["retry"] = {"base_delay": "10ms", "max_delay": "200ms", "max_attempts": 5}
-    for name, section in sections.items():
-        if section is None:
-            data.pop(name, None)
-        else:
-            data[name] = section
-    return data
-
-
 def to_config(data: dict[str, Any]) -> Config:
     return parse(data, env={})
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """A minimal TOML writer: nested dicts become [tables], keys are always quoted."""
-    lines: list[str] = []
-
-    def table(path: list[str], d: dict[str, Any]) -> None:
-        scalars = [(k, v) for k, v in d.items() if not isinstance(v, dict)]
-        tables = [(k, v) for k, v in d.items() if isinstance(v, dict)]
-        if path and (scalars or not tables):
-            lines.append("[" + ".".join(json.dumps(p) for p in path) + "]")
-        for k, v in scalars:
-            lines.append(f"{json.dumps(k)} = {_toml_value(v)}")
-        if scalars:
-            lines.append("")
-        for k, v in tables:
-            table([*path, k], v)
-
-    table([], data)
-    return "\n".join(lines) + "\n"
 
 
 def new_topics(broker: Any, partitions: int = 3, create_dlq: bool = True) -> dict[str, str]:
@@ -296,15 +243,6 @@ def dlq_sources(messages: list[Message]) -> Counter[tuple[int, int]]:
         h = parse_headers(m.headers())
         out[(int(h["original.partition"]), int(h["original.offset"]))] += 1
     return out
-
-
-def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        parts = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return {p.partition: p.offset for p in parts}
-    finally:
-        c.close()
 
 
 async def wait_for(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str,
