@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,24 @@ class Pending:
 ResultCallback = Callable[[Any, Conversion, Result], None]
 
 
+class Lane:
+    """One provider project's flow control and its queue of batches waiting for a sender.
+
+    At most `2 * concurrency` batches have a task at a time (half may be in a retry backoff while
+    the rest keep the connection slots busy); the others wait here as plain lists. A task per
+    conversion would cost kilobytes each for Convert and Conductrics, whose batches are single
+    conversions, and a backlog of them is exactly what the in-flight bound lets through.
+    """
+
+    __slots__ = ("backlog", "gate", "limit", "running")
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.limit = 2 * gate.cfg.concurrency
+        self.running = 0
+        self.backlog: deque[Sequence[Pending]] = deque()
+
+
 class Dispatcher:
     """One for all providers; routes each conversion to its provider module."""
 
@@ -71,7 +90,7 @@ class Dispatcher:
         self.on_result = on_result
         self.clock = clock
         self.batcher: Batcher[Pending] = Batcher()
-        self.gates: dict[tuple[Provider, str], Gate] = {}
+        self.lanes: dict[tuple[Provider, str], Lane] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.outstanding = 0  # conversions submitted and not yet resulted
         self._idle = asyncio.Event()
@@ -112,6 +131,8 @@ class Dispatcher:
         return True
 
     async def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.backlog.clear()
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
@@ -120,13 +141,29 @@ class Dispatcher:
     # ------------------------------------------------------------------ sending
 
     def _launch(self, batch: Batch[Pending]) -> None:
-        task = asyncio.get_running_loop().create_task(self._deliver(batch.items))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._send(batch.items)
 
-    def _gate(self, provider: Provider, route: Route) -> Gate:
-        gate = self.gates.get((provider, route.project))
-        if gate is None:
+    def _send(self, items: Sequence[Pending]) -> None:
+        """Start delivering a batch now, or queue it behind its lane's running senders."""
+        first = items[0]
+        lane = self._lane(first.conversion.provider, first.route)
+        if lane.running >= lane.limit:
+            lane.backlog.append(items)
+            return
+        lane.running += 1
+        task = asyncio.get_running_loop().create_task(self._deliver(items, lane.gate))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._sent(t, lane))
+
+    def _sent(self, task: asyncio.Task[None], lane: Lane) -> None:
+        self.tasks.discard(task)
+        lane.running -= 1
+        if lane.backlog and not task.cancelled():
+            self._send(lane.backlog.popleft())
+
+    def _lane(self, provider: Provider, route: Route) -> Lane:
+        lane = self.lanes.get((provider, route.project))
+        if lane is None:
             state = self.metrics.circuit_state.labels(provider.slug, route.project)
             state.set(0)
 
@@ -134,14 +171,13 @@ class Dispatcher:
                 state.set(int(s))
                 log.warning("circuit %s", s.name.lower(), extra={"provider": provider.slug, "project": route.project})
 
-            gate = self.gates[(provider, route.project)] = Gate(route.flow, publish, self.clock)
-        return gate
+            lane = self.lanes[(provider, route.project)] = Lane(Gate(route.flow, publish, self.clock))
+        return lane
 
-    async def _deliver(self, items: Sequence[Pending]) -> None:
+    async def _deliver(self, items: Sequence[Pending], gate: Gate) -> None:
         first = items[0]
         provider, route = first.conversion.provider, first.route
         module = self.modules[provider]
-        gate = self._gate(provider, route)
         started = min(p.enqueued for p in items)
         attempts = 0
         reauthed = False
@@ -158,10 +194,8 @@ class Dispatcher:
                 if verdict is Verdict.SPLIT and len(items) > 1:
                     half = len(items) // 2
                     self.metrics.retries.labels(provider.slug, "split").inc()
-                    for part in (items[:half], items[half:]):
-                        sub = asyncio.get_running_loop().create_task(self._deliver(part))
-                        self.tasks.add(sub)
-                        sub.add_done_callback(self.tasks.discard)
+                    self._send(items[:half])
+                    self._send(items[half:])
                     return
                 if verdict is Verdict.REAUTH and route.token is not None and not reauthed:
                     # A token the provider refused is dropped and replaced once; a second 401 is permanent.

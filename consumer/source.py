@@ -24,6 +24,9 @@ def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
         "group.id": kafka.group_id,
         "auto.offset.reset": "earliest",
         "statistics.interval.ms": 5000,
+        # librdkafka prefetches up to 64 MB per consumer by default; the in-flight bound already keeps
+        # the pipeline fed, so a smaller read-ahead keeps memory flat under any backlog.
+        "queued.max.messages.kbytes": 16384,
     }
     conf.update(kafka.common)
     conf.update(kafka.consumer)
