@@ -2,7 +2,7 @@
 
 A batch closes on the first of: its event count reaching `max_events`, the next item not fitting
 under `max_bytes`, or `linger` seconds after its first item. The caller owns the clock and the
-timers; this module only answers "close now?" and "when at the latest?".
+timers (one per open batch, due at `Batch.deadline`); this module only answers "close now?".
 """
 
 from __future__ import annotations
@@ -60,14 +60,6 @@ class Batcher(Generic[T]):
         if batch.full or limits.linger <= 0:
             closed.append(self.open.pop(key))
         return closed
-
-    def due(self, now: float) -> list[Batch[T]]:
-        """Batches whose linger time has passed."""
-        keys = [k for k, b in self.open.items() if b.deadline <= now]
-        return [self.open.pop(k) for k in keys]
-
-    def next_deadline(self) -> float | None:
-        return min((b.deadline for b in self.open.values()), default=None)
 
     def drain(self) -> Iterator[Batch[T]]:
         """Close everything (shutdown)."""

@@ -106,16 +106,15 @@ def test_a_batch_closes_before_an_item_that_would_overflow_its_bytes() -> None:
     assert [x.items for x in closed] == [["b"]] and b.open["k"].items == ["huge"]
 
 
-def test_batches_are_per_key_and_close_by_linger() -> None:
+def test_batches_are_per_key_with_their_own_linger_deadline() -> None:
     b: Batcher[str] = Batcher()
     b.add("k1", LIMITS, "a", 1, 0.0)
     b.add("k2", LIMITS, "b", 1, 0.02)
-    assert b.next_deadline() == pytest.approx(0.05)
-    assert b.due(0.049) == []
-    assert [x.items for x in b.due(0.05)] == [["a"]]
-    assert [x.items for x in b.due(1.0)] == [["b"]]
-    b.add("k3", LIMITS, "c", 1, 2.0)
-    assert [x.items for x in b.drain()] == [["c"]] and b.next_deadline() is None
+    b.add("k1", LIMITS, "c", 1, 0.04)
+    assert b.open["k1"].items == ["a", "c"] and b.open["k2"].items == ["b"]
+    assert b.open["k1"].deadline == pytest.approx(0.05)  # from its first item, not its last
+    assert b.open["k2"].deadline == pytest.approx(0.07)
+    assert sorted(x.items[0] for x in b.drain()) == ["a", "b"] and len(b) == 0
 
 
 def test_no_linger_sends_at_once() -> None:
