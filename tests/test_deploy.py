@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import tomllib
 import urllib.error
@@ -423,7 +425,9 @@ def project_version() -> str:
 
 
 def test_compose_validates_against_the_compose_spec() -> None:
-    exe = shutil.which("check-jsonschema")
+    # The venv's own bin first: the suite may run with the venv's python without the venv on PATH.
+    exe = shutil.which("check-jsonschema", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                os.environ.get("PATH", "")]))
     assert exe, "check-jsonschema is not installed: CI must pip install check-jsonschema"
     r = run(exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
     assert r.returncode == 0, r.stdout + r.stderr
