@@ -1,0 +1,196 @@
+"""What the sandbox records and how it is told to fail: records, request log entries, fault specs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+KAMELEOON = "kameleoon"
+CONVERT = "convert"
+CONDUCTRICS = "conductrics"
+TOKEN = "token"
+PROVIDERS = (KAMELEOON, CONVERT, CONDUCTRICS, TOKEN)
+ANY = "*"
+
+
+def _json_default(obj: object) -> object:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, frozenset | set):
+        return sorted(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+try:
+    import orjson
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj, default=_json_default)
+
+    def _loads(data: bytes | str) -> Any:
+        return orjson.loads(data)
+
+except ImportError:  # pragma: no cover - orjson is optional
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, default=_json_default, separators=(",", ":")).encode()
+
+    def _loads(data: bytes | str) -> Any:
+        return json.loads(data)
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+_NONCE = re.compile(r"[0-9a-fA-F]{16}")
+_DIGITS = re.compile(r"[0-9]+")
+_EXP_VAR = re.compile(r"([0-9]+)-([0-9]+)")
+_TWO_DECIMALS = re.compile(r"-?[0-9]+\.[0-9]{2}")
+_APIKEY = re.compile(r"(^|&)(apikey=)[^&]*")
+REDACTED = "REDACTED"
+
+# Event types the Data API knows; only CONVERSION is recorded as a conversion.
+KAMELEOON_EVENT_TYPES = frozenset(
+    {"CONVERSION", "CUSTOM_DATA", "PAGE", "STATIC_DATA", "EXPERIMENT", "PERSONALIZATION", "ACTIVITY", "GEOLOCATION",
+     "DEVICE", "BROWSER", "WEATHER", "TARGETING_SEGMENT", "PRODUCT", "EVENT"}
+)
+CONVERT_GOAL_DATA_KEYS = frozenset({"amount", "productsCount", "transactionId"})
+# A 1x1 transparent GIF, the body of a browser tracking pixel.
+TRACKING_PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+
+
+def redact_query(query: str) -> str:
+    """The query string with any `apikey` value replaced by REDACTED."""
+    return _APIKEY.sub(rf"\g<1>\g<2>{REDACTED}", query) if "apikey" in query else query
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One conversion a provider accepted (or, in `dropped` / `unrewarded`, answered 200 for but did not count)."""
+
+    provider: str  # kameleoon | convert | conductrics
+    api: str  # visit/events | track | v1/track | agent-api
+    project: str  # Kameleoon siteCode, Convert "account_project", Conductrics account
+    visitor: str  # visitorCode / mappingValue, Convert vi / visitorId, Conductrics vid ("" when not sent)
+    identity: str  # "visitor", or "mapping" for a Kameleoon mappingValue
+    goals: tuple[str, ...]
+    revenue: float | None
+    key: str  # what `duplicates()` groups by
+    query: str  # the raw query string, apikey redacted
+    time: float  # epoch seconds when accepted
+    request_id: int  # index into `requests`: the records of one request share it
+    nonce: str | None = None
+    event_type: str | None = None
+    negative: bool = False
+    metadata: Any = None
+    transaction_id: str | None = None
+    transaction_goals: tuple[str, ...] = ()
+    products_count: int | None = None
+    experiment_id: str | None = None
+    variation_id: str | None = None
+    bucketing: tuple[tuple[str, str], ...] = ()
+    session: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEntry:
+    """One request the sandbox received, faulted or not."""
+
+    id: int
+    provider: str
+    method: str
+    path: str
+    query: str  # apikey redacted
+    status: int  # HTTP status sent; 0 when the connection was reset or hung without an answer
+    outcome: str  # accepted | dropped | rejected | fault:<kind>
+    time: float
+    error: str | None = None  # the field named in a 400, or what went wrong
+
+
+# --------------------------------------------------------------------------- faults
+
+
+FAULT_KINDS = frozenset({"status", "hang", "reset", "json_status"})
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A transient failure for the next `times` requests to `provider` (None: until cleared).
+
+    kinds: `status` answers HTTP `status` (with `Retry-After: retry_after` when set); `hang` holds the request
+    `seconds` (default: the sandbox's hang_seconds) then closes the connection without an answer; `reset`
+    closes the connection at once without an answer; `json_status` (Conductrics) answers HTTP 200 with a
+    JSON `status` of `status`. With `probability` < 1 each request is faulted with that chance, drawn from a
+    random generator seeded with `seed`.
+    """
+
+    provider: str
+    kind: str = "status"
+    status: int = 503
+    times: int | None = 1
+    probability: float = 1.0
+    retry_after: str | None = None
+    seconds: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS and self.provider != ANY:
+            raise ValueError(f"fault provider must be one of {', '.join(PROVIDERS)} or '*', got {self.provider!r}")
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind must be one of {', '.join(sorted(FAULT_KINDS))}, got {self.kind!r}")
+        if self.kind == "json_status" and self.provider != CONDUCTRICS:
+            raise ValueError("a json_status fault applies to conductrics only")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"fault probability must be between 0 and 1, got {self.probability}")
+        if self.times is not None and self.times < 0:
+            raise ValueError("fault times cannot be negative")
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"fault status must be an HTTP status, got {self.status}")
+
+
+class _ActiveFault:
+    __slots__ = ("fault", "remaining", "rng")
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault = fault
+        self.remaining = fault.times
+        self.rng = random.Random(fault.seed)
+
+
+class SpecError(ValueError):
+    """A fault spec sent to the sandbox is invalid."""
+
+
+def _spec_str_list(spec: Mapping[str, Any], name: str) -> list[str]:
+    v = spec.get(name, [])
+    if not isinstance(v, list) or not all(isinstance(i, str | int) and not isinstance(i, bool) for i in v):
+        raise SpecError(f"'{name}' must be a list of strings")
+    return [str(i) for i in v]
+
+
+class _Invalid(Exception):
+    """A request violates the provider's contract: 400 naming `field`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 413: "Payload Too Large"}

@@ -1,0 +1,194 @@
+"""Kameleoon's Data API as the sandbox answers it: POST /visit/events, GET /visit/visitor, POST /oauth/token."""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from consumer.sandbox.base import SandboxState
+from consumer.sandbox.common import (
+    _DIGITS,
+    _NONCE,
+    KAMELEOON,
+    KAMELEOON_EVENT_TYPES,
+    TOKEN,
+    Record,
+    _digest,
+    _dumps,
+    _Invalid,
+    _is_number,
+    _loads,
+)
+
+
+class KameleoonRoutes(SandboxState):
+    """The Kameleoon handlers, validating as the Data API does."""
+
+    def _token_ok(self, request: web.Request) -> bool:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return False
+        expiry = self._tokens.get(_digest(auth[7:].strip()))
+        return expiry is not None and expiry > time.monotonic()
+
+    def _kameleoon_gate(self, request: web.Request, site: str) -> web.Response | None:
+        if not site:
+            return self._error(request, KAMELEOON, 400, "siteCode", "is required")
+        if not request.headers.get("User-Agent", "").strip():
+            return self._error(request, KAMELEOON, 403, "User-Agent", "a User-Agent header is required")
+        if site in self.auth_sites and not self._token_ok(request):
+            return self._error(request, KAMELEOON, 401, "Authorization", "missing, invalid or expired bearer token")
+        return None
+
+    async def _kameleoon_events(self, request: web.Request) -> web.StreamResponse:
+        early = await self._enter(request, KAMELEOON)
+        if early is not None:
+            return early
+        q = request.query
+        site = q.get("siteCode", "")
+        refused = self._kameleoon_gate(request, site)
+        if refused is not None:
+            return refused
+        body = await self._read(request, KAMELEOON, self.max_body)
+        if isinstance(body, web.Response):
+            return body
+        rid = self._seq
+        try:
+            if q.get("json") != "true":
+                raise _Invalid("json", "must be 'true' for a JSON array body")
+            try:
+                events = _loads(body)
+            except ValueError:
+                raise _Invalid("body", "is not valid JSON") from None
+            records = self._kameleoon_parse(events, site, q.get("visitorCode"), request, rid)
+        except _Invalid as exc:
+            return self._error(request, KAMELEOON, 400, exc.field, exc.message)
+        self._accept(records, KAMELEOON)
+        self._log(request, KAMELEOON, 204, "accepted")
+        return web.Response(status=204)
+
+    def _kameleoon_parse(
+        self, events: Any, site: str, query_visitor: str | None, request: web.Request, rid: int
+    ) -> list[Record]:
+        if query_visitor is not None and not 0 < len(query_visitor) <= 100:
+            raise _Invalid("visitorCode", "must be 1 to 100 characters")
+        if not isinstance(events, list):
+            raise _Invalid("body", "must be a JSON array of events")
+        if not events:
+            raise _Invalid("body", "must hold at least one event")
+        now = time.time()
+        qs = request.query_string
+        ua = request.headers.get("User-Agent")
+        out: list[Record] = []
+        for i, ev in enumerate(events):
+            at = f"[{i}]."
+            if not isinstance(ev, dict):
+                raise _Invalid(f"[{i}]", "an event must be a JSON object")
+            nonce = ev.get("nonce")
+            if not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
+                raise _Invalid(at + "nonce", "must be 16 hexadecimal characters")
+            etype = ev.get("eventType")
+            if not isinstance(etype, str):
+                raise _Invalid(at + "eventType", "is required")
+            if etype not in KAMELEOON_EVENT_TYPES:
+                raise _Invalid(at + "eventType", f"unknown event type {etype!r}")
+            vc = ev.get("visitorCode")
+            mv = ev.get("mappingValue")
+            if vc is not None and (not isinstance(vc, str) or not 0 < len(vc) <= 100):
+                raise _Invalid(at + "visitorCode", "must be a string of 1 to 100 characters")
+            if mv is not None and (not isinstance(mv, str) or not mv):
+                raise _Invalid(at + "mappingValue", "must be a non-empty string")
+            if vc is not None:
+                visitor, identity = vc, "visitor"
+            elif mv is not None:
+                visitor, identity = mv, "mapping"
+            elif query_visitor is not None:
+                visitor, identity = query_visitor, "visitor"
+            else:
+                raise _Invalid(at + "visitorCode", "a visitorCode (query or event) or mappingValue is required")
+            if etype != "CONVERSION":
+                continue
+            goal = ev.get("goalId")
+            if not isinstance(goal, int) or isinstance(goal, bool):
+                raise _Invalid(at + "goalId", "must be an integer")
+            revenue = ev.get("revenue")
+            if revenue is not None and not _is_number(revenue):
+                raise _Invalid(at + "revenue", "must be a number")
+            negative = ev.get("negative", False)
+            if not isinstance(negative, bool):
+                raise _Invalid(at + "negative", "must be a boolean")
+            metadata = ev.get("metadata")
+            if metadata is not None and not isinstance(metadata, dict | list):
+                raise _Invalid(at + "metadata", "must be an object or an array")
+            self._rejected(KAMELEOON, visitor, (str(goal),), at)
+            out.append(
+                Record(KAMELEOON, "visit/events", site, visitor, identity, (str(goal),),
+                       None if revenue is None else float(revenue), f"kameleoon|{site}|{nonce}", qs, now, rid,
+                       nonce=nonce, event_type=etype, negative=negative, metadata=metadata, user_agent=ua)
+            )
+        return out
+
+    async def _kameleoon_visitor(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        site = q.get("siteCode", "")
+        refused = self._kameleoon_gate(request, site)
+        if refused is not None:
+            return refused
+        visitor = q.get("visitorCode", "")
+        if not visitor:
+            return self._error(request, KAMELEOON, 400, "visitorCode", "is required")
+        max_visits = q.get("maxNumberPreviousVisits", "1")
+        if not _DIGITS.fullmatch(max_visits):
+            return self._error(request, KAMELEOON, 400, "maxNumberPreviousVisits", "must be an integer")
+        with_conversions = q.get("conversion") == "true"
+        visits: dict[int, list[Record]] = {}
+        for r in self.records:
+            if r.provider == KAMELEOON and r.project == site and r.visitor == visitor and r.identity == "visitor":
+                visits.setdefault(r.request_id, []).append(r)
+        out = []
+        for recs in sorted(visits.values(), key=lambda rs: -rs[0].time)[: int(max_visits)]:
+            visit: dict[str, Any] = {"siteCode": site, "visitorCode": visitor, "timeStarted": int(recs[0].time * 1000)}
+            if with_conversions:
+                visit["conversionEvents"] = [
+                    {"itp": False, "time": int(r.time * 1000),
+                     "data": {"goalId": int(r.goals[0]), "revenue": r.revenue if r.revenue is not None else 0.0,
+                              "negative": r.negative, "metadata": r.metadata if r.metadata is not None else {}}}
+                    for r in recs
+                ]
+            out.append(visit)
+        self._log(request, KAMELEOON, 200, "accepted")
+        return web.Response(body=_dumps({"previousVisits": out}), content_type="application/json")
+
+    async def _oauth_token(self, request: web.Request) -> web.StreamResponse:
+        early = await self._enter(request, TOKEN)
+        if early is not None:
+            return early
+        form = await request.post()
+        if form.get("grant_type") != "client_credentials":
+            self._log(request, TOKEN, 400, "rejected", "grant_type")
+            return web.Response(status=400, body=_dumps({"error": "unsupported_grant_type"}),
+                                content_type="application/json")
+        cid, sec = form.get("client_id"), form.get("client_secret")
+        expected = self._clients.get(cid) if isinstance(cid, str) else None
+        if expected is None or not isinstance(sec, str) or not hmac.compare_digest(expected, _digest(sec)):
+            self._log(request, TOKEN, 401, "rejected", "client")
+            return web.Response(status=401, body=_dumps({"error": "invalid_client"}), content_type="application/json")
+        token = secrets.token_urlsafe(24)
+        self._tokens[_digest(token)] = time.monotonic() + self.token_lifetime
+        self.token_grants += 1
+        self._log(request, TOKEN, 200, "accepted")
+        body = {"access_token": token, "token_type": "Bearer", "expires_in": int(self.token_lifetime)}
+        return web.Response(body=_dumps(body), content_type="application/json")
+
+    def expire_tokens(self) -> None:
+        """Every token issued so far is now expired (a request with one gets 401)."""
+        for k in self._tokens:
+            self._tokens[k] = 0.0
+
+    def revoke_tokens(self) -> None:
+        """Forget every token issued so far (a request with one gets 401)."""
+        self._tokens.clear()

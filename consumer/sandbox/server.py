@@ -1,0 +1,369 @@
+"""The sandbox server: lifecycle, fault control, queries, the control API, and `serve` for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from consumer.sandbox.common import (
+    ANY,
+    CONDUCTRICS,
+    CONVERT,
+    KAMELEOON,
+    PROVIDERS,
+    Fault,
+    Record,
+    SpecError,
+    _ActiveFault,
+    _dumps,
+    _loads,
+    _spec_str_list,
+)
+from consumer.sandbox.conductrics import ConductricsRoutes
+from consumer.sandbox.convert import ConvertRoutes
+from consumer.sandbox.kameleoon import KameleoonRoutes
+
+
+class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
+    """An aiohttp server emulating the three providers; see the module docstring."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def app(self) -> web.Application:
+        if self._app is None:
+            app = web.Application(client_max_size=max(self.max_body, 1 << 20) + (1 << 20))
+            r = app.router
+            r.add_post("/visit/events", self._kameleoon_events)
+            r.add_get("/visit/visitor", self._kameleoon_visitor)
+            r.add_post("/oauth/token", self._oauth_token)
+            r.add_get("/track/", self._convert_track)
+            r.add_get("/track", self._convert_track)
+            r.add_post("/v1/track/{account_id}/{project_id}", self._convert_v1)
+            r.add_get("/_sandbox/records", self._ctl_records)
+            r.add_post("/_sandbox/faults", self._ctl_add_faults)
+            r.add_delete("/_sandbox/faults", self._ctl_clear_faults)
+            r.add_post("/_sandbox/reset", self._ctl_reset)
+            r.add_post("/_sandbox/tokens/expire", self._ctl_expire_tokens)
+            r.add_post("/_sandbox/tokens/revoke", self._ctl_revoke_tokens)
+            r.add_post("/{account}/v3/agent-api", self._conductrics)
+            self._app = app
+        return self._app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on host:port (0: any free port); returns the base URL."""
+        self._closing = asyncio.Event()
+        self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sock_port = port
+        for address in self._runner.addresses:
+            if isinstance(address, tuple) and address[0] == host:
+                sock_port = address[1]
+        self.url = f"http://{host}:{sock_port}"
+        return self.url
+
+    async def stop(self) -> None:
+        self._closing.set()  # ends hangs and latency at once
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
+        self._waiters.clear()
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ faults
+
+    def add_fault(self, fault: Fault) -> None:
+        self._faults.append(_ActiveFault(fault))
+
+    def fail(
+        self,
+        provider: str,
+        status: int = 503,
+        times: int | None = 1,
+        *,
+        retry_after: str | float | None = None,
+        probability: float = 1.0,
+        seed: int = 0,
+    ) -> Fault:
+        """Answer `status` for the next `times` requests (None: until cleared), optionally with a probability."""
+        ra = retry_after
+        if isinstance(ra, int | float):
+            ra = str(int(ra))
+        f = Fault(provider, "status", status, times, probability, ra, None, seed)
+        self.add_fault(f)
+        return f
+
+    def hang(self, provider: str, times: int | None = 1, seconds: float | None = None) -> Fault:
+        f = Fault(provider, "hang", 503, times, seconds=seconds)
+        self.add_fault(f)
+        return f
+
+    def reset_connections(
+        self, provider: str, times: int | None = 1, *, probability: float = 1.0, seed: int = 0
+    ) -> Fault:
+        f = Fault(provider, "reset", 503, times, probability, seed=seed)
+        self.add_fault(f)
+        return f
+
+    def json_status(self, status: int = 500, times: int | None = 1) -> Fault:
+        """Conductrics answers HTTP 200 with a JSON `status` of `status`."""
+        f = Fault(CONDUCTRICS, "json_status", status, times)
+        self.add_fault(f)
+        return f
+
+    def set_latency(self, provider: str, seconds: float) -> None:
+        """Delay every request to `provider` ('*': all) by `seconds` before answering."""
+        if provider not in PROVIDERS and provider != ANY:
+            raise ValueError(f"unknown provider {provider!r}")
+        for p in PROVIDERS if provider == ANY else (provider,):
+            self._latency[p] = float(seconds)
+
+    def reject(self, provider: str, *, visitors: Iterable[str] = (), goals: Iterable[str | int] = ()) -> None:
+        """Answer 400 for every request carrying one of these visitors or goals, until cleared."""
+        if provider not in (KAMELEOON, CONVERT, CONDUCTRICS):
+            raise ValueError(f"reject applies to kameleoon, convert or conductrics, got {provider!r}")
+        self._reject_visitors.setdefault(provider, set()).update(visitors)
+        self._reject_goals.setdefault(provider, set()).update(str(g) for g in goals)
+
+    def no_selection(self, vids: Iterable[str] = (), *, all_vids: bool = False) -> None:
+        """Conductrics: no agent accepts goals for these vids (or every vid): the answer has an empty `rs`."""
+        self._no_selection.update(vids)
+        self._no_selection_all = self._no_selection_all or all_vids
+
+    def clear_faults(self) -> None:
+        """Remove every fault, latency, reject rule and runtime no-selection rule."""
+        self._faults = []
+        self._latency = {}
+        self._reject_visitors = {}
+        self._reject_goals = {}
+        self._no_selection = set(self._base_no_selection)
+        self._no_selection_all = self._base_no_selection_all
+
+    def apply_spec(self, spec: Mapping[str, Any] | list[Mapping[str, Any]]) -> int:
+        """Apply a JSON fault spec (one object or a list); returns how many rules were added.
+
+        {"kind": "status", "provider": "kameleoon", "status": 503, "times": 2, "retry_after": "1",
+         "probability": 1.0, "seed": 0}          # also "hang" (+ "seconds"), "reset", "json_status"
+        {"kind": "latency", "provider": "convert", "seconds": 0.05}
+        {"kind": "reject", "provider": "kameleoon", "visitors": ["v1"], "goals": [36151]}
+        {"kind": "no_selection", "vids": ["lana-123"]}  or  {"kind": "no_selection", "all": true}
+        """
+        items = spec if isinstance(spec, list) else [spec]
+        parsed: list[Callable[[], None]] = []
+        for item in items:
+            parsed.append(self._parse_spec(item))
+        for apply in parsed:  # all or nothing
+            apply()
+        return len(parsed)
+
+    def _parse_spec(self, item: Any) -> Callable[[], None]:
+        if not isinstance(item, Mapping):
+            raise SpecError("a fault spec is an object or a list of objects")
+        kind = item.get("kind", "status")
+        provider = item.get("provider", CONDUCTRICS if kind in ("json_status", "no_selection") else None)
+        if not isinstance(provider, str):
+            raise SpecError("'provider' is required")
+        known = {"kind", "provider", "status", "times", "probability", "retry_after", "seconds", "seed",
+                 "visitors", "goals", "vids", "all"}
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise SpecError(f"unknown key {unknown[0]!r}")
+        try:
+            if kind == "latency":
+                latency = float(item.get("seconds", 0.0))
+                self._check_provider(provider)
+                return lambda: self.set_latency(provider, latency)
+            if kind == "reject":
+                visitors = _spec_str_list(item, "visitors")
+                goals = _spec_str_list(item, "goals")
+                if provider not in (KAMELEOON, CONVERT, CONDUCTRICS):
+                    raise SpecError(f"reject applies to kameleoon, convert or conductrics, got {provider!r}")
+                return lambda: self.reject(provider, visitors=visitors, goals=goals)
+            if kind == "no_selection":
+                vids = _spec_str_list(item, "vids")
+                every = item.get("all", False)
+                if not isinstance(every, bool):
+                    raise SpecError("'all' must be true or false")
+                return lambda: self.no_selection(vids, all_vids=every)
+            ra = item.get("retry_after")
+            times = item.get("times", 1)
+            seconds = item.get("seconds")
+            fault = Fault(
+                provider=provider,
+                kind=str(kind),
+                status=int(item.get("status", 500 if kind == "json_status" else 503)),
+                times=None if times is None else int(times),
+                probability=float(item.get("probability", 1.0)),
+                retry_after=None if ra is None else str(ra),
+                seconds=None if seconds is None else float(seconds),
+                seed=int(item.get("seed", 0)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise SpecError(str(exc)) from None
+        return lambda: self.add_fault(fault)
+
+    @staticmethod
+    def _check_provider(provider: str) -> None:
+        if provider not in PROVIDERS and provider != ANY:
+            raise SpecError(f"unknown provider {provider!r}")
+
+    # ------------------------------------------------------------------ queries
+
+    def kameleoon_nonces(self) -> list[str]:
+        """Every nonce Kameleoon accepted, in arrival order, repeats included."""
+        return [r.nonce for r in self.records if r.provider == KAMELEOON and r.nonce is not None]
+
+    def duplicates(self) -> dict[str, int]:
+        """Keys accepted more than once -> how many times (same nonce; same Convert transaction, visitor and
+        experiment-variation; same Conductrics account, vid, session and goal)."""
+        c = Counter(r.key for r in self.records)
+        return {k: n for k, n in c.items() if n > 1}
+
+    def counts(self) -> dict[str, int]:
+        """Accepted conversions per provider."""
+        return {p: self._counts[p] for p in (KAMELEOON, CONVERT, CONDUCTRICS)}
+
+    def records_for(self, provider: str) -> list[Record]:
+        return [r for r in self.records if r.provider == provider]
+
+    def status_counts(self, provider: str | None = None) -> dict[int, int]:
+        """HTTP statuses answered (0: no answer), over the request log."""
+        out: Counter[int] = Counter()
+        for (p, status), n in self._statuses.items():
+            if provider is None or p == provider:
+                out[status] += n
+        return dict(out)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts(),
+            "requests": self._seq,
+            "statuses": {p: {str(s): n for s, n in self.status_counts(p).items()} for p in PROVIDERS},
+            "duplicates": self.duplicates(),
+            "dropped": len(self.dropped),
+            "unrewarded": len(self.unrewarded),
+            "token_grants": self.token_grants,
+        }
+
+    def reset(self) -> None:
+        """Forget records, the request log, tokens, counters and every fault."""
+        self.records.clear()
+        self.dropped.clear()
+        self.unrewarded.clear()
+        self.requests.clear()
+        self._seq = 0
+        self._statuses.clear()
+        self._counts.clear()
+        self._tokens.clear()
+        self.token_grants = 0
+        self.clear_faults()
+
+    async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None:
+        """Return once `predicate(sandbox)` holds, re-checked after every request; TimeoutError after `timeout`."""
+        if predicate(self):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    async def wait_for_records(self, count: int, provider: str | None = None, timeout: float = 10.0) -> None:
+        """Return once `count` conversions were accepted (for `provider`, or in all)."""
+        if provider is None:
+            await self.wait_until(lambda s: len(s.records) >= count, timeout)
+        else:
+            await self.wait_until(lambda s: s._counts[provider] >= count, timeout)
+
+    # ------------------------------------------------------------------ control over HTTP
+
+    async def _ctl_records(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        out = self.summary()
+        if q.get("records", "true") != "false":
+            out["records"] = self.records
+            out["dropped_records"] = self.dropped
+            out["unrewarded_records"] = self.unrewarded
+        if q.get("requests") == "true":
+            out["request_log"] = self.requests
+        return web.Response(body=_dumps(out), content_type="application/json")
+
+    async def _ctl_add_faults(self, request: web.Request) -> web.StreamResponse:
+        try:
+            spec = _loads(await request.read())
+            n = self.apply_spec(spec)
+        except ValueError as exc:  # SpecError and JSON errors
+            return web.Response(status=400, body=_dumps({"error": str(exc)}), content_type="application/json")
+        return web.Response(body=_dumps({"added": n, "active": len(self._faults)}), content_type="application/json")
+
+    async def _ctl_clear_faults(self, request: web.Request) -> web.StreamResponse:
+        self.clear_faults()
+        return web.Response(status=204)
+
+    async def _ctl_reset(self, request: web.Request) -> web.StreamResponse:
+        self.reset()
+        return web.Response(status=204)
+
+    async def _ctl_expire_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.expire_tokens()
+        return web.Response(status=204)
+
+    async def _ctl_revoke_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.revoke_tokens()
+        return web.Response(status=204)
+
+
+OPTION_NAMES = (
+    "kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body", "conductrics_keys",
+    "conductrics_no_selection", "conductrics_no_selection_all", "hang_seconds", "request_log",
+)
+
+
+def load_options(path: str | Path) -> dict[str, Any]:
+    """Sandbox constructor options from a JSON file (keys: OPTION_NAMES)."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of sandbox options")
+    unknown = sorted(set(data) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"{path}: unknown sandbox option {unknown[0]!r}")
+    return data
+
+
+def serve(host: str = "127.0.0.1", port: int = 8900, **options: Any) -> None:
+    """Run the sandbox until SIGTERM or SIGINT; prints one line with its URL when listening."""
+
+    async def main() -> None:
+        sandbox = Sandbox(**options)
+        url = await sandbox.start(host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"provider sandbox listening on {url}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await sandbox.stop()
+
+    asyncio.run(main())
