@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from consumer.config import Config, parse
 from consumer.dlq import parse_headers
@@ -26,7 +26,7 @@ from consumer.model import Conversion, Purchase
 from consumer.producer import encoded
 from consumer.samples import malformed, purchases
 from consumer.sandbox import Sandbox
-from tests.conftest import FAST_GROUP, committed, to_toml
+from tests.conftest import committed, to_toml
 from tests.conftest import config_dict as config_dict  # re-exported for the scenarios
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,22 +218,6 @@ def account(sandbox: Sandbox, want: dict[str, Counter[Any]]) -> Accounting:
                 unexpected += 1
     return Accounting(expected_total(want), len(sandbox.records), lost, unexpected, dupes,
                       len(sandbox.duplicates()), missing)
-
-
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[Message]:
-    """Every message of a topic, waiting (bounded) until at least `expected` arrived."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False, **FAST_GROUP})
-    c.subscribe([topic])
-    out: list[Message] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            out += [m for m in c.consume(500, 0.2) if m.error() is None]
-        out += [m for m in c.consume(500, 0.5) if m.error() is None]
-    finally:
-        c.close()
-    return out
 
 
 def dlq_sources(messages: list[Message]) -> Counter[tuple[int, int]]:

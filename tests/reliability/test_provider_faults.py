@@ -11,6 +11,7 @@ from consumer.app import Application
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.sandbox import Sandbox
+from tests.conftest import read_all
 
 from .harness import (
     PROVIDERS,
@@ -21,7 +22,6 @@ from .harness import (
     expected_view,
     new_topics,
     produce,
-    read_topic,
     result_line,
     to_config,
     wait_committed,
@@ -73,7 +73,7 @@ async def test_provider_faults_are_retried_until_delivered(broker: EmbeddedBroke
     acc = account(sandbox, want)
     assert acc.lost == 0 and acc.unexpected == 0, acc
     assert sandbox.duplicates() == {}, f"{len(sandbox.duplicates())} keys delivered twice"
-    assert read_topic(broker.bootstrap, topics["dlq"], 1, timeout=5) == [], "nothing should be dead-lettered"
+    assert read_all(broker.bootstrap, topics["dlq"], 1, timeout=5) == [], "nothing should be dead-lettered"
     statuses = {p: sandbox.status_counts(p) for p in ("kameleoon", "convert", "conductrics")}
     assert statuses["convert"].get(429, 0) == 4 and statuses["kameleoon"].get(503, 0) == 6
     assert statuses["convert"].get(0, 0) >= 7 and statuses["conductrics"].get(0, 0) >= 3  # hangs + resets

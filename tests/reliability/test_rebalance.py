@@ -16,6 +16,7 @@ from consumer.app import Application
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.sandbox import Sandbox
+from tests.conftest import read_all
 
 from .harness import (
     Stream,
@@ -28,7 +29,6 @@ from .harness import (
     expected_view,
     new_topics,
     produce,
-    read_topic,
     result_line,
     to_config,
     wait_committed,
@@ -118,7 +118,7 @@ async def rebalance_round(broker: EmbeddedBroker, sandbox: Sandbox, seed: int) -
     acc = account(sandbox, want)
     assert acc.lost == 0, f"lost {acc.lost}, e.g. {acc.missing_sample}"
     assert acc.unexpected == 0
-    dlq = read_topic(broker.bootstrap, topics["dlq"], len(stream.bad))
+    dlq = read_all(broker.bootstrap, topics["dlq"], len(stream.bad))
     sources = dlq_sources(dlq)
     assert set(sources) == stream.malformed_positions()
     consumed = Counter({m.name: m.app.consumed for m in members})

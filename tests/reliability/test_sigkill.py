@@ -13,6 +13,7 @@ from pathlib import Path
 
 from consumer.embedded import EmbeddedBroker
 from consumer.sandbox import Sandbox
+from tests.conftest import read_all
 
 from .harness import (
     Service,
@@ -25,7 +26,6 @@ from .harness import (
     expected_view,
     new_topics,
     produce,
-    read_topic,
     result_line,
     to_config,
     wait_committed,
@@ -81,7 +81,7 @@ async def sigkill_round(broker: EmbeddedBroker, sandbox: Sandbox, workdir: Path,
     assert acc.lost == 0, f"lost {acc.lost} conversions, e.g. {acc.missing_sample}"
     assert acc.unexpected == 0, f"{acc.unexpected} records that are not re-sends of expected conversions"
 
-    dlq = read_topic(broker.bootstrap, topics["dlq"], N_MALFORMED)
+    dlq = read_all(broker.bootstrap, topics["dlq"], N_MALFORMED)
     sources = dlq_sources(dlq)
     bad = stream.malformed_positions()
     assert set(sources) == bad, f"DLQ sources differ: missing {sorted(bad - set(sources))[:5]}, " \

@@ -12,6 +12,7 @@ from pathlib import Path
 from consumer.embedded import EmbeddedBroker
 from consumer.model import Purchase
 from consumer.sandbox import Sandbox
+from tests.conftest import read_all
 
 from .harness import (
     Service,
@@ -24,7 +25,6 @@ from .harness import (
     expected_view,
     new_topics,
     produce,
-    read_topic,
     result_line,
     sandbox_view,
     to_config,
@@ -61,7 +61,7 @@ async def test_sigterm_under_load_then_restart(broker: EmbeddedBroker, sandbox: 
         got = sandbox_view(sandbox)
         settings_cfg = cfg
         bad_below = [(p, o) for p, o in stream.malformed_positions() if o < first.get(p, -1)]
-        dlq_now = dlq_sources(read_topic(broker.bootstrap, topics["dlq"], len(bad_below), timeout=15))
+        dlq_now = dlq_sources(read_all(broker.bootstrap, topics["dlq"], len(bad_below), timeout=15))
         undone = []
         for (p, o), ref in stream.by_position().items():
             if o >= first.get(p, -1):
@@ -88,7 +88,7 @@ async def test_sigterm_under_load_then_restart(broker: EmbeddedBroker, sandbox: 
     assert final == stream.ends()
     acc = account(sandbox, want)
     assert acc.lost == 0 and acc.unexpected == 0, acc
-    sources = dlq_sources(read_topic(broker.bootstrap, topics["dlq"], len(stream.bad)))
+    sources = dlq_sources(read_all(broker.bootstrap, topics["dlq"], len(stream.bad)))
     assert set(sources) == stream.malformed_positions()
     result_line("sigterm", events=stream.total, conversions=acc.expected,
                 faults="SIGTERM under load (latency 50ms)", stop_seconds=round(stop_seconds, 1),
