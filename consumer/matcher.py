@@ -33,7 +33,7 @@ Decisions worth knowing (tests pin each one to the millisecond):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Context, Decimal
 from types import MappingProxyType
@@ -50,17 +50,47 @@ from consumer.model import (
     Rejection,
     RejectReason,
 )
+from consumer.providers.base import chunk
 from consumer.providers.conductrics import conductrics_key
 from consumer.providers.convert import transaction_key
-from consumer.providers.kameleoon import nonce
+from consumer.providers.kameleoon import nonce_of, nonce_prefix
 
 _CENT = Decimal("0.01")
 # Explicit context: the result must not depend on whatever the process's global decimal context is.
 _DECIMAL = Context(prec=34, rounding=ROUND_HALF_UP)
 
 
+_UNSET: Any = object()
+_IDENTITY_CHUNKS = {i: chunk(i.value) for i in Identity}
+
+
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+class _Project:
+    """One configured provider project, prepared once for the per-exposure hot path."""
+
+    __slots__ = ("allow", "channels", "deny", "goal_chunks", "mapping", "nonce_prefix", "plain", "rules",
+                 "send_revenue", "transaction_goals", "window_ms")
+
+    def __init__(self, provider: Provider, project: str, rules: Rules, mapping: bool,
+                 transaction_goals: tuple[str, ...]) -> None:
+        self.rules = rules
+        self.window_ms = _ms(rules.attribution_window)
+        self.channels = frozenset(rules.channels)
+        self.allow = frozenset(rules.experiments_allow)
+        self.deny = frozenset(rules.experiments_deny)
+        # No conversion and no minimum: the purchase's revenue goes out as it is (or not at all).
+        self.plain = rules.currency is None and rules.min_revenue is None
+        self.send_revenue = rules.send_revenue
+        self.mapping = mapping
+        self.transaction_goals = transaction_goals
+        self.nonce_prefix = nonce_prefix(project) if provider is Provider.KAMELEOON else b""
+        self.goal_chunks = tuple((g, chunk(g)) for g in rules.goals)
+
+    def experiment_ok(self, experiment_id: str) -> bool:
+        return (not self.allow or experiment_id in self.allow) and experiment_id not in self.deny
 
 
 @dataclass(frozen=True)
@@ -74,18 +104,29 @@ class MatchSettings:
     clock_skew_ms: int
     max_age_ms: int
     rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
+    projects: Mapping[tuple[Provider, str], _Project]  # the same projects, prepared for the hot path
 
     @classmethod
     def from_config(cls, cfg: Config) -> MatchSettings:
         rules = cfg.rules()
+        mapping = frozenset(k for k, p in cfg.kameleoon.projects.items() if p.use_mapping_identifier)
+        transaction_goals = {k: p.transaction_goals for k, p in cfg.convert.projects.items()}
+        projects = {
+            (provider, project): _Project(
+                provider, project, r, provider is Provider.KAMELEOON and project in mapping,
+                transaction_goals.get(project, ()) if provider is Provider.CONVERT else (),
+            )
+            for (provider, project), r in rules.items()
+        }
         return cls(
             rules=MappingProxyType(dict(rules)),
-            windows_ms=MappingProxyType({k: _ms(r.attribution_window) for k, r in rules.items()}),
-            mapping_identifier=frozenset(k for k, p in cfg.kameleoon.projects.items() if p.use_mapping_identifier),
-            transaction_goals=MappingProxyType({k: p.transaction_goals for k, p in cfg.convert.projects.items()}),
+            windows_ms=MappingProxyType({k: p.window_ms for k, p in projects.items()}),
+            mapping_identifier=mapping,
+            transaction_goals=MappingProxyType(transaction_goals),
             clock_skew_ms=_ms(cfg.matcher.clock_skew),
             max_age_ms=_ms(cfg.matcher.max_age),
             rates=MappingProxyType(dict(cfg.matcher.rates)),
+            projects=MappingProxyType(projects),
         )
 
     def currency_of(self, provider: Provider, project: str, purchase: Purchase) -> str:
@@ -205,99 +246,102 @@ def _rejection(purchase: Purchase, reason: RejectReason, detail: str) -> Decisio
     return Decision(conversions=(), rejections=(Rejection(reason, f"order {purchase.order_id}: {detail}"),))
 
 
+def _rejected(exposure: Exposure, purchase: Purchase, project: _Project, skew_ms: int) -> Rejection:
+    """The first check an exposure fails, in the documented order (the fast path only knew that one failed)."""
+    try:
+        _check_time(exposure, purchase, project.window_ms, skew_ms)
+        _check_channel(purchase, project.rules)
+        _check_experiment(exposure, project.rules)
+    except _Reject as exc:
+        return Rejection(exc.reason, exc.detail, exposure)
+    raise AssertionError("an exposure rejected by the fast path passed every check")
+
+
 def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
     """Decide which conversions a purchase produces in which provider projects, and why others do not."""
-    age = now_ms - purchase.occurred_at
+    occurred = purchase.occurred_at
+    age = now_ms - occurred
     if age > settings.max_age_ms:
         detail = f"purchase is {age} ms old (max_age {settings.max_age_ms} ms)"
         return _rejection(purchase, RejectReason.TOO_OLD, detail)
-    if not purchase.exposures:
+    exposures = purchase.exposures
+    if not exposures:
         return _rejection(purchase, RejectReason.NO_EXPOSURES, "purchase carries no exposures")
 
+    # This runs for every event: checks are inlined for the common outcome and fall back to the
+    # helpers above only to name the reason of a rejection.
+    projects = settings.projects
+    skew = settings.clock_skew_ms
+    channel = purchase.channel
     revenues: dict[tuple[Provider, str], Decimal | _Reject | None] = {}  # per project, computed once
     matched: list[Exposure] = []
     rejections: list[Rejection] = []
-    units: dict[tuple[str, ...], Conversion] = {}  # collapsing: one entry per provider delivery unit
+    units: dict[str, Conversion] = {}  # collapsing: a key names one provider delivery unit
+    order_chunk = b""
 
     # Sorted first, so that matched, rejections and which exposure builds a unit never depend on input order.
-    exposures = purchase.exposures
     for exposure in sorted(exposures, key=_exposure_order) if len(exposures) > 1 else exposures:
-        pk = (exposure.provider, exposure.project)
-        rules = settings.rules.get(pk)
-        if rules is None:  # the common case for a buyer seen by several tools: no exception for it
-            detail = f"{exposure.provider.slug} project {exposure.project} is not configured"
+        provider = exposure.provider
+        pk = (provider, exposure.project)
+        project = projects.get(pk)
+        if project is None:  # the common case for a buyer seen by several tools: no exception for it
+            detail = f"{provider.slug} project {exposure.project} is not configured"
             rejections.append(Rejection(RejectReason.UNKNOWN_PROJECT, detail, exposure))
             continue
-        try:
-            _check_time(exposure, purchase, settings.windows_ms[pk], settings.clock_skew_ms)
-            _check_channel(purchase, rules)
-            _check_experiment(exposure, rules)
-            if pk not in revenues:
-                try:
-                    revenues[pk] = _check_revenue(purchase, rules, settings.rates)
-                except _Reject as exc:
-                    revenues[pk] = exc
-            revenue = revenues[pk]
-            if isinstance(revenue, _Reject):
-                raise revenue
-            identity, visitor = _identity(exposure, purchase, exposure.project in settings.mapping_identifier)
-        except _Reject as exc:
-            rejections.append(Rejection(exc.reason, exc.detail, exposure))
+        ahead = exposure.exposed_at - occurred
+        if (ahead > skew or -ahead > project.window_ms or channel not in project.channels
+                or ((project.allow or project.deny) and not project.experiment_ok(exposure.experiment_id))):
+            rejections.append(_rejected(exposure, purchase, project, skew))
             continue
+        if project.plain:
+            revenue = purchase.revenue if project.send_revenue else None
+        else:
+            known = revenues.get(pk, _UNSET)
+            if known is _UNSET:
+                try:
+                    known = revenues[pk] = _check_revenue(purchase, project.rules, settings.rates)
+                except _Reject as exc:
+                    known = revenues[pk] = exc
+            if isinstance(known, _Reject):
+                rejections.append(Rejection(known.reason, known.detail, exposure))
+                continue
+            revenue = known
+        visitor = exposure.visitor_id
+        if visitor and not project.mapping and not visitor.isspace():
+            identity = Identity.VISITOR
+        else:
+            try:
+                identity, visitor = _identity(exposure, purchase, project.mapping)
+            except _Reject as exc:
+                rejections.append(Rejection(exc.reason, exc.detail, exposure))
+                continue
         matched.append(exposure)
-        for unit, conversion in _conversions(exposure, purchase, rules, settings, identity, visitor, revenue):
-            units.setdefault(unit, conversion)
+        order = purchase.order_id
+        if provider is Provider.KAMELEOON:
+            if not order_chunk:
+                order_chunk = chunk(order)
+            ident_chunk = _IDENTITY_CHUNKS[identity]
+            visitor_chunk = chunk(visitor)
+            for goal, goal_chunk in project.goal_chunks:
+                key = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
+                if key not in units:
+                    units[key] = Conversion(provider, exposure.project, visitor, (goal,), revenue, key,
+                                            purchase.event_id, order, occurred, purchase.item_count, identity)
+        elif provider is Provider.CONVERT:
+            exp, var = exposure.experiment_id, exposure.variation_id
+            key = transaction_key(exposure.project, visitor, exp, var, order)
+            if key not in units:
+                units[key] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, key,
+                                        purchase.event_id, order, occurred, purchase.item_count, identity, exp, var,
+                                        project.transaction_goals)
+        else:
+            key = conductrics_key(exposure.project, visitor, order)
+            if key not in units:
+                units[key] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, key,
+                                        purchase.event_id, order, occurred, purchase.item_count, identity)
 
     return Decision(
-        conversions=tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values()),
-        matched=tuple(matched),
-        rejections=tuple(rejections),
+        tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values()),
+        tuple(matched),
+        tuple(rejections),
     )
-
-
-def _conversions(
-    exposure: Exposure,
-    purchase: Purchase,
-    rules: Rules,
-    settings: MatchSettings,
-    identity: Identity,
-    visitor: str,
-    revenue: Decimal | None,
-) -> Iterator[tuple[tuple[str, ...], Conversion]]:
-    """The delivery units one accepted exposure stands for, each with the key that collapses duplicates."""
-    p, project, order = exposure.provider, exposure.project, purchase.order_id
-
-    def conversion(goals: tuple[str, ...], key: str, **extra: Any) -> Conversion:
-        return Conversion(
-            provider=p,
-            project=project,
-            visitor_id=visitor,
-            goals=goals,
-            revenue=revenue,
-            key=key,
-            event_id=purchase.event_id,
-            order_id=order,
-            occurred_at=purchase.occurred_at,
-            item_count=purchase.item_count,
-            identity=identity,
-            **extra,
-        )
-
-    if p is Provider.KAMELEOON:
-        for goal in rules.goals:
-            key = nonce(project, order, goal, visitor, identity)
-            yield (p, project, goal, identity, visitor), conversion((goal,), key)
-    elif p is Provider.CONVERT:
-        exp, var = exposure.experiment_id, exposure.variation_id
-        yield (
-            (p, project, visitor, exp, var),
-            conversion(
-                rules.goals,
-                transaction_key(project, visitor, exp, var, order),
-                experiment_id=exp,
-                variation_id=var,
-                transaction_goals=settings.transaction_goals.get(project, ()),
-            ),
-        )
-    else:
-        yield (p, project, visitor), conversion(rules.goals, conductrics_key(project, visitor, order))

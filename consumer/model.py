@@ -62,7 +62,9 @@ class Identity(enum.StrEnum):
     MAPPING = "mapping"  # Kameleoon mappingValue (cross-device customer id)
 
 
-@dataclass(frozen=True, slots=True)
+# Conversion, Rejection and Decision are made per event on the hot path and never changed after; they are
+# not `frozen` because a frozen dataclass's __init__ costs about 2 µs more for Conversion's 14 fields.
+@dataclass(slots=True)
 class Conversion:
     """One unit of delivery to one provider project, as the matcher decided it.
 
@@ -103,14 +105,14 @@ class RejectReason(enum.StrEnum):
     DUPLICATE = "duplicate"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejection:
     reason: RejectReason
     detail: str
     exposure: Exposure | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     """What the matcher decided for one purchase, and why."""
 

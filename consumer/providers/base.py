@@ -138,13 +138,15 @@ def json_string(value: str) -> str:
         return json.dumps(value)
 
 
+def chunk(part: str) -> bytes:
+    """One length-prefixed UTF-8 part of a key's hash input (see `digest`)."""
+    b = part.encode("utf-8", "surrogatepass")
+    return b"%d:%b" % (len(b), b)
+
+
 def digest(*parts: str) -> str:
     """sha256 hex of length-prefixed UTF-8 parts, so ("ab", "c") and ("a", "bc") differ.
 
     The same encoding as the matcher's keys, so a key computed here equals the one it computes.
     """
-    chunks = []
-    for part in parts:
-        b = part.encode("utf-8", "surrogatepass")
-        chunks.append(b"%d:%b" % (len(b), b))
-    return hashlib.sha256(b"".join(chunks)).hexdigest()
+    return hashlib.sha256(b"".join([chunk(p) for p in parts])).hexdigest()
