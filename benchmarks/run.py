@@ -172,18 +172,20 @@ def child_service(spec: dict[str, Any]) -> None:
         done_at: float | None = None
         announced = False
 
-        def _handle(self, msg: Any) -> None:  # type: ignore[override]
-            if self.first is None and not msg.error():
+        def _process(self, messages: list[Any]) -> None:
+            if self.first is None:
                 self.first = time.monotonic()
-            super()._handle(msg)
+            super()._process(messages)
 
-        def _on_result(self, ev: Any, conversion: Any, result: Any) -> None:  # type: ignore[override]
+        def _on_results(self, items: Any, result: Any) -> None:
             if result.status is Status.DELIVERED:
-                read_delays.append(time.monotonic() - ev.read_at)
-                ts_type, ts = ev.message.timestamp()
-                if ts_type and ts:
-                    event_delays.append(time.time() - ts / 1000)
-            super()._on_result(ev, conversion, result)
+                mono, wall = time.monotonic(), time.time()
+                for p in items:
+                    read_delays.append(mono - p.ticket.read_at)
+                    ts_type, ts = p.ticket.message.timestamp()
+                    if ts_type and ts:
+                        event_delays.append(wall - ts / 1000)
+            super()._on_results(items, result)
 
     read_delays: list[float] = []
     event_delays: list[float] = []

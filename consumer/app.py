@@ -14,19 +14,18 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, Message
 
 from consumer.config import Config
 from consumer.decoding import DecodeError, make_decoder
 from consumer.dedup import RecentKeys
-from consumer.delivery import Dispatcher, Result, Status
+from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
 from consumer.matcher import MatchSettings, match
-from consumer.metrics import HealthServer, Metrics, Tally
-from consumer.model import Conversion, Purchase
+from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
+from consumer.model import Conversion, Provider, Purchase
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.registry import modules
 from consumer.source import TP, Source
@@ -42,18 +41,21 @@ EXIT_DLQ = 3
 _REGISTRY_RETRY_SECONDS = 60.0
 
 
-@dataclass(slots=True)
 class InFlight:
     """One event between being read and being done."""
 
-    message: Message
-    tp: TP
-    offset: int
-    read_at: float
-    event_id: str | None = None
-    occurred_at: int = 0
-    pending: int = 0
-    failures: dict[str, list[tuple[Conversion, Result]]] = field(default_factory=dict)
+    __slots__ = ("event_id", "failures", "message", "occurred_at", "offset", "pending", "read_at", "tp")
+
+    def __init__(self, message: Message, tp: TP, offset: int, read_at: float) -> None:
+        self.message = message
+        self.tp = tp
+        self.offset = offset
+        self.read_at = read_at
+        self.event_id: str | None = None
+        self.occurred_at = 0
+        self.pending = 0
+        # Made only for an event with a failed delivery: most never need one.
+        self.failures: dict[str, list[tuple[Conversion, Result]]] | None = None
 
     @property
     def source(self) -> SourceRef:
@@ -83,7 +85,16 @@ class Application:
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.tally = Tally()
+        self.tally = tally = Tally()
+        m = self.metrics
+        # Hot-path counter cells (see Tally): one attribute increment per event instead of a labels() lookup.
+        self._c_consumed = tally.count(m.events_consumed)
+        self._c_decoded = tally.count(m.events_decoded)
+        self._c_attributed = tally.count(m.purchases, "attributed")
+        self._c_unattributed = tally.count(m.purchases, "unattributed")
+        self._c_decisions: dict[tuple[Provider | None, str], Count] = {}
+        self._c_outcomes: dict[tuple[Provider, Status], tuple[Count, Observed]] = {}
+        self._h_processing = tally.histogram(m.processing_delay)
         self.clock_ms = clock_ms
         self.stop_when = stop_when
         self.install_signals = install_signals
@@ -141,7 +152,7 @@ class Application:
         transport = Transport()
         tokens = TokenCache(transport, cfg.kameleoon.user_agent,
                             on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
-        self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_result)
+        self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_results)
         self.dlq = DeadLetterWriter(cfg.kafka.dlq_topic, self.producer_config(cfg), cfg.pipeline.dlq_timeout)
         self.dlq.start()
         self.health = HealthServer(self.metrics, self.readiness)
@@ -168,8 +179,8 @@ class Application:
                 src.resume()
             room = pipe.max_in_flight - self.live
             messages = src.poll(max(1, min(pipe.poll_batch, room)))
-            for msg in messages:
-                self._handle(msg)
+            if messages:
+                self._process(messages)
             self.metrics.in_flight.set(self.live)
             self.tally.flush()
             now = time.monotonic()
@@ -264,7 +275,16 @@ class Application:
 
     # ------------------------------------------------------------------ events
 
-    def _handle(self, msg: Message) -> None:
+    def _process(self, messages: list[Message]) -> None:
+        """A poll's worth of messages: one clock reading and one debug check serve the whole batch."""
+        read_at = time.monotonic()
+        now_ms = self.clock_ms()
+        debug = log.isEnabledFor(logging.DEBUG)
+        self._drained.clear()
+        for msg in messages:
+            self._handle(msg, read_at, now_ms, debug)
+
+    def _handle(self, msg: Message, read_at: float, now_ms: int, debug: bool) -> None:
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
@@ -286,80 +306,135 @@ class Application:
             self.tracker.track(tp, offset)
         self.consumed += 1
         self.live += 1
-        self._drained.clear()
-        self.tally.inc(self.metrics.events_consumed)
-        ev = InFlight(msg, (topic, partition), offset, time.monotonic())
-        self._decode(ev)
-
-    def _decode(self, ev: InFlight, first_try: float | None = None) -> None:
+        self._c_consumed.n += 1
+        ev = InFlight(msg, tp, offset, read_at)
         try:
-            purchase = self.decoder.decode(ev.message.value())
-        except DecodeError as exc:
-            started = first_try if first_try is not None else time.monotonic()
-            if getattr(exc, "transient", False) and time.monotonic() - started < _REGISTRY_RETRY_SECONDS:
-                self._spawn(self._decode_later(ev, started))
+            purchase = self.decoder.decode(msg.value())
+        except Exception as exc:
+            self._undecodable(ev, exc, read_at)
+            return
+        self._c_decoded.n += 1
+        self._match(ev, purchase, now_ms, debug)
+
+    def _undecodable(self, ev: InFlight, exc: Exception, first_try: float) -> None:
+        """Retry a registry outage for a while; dead-letter anything else (a decoder bug included)."""
+        if isinstance(exc, DecodeError):
+            if exc.transient and time.monotonic() - first_try < _REGISTRY_RETRY_SECONDS:
+                self._spawn(self._decode_later(ev, first_try))
                 return
             self.tally.inc(self.metrics.decode_failures, exc.reason)
             self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, f"{exc.reason}: {exc}")])
             return
-        except Exception as exc:  # a decoder bug must not lose the event or kill the service
-            self.tally.inc(self.metrics.decode_failures, "internal")
-            self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
-            return
-        self.tally.inc(self.metrics.events_decoded)
-        self._match(ev, purchase)
+        # A decoder bug must not lose the event or kill the service.
+        self.tally.inc(self.metrics.decode_failures, "internal")
+        self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
 
-    async def _decode_later(self, ev: InFlight, started: float) -> None:
+    async def _decode_later(self, ev: InFlight, first_try: float) -> None:
         await asyncio.sleep(1.0)
-        self._decode(ev, started)
+        try:
+            purchase = self.decoder.decode(ev.message.value())
+        except Exception as exc:
+            self._undecodable(ev, exc, first_try)
+            return
+        self._c_decoded.n += 1
+        self._match(ev, purchase, self.clock_ms(), log.isEnabledFor(logging.DEBUG))
 
-    def _match(self, ev: InFlight, purchase: Purchase) -> None:
+    def _decision_count(self, provider: Provider | None, reason: str) -> Count:
+        """The counter cell of one (provider, matched-or-reason) pair, made on first use."""
+        cell = self._c_decisions[(provider, reason)] = self.tally.count(
+            self.metrics.match_decisions, provider.slug if provider is not None else "none", reason)
+        return cell
+
+    def _match(self, ev: InFlight, purchase: Purchase, now_ms: int, debug: bool) -> None:
         ev.event_id, ev.occurred_at = purchase.event_id, purchase.occurred_at
         try:
-            decision = match(purchase, self.settings, self.clock_ms())
+            decision = match(purchase, self.settings, now_ms)
         except Exception as exc:
             log.exception("matcher failed", extra={"correlation_id": ev.correlation_id})
             self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc),
                                               event_id=purchase.event_id)])
             return
+        decisions = self._c_decisions
         for exposure in decision.matched:
-            self.tally.inc(self.metrics.match_decisions, exposure.provider.slug, "matched")
+            cell = decisions.get((exposure.provider, "matched")) or self._decision_count(exposure.provider, "matched")
+            cell.n += 1
         for rej in decision.rejections:
-            provider = rej.exposure.provider.slug if rej.exposure else "none"
-            self.tally.inc(self.metrics.match_decisions, provider, rej.reason.value)
-        if log.isEnabledFor(logging.DEBUG):
+            provider = rej.exposure.provider if rej.exposure else None
+            cell = decisions.get((provider, rej.reason)) or self._decision_count(provider, rej.reason)
+            cell.n += 1
+        if debug:
             log.debug("decision", extra={
                 "correlation_id": ev.correlation_id,
                 "conversions": len(decision.conversions),
                 "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
             })
-        if not decision.conversions:
-            self.tally.inc(self.metrics.purchases, "unattributed")
+        conversions = decision.conversions
+        if not conversions:
+            self._c_unattributed.n += 1
             self._done(ev)
             return
-        self.tally.inc(self.metrics.purchases, "attributed")
-        assert self.dispatcher is not None
-        ev.pending = len(decision.conversions)
-        for conversion in decision.conversions:
-            if self.recent.seen(conversion.key):
+        self._c_attributed.n += 1
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        ev.pending = len(conversions)
+        in_flight = self._in_flight_keys
+        for conversion in conversions:
+            key = conversion.key
+            if self.recent.seen(key):
                 # Delivered moments ago in this process (a redelivery after a rebalance): do not count twice.
                 self.tally.inc(self.metrics.conversions, conversion.provider.slug, "skipped")
                 ev.pending -= 1
                 continue
-            waiting = self._in_flight_keys.get(conversion.key)
+            waiting = in_flight.get(key)
             if waiting is not None:
                 # The same conversion is on its way for an earlier event (the same order published twice):
                 # this event waits for that delivery instead of sending it again.
                 waiting.append(ev)
                 continue
-            self._in_flight_keys[conversion.key] = []
-            self.dispatcher.submit(conversion, ev)
+            in_flight[key] = []
+            dispatcher.submit(conversion, ev)
         if ev.pending == 0:
             self._done(ev)
+
+    def _on_results(self, items: Sequence[Pending], result: Result) -> None:
+        """One request's result for each of its conversions (a batch holds one provider's conversions)."""
+        if result.status is Status.FAILED:
+            for p in items:
+                self._on_result(p.ticket, p.conversion, result)
+            return
+        provider = items[0].conversion.provider
+        cells = self._c_outcomes.get((provider, result.status))
+        if cells is None:
+            cells = self._c_outcomes[(provider, result.status)] = (
+                self.tally.count(self.metrics.conversions, provider.slug, result.status.value),
+                self.tally.histogram(self.metrics.delivery_delay, provider.slug),
+            )
+        count, delays = cells
+        count.n += len(items)
+        if result.status is Status.DELIVERED:
+            now_ms = self.clock_ms()
+            delays.values.extend([max(0.0, (now_ms - p.conversion.occurred_at) / 1000) for p in items])
+        recent_add = self.recent.add
+        in_flight = self._in_flight_keys
+        for p in items:
+            key = p.conversion.key
+            recent_add(key)
+            waiters = in_flight.pop(key, None)
+            if waiters:
+                self._release(waiters, provider)
+            ev = p.ticket
+            ev.pending -= 1
+            if ev.pending == 0:
+                if ev.failures:
+                    self._dead_letter(ev, [self._dispatch_dead_letter(ev, pr, f) for pr, f in ev.failures.items()])
+                else:
+                    self._done(ev)
 
     def _on_result(self, ev: InFlight, conversion: Conversion, result: Result) -> None:
         provider = conversion.provider.slug
         if result.status is Status.FAILED:
+            if ev.failures is None:
+                ev.failures = {}
             ev.failures.setdefault(provider, []).append((conversion, result))
             log.warning("delivery failed", extra={
                 "correlation_id": ev.correlation_id, "provider": provider, "project": conversion.project,
@@ -371,11 +446,17 @@ class Application:
             if result.status is Status.DELIVERED:
                 self.tally.observe(self.metrics.delivery_delay,
                                    max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000), provider)
-        for waiter in self._in_flight_keys.pop(conversion.key, ()):
-            # A failure is dead-lettered once, with the event that sent it; the waiter carries no second copy.
-            self.tally.inc(self.metrics.conversions, provider, "skipped")
-            self._settle(waiter)
+        waiters = self._in_flight_keys.pop(conversion.key, None)
+        if waiters:
+            self._release(waiters, conversion.provider)
         self._settle(ev)
+
+    def _release(self, waiters: list[InFlight], provider: Provider) -> None:
+        """Events that waited for an earlier event's delivery of the same conversion are settled with it."""
+        for waiter in waiters:
+            # A failure is dead-lettered once, with the event that sent it; the waiter carries no second copy.
+            self.tally.inc(self.metrics.conversions, provider.slug, "skipped")
+            self._settle(waiter)
 
     def _settle(self, ev: InFlight) -> None:
         """One of the event's conversions has its result; the last one finishes the event."""
@@ -419,7 +500,7 @@ class Application:
     def _done(self, ev: InFlight) -> None:
         self.tracker.finish(ev.tp, ev.offset)
         self.live -= 1
-        self.tally.observe(self.metrics.processing_delay, time.monotonic() - ev.read_at)
+        self._h_processing.values.append(time.monotonic() - ev.read_at)
         if self.live == 0:
             self._drained.set()
 

@@ -50,7 +50,18 @@ class Pending:
     enqueued: float
 
 
-ResultCallback = Callable[[Any, Conversion, Result], None]
+# Called once per request with its conversions and their common result (a batch is one provider's).
+ResultCallback = Callable[[Sequence[Pending], Result], None]
+
+
+def each(on_result: Callable[[Any, Conversion, Result], None]) -> ResultCallback:
+    """A ResultCallback calling `on_result(ticket, conversion, result)` for each conversion."""
+
+    def callback(items: Sequence[Pending], result: Result) -> None:
+        for p in items:
+            on_result(p.ticket, p.conversion, result)
+
+    return callback
 
 
 class Lane:
@@ -253,11 +264,10 @@ class Dispatcher:
             gate.leave(healthy)
 
     def _finish(self, items: Sequence[Pending], result: Result) -> None:
-        for p in items:
-            self.outstanding -= 1
-            try:
-                self.on_result(p.ticket, p.conversion, result)
-            except Exception:
-                log.exception("result callback failed")
+        self.outstanding -= len(items)
+        try:
+            self.on_result(items, result)
+        except Exception:
+            log.exception("result callback failed")
         if self.outstanding == 0:
             self._idle.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -113,39 +114,93 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Count:
+    """A counter's pending increments: the hot path adds to `n`, `Tally.flush` applies it."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.n = 0.0
+
+
+class Observed:
+    """A histogram's pending observations: the hot path appends to `values`, `Tally.flush` applies them."""
+
+    __slots__ = ("child", "values")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.values: list[float] = []
+
+
 class Tally:
     """Counts and observations gathered on the hot path and applied to the metrics in bulk.
 
-    A `labels()` lookup and a lock per increment cost more than an event's own matching; the
+    A `labels()` lookup and a lock per increment cost more than an event's own matching. The hot
+    path holds a `Count` or `Observed` per metric child and only does arithmetic or an append; the
     service flushes once per poll loop (every few milliseconds), so scrapes lag by no more.
+    Histogram observations are bucketed in one pass and applied under one lock per bucket.
     """
 
     def __init__(self) -> None:
-        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
-        self._counts: dict[Any, float] = {}
-        self._observed: list[tuple[Any, float]] = []
+        self._counts: dict[tuple[object, tuple[str, ...]], Count] = {}
+        self._observed: dict[tuple[object, tuple[str, ...]], Observed] = {}
 
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+    def count(self, metric: Counter, *labels: str) -> Count:
         key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels) if labels else metric
-        return child
+        cell = self._counts.get(key)
+        if cell is None:
+            cell = self._counts[key] = Count(metric.labels(*labels) if labels else metric)
+        return cell
+
+    def histogram(self, metric: Histogram, *labels: str) -> Observed:
+        key = (metric, labels)
+        cell = self._observed.get(key)
+        if cell is None:
+            cell = self._observed[key] = Observed(metric.labels(*labels) if labels else metric)
+        return cell
 
     def inc(self, metric: Counter, *labels: str, n: float = 1.0) -> None:
-        child = self._child(metric, labels)
-        self._counts[child] = self._counts.get(child, 0.0) + n
+        self.count(metric, *labels).n += n
 
     def observe(self, metric: Histogram, value: float, *labels: str) -> None:
-        self._observed.append((self._child(metric, labels), value))
+        self.histogram(metric, *labels).values.append(value)
 
     def flush(self) -> None:
-        counts, self._counts = self._counts, {}
-        for child, n in counts.items():
-            child.inc(n)
-        observed, self._observed = self._observed, []
-        for child, value in observed:
-            child.observe(value)
+        for cell in self._counts.values():
+            if cell.n:
+                n, cell.n = cell.n, 0.0
+                cell.child.inc(n)
+        for obs in self._observed.values():
+            if obs.values:
+                values, obs.values = obs.values, []
+                observe_many(obs.child, values)
+
+
+def observe_many(child: Any, values: list[float]) -> None:
+    """`child.observe(v) for v in values`, with one increment per bucket instead of one per value.
+
+    Uses prometheus_client's Histogram internals (pinned version; tests/test_metrics.py compares the
+    exposition with per-value observe); anything else is observed one value at a time.
+    """
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            child.observe(v)
+        return
+    counts = [0] * len(bounds)
+    acc = 0.0
+    for v in values:
+        acc += v
+        if v == v:  # a NaN is in the sum and in no bucket, as Histogram.observe does
+            counts[bisect_left(bounds, v)] += 1
+    total.inc(acc)
+    for bucket, n in zip(buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
 
 
 def status_class(status: int | None) -> str:

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 
 from consumer.config import Config, ConfigError, load
 from consumer.decoding import DecodeError, Decoder, make_decoder
-from consumer.delivery import Dispatcher, Result, Status
+from consumer.delivery import Dispatcher, Result, Status, each
 from consumer.dlq import parse_headers
 from consumer.matcher import MatchSettings, match
 from consumer.metrics import Metrics
@@ -98,7 +98,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     transport = Transport()
     results: asyncio.Queue[tuple[Conversion, Result]] = asyncio.Queue()
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, cfg.kameleoon.user_agent), Metrics(),
-                            lambda _t, c, r: results.put_nowait((c, r)))
+                            each(lambda _t, c, r: results.put_nowait((c, r))))
     last_message = time.monotonic()
     join_deadline = last_message + max(60.0, idle_timeout)
     try:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from consumer.config import parse
-from consumer.delivery import Dispatcher, Result, Status
+from consumer.delivery import Dispatcher, Result, Status, each
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
 from consumer.providers.kameleoon import nonce
@@ -48,7 +48,7 @@ class Harness:
         self.metrics = Metrics()
         self.results: dict[str, Result] = {}
         self.dispatcher = Dispatcher(modules(cfg), self.transport, self.tokens, self.metrics,
-                                     lambda _t, c, r: self.results.__setitem__(c.key, r))
+                                     each(lambda _t, c, r: self.results.__setitem__(c.key, r)))
 
     async def deliver(self, conversions: list[Conversion], timeout: float = 20) -> dict[str, Result]:
         for c in conversions:

@@ -18,7 +18,7 @@ import logging
 import secrets as secrets_mod
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from confluent_kafka import Message
 from consumer import logs
 from consumer.app import Application
 from consumer.config import Config, parse
-from consumer.delivery import Result, Status
+from consumer.delivery import Pending, Result, Status
 from consumer.dlq import parse_headers
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
@@ -187,13 +187,13 @@ async def run_and_check(broker: EmbeddedBroker, topics: dict[str, str], sandbox:
     results: list[tuple[Conversion, Result]] = []
     metrics = Metrics()
     app = Application(cfg, metrics=metrics, install_signals=False, stop_when=None)
-    on_result = app._on_result
+    on_results = app._on_results
 
-    def spy(ev: Any, conversion: Conversion, result: Result) -> None:
-        results.append((conversion, result))
-        on_result(ev, conversion, result)
+    def spy(items: Sequence[Pending], result: Result) -> None:
+        results.extend((p.conversion, result) for p in items)
+        on_results(items, result)
 
-    app._on_result = spy  # type: ignore[method-assign]
+    app._on_results = spy  # type: ignore[method-assign]
     assert produce_values(broker.bootstrap, topics["topic"],
                           list(encoded(first)) + [(b"bad", v) for v in bad]).delivered == len(first) + len(bad)
     task = asyncio.get_running_loop().create_task(app.run())
