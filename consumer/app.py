@@ -276,45 +276,52 @@ class Application:
     # ------------------------------------------------------------------ events
 
     def _process(self, messages: list[Message]) -> None:
-        """A poll's worth of messages: one clock reading and one debug check serve the whole batch."""
+        """A poll's worth of messages; one clock reading and one debug check serve the whole batch.
+
+        This loop runs for every event, so what it calls is looked up once per batch.
+        """
         read_at = time.monotonic()
         now_ms = self.clock_ms()
         debug = log.isEnabledFor(logging.DEBUG)
         self._drained.clear()
+        track, decode, match_event = self.tracker.track, self.decoder.decode, self._match
+        consumed = decoded = 0
         for msg in messages:
-            self._handle(msg, read_at, now_ms, debug)
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err.str())
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            tp = (topic, partition)
+            try:
+                track(tp, offset)
+            except OffsetOrderError:
+                self._rewound(tp, offset)
+            consumed += 1
+            self.live += 1
+            ev = InFlight(msg, tp, offset, read_at)
+            try:
+                purchase = decode(msg.value())
+            except Exception as exc:
+                self._undecodable(ev, exc, read_at)
+                continue
+            decoded += 1
+            match_event(ev, purchase, now_ms, debug)
+        self.consumed += consumed
+        self._c_consumed.n += consumed
+        self._c_decoded.n += decoded
 
-    def _handle(self, msg: Message, read_at: float, now_ms: int, debug: bool) -> None:
-        err = msg.error()
-        if err is not None:
-            if err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error: %s", err.str())
-            return
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        assert topic is not None and partition is not None and offset is not None
-        tp = (topic, partition)
-        try:
-            self.tracker.track(tp, offset)
-        except OffsetOrderError:
-            # The partition went back (a reset to an earlier offset, a recreated topic, a broker that lost
-            # its data): start it afresh from here. Events still in flight from before finish untracked,
-            # so nothing is committed on their account, and every message is read again, never skipped.
-            log.warning("partition rewound; tracking it afresh", extra={"partition": f"{topic}[{partition}]",
-                                                                         "offset": offset})
-            self.tracker.forget([tp])
-            self._committed.pop(tp, None)
-            self.tracker.track(tp, offset)
-        self.consumed += 1
-        self.live += 1
-        self._c_consumed.n += 1
-        ev = InFlight(msg, tp, offset, read_at)
-        try:
-            purchase = self.decoder.decode(msg.value())
-        except Exception as exc:
-            self._undecodable(ev, exc, read_at)
-            return
-        self._c_decoded.n += 1
-        self._match(ev, purchase, now_ms, debug)
+    def _rewound(self, tp: TP, offset: int) -> None:
+        # The partition went back (a reset to an earlier offset, a recreated topic, a broker that lost
+        # its data): start it afresh from here. Events still in flight from before finish untracked,
+        # so nothing is committed on their account, and every message is read again, never skipped.
+        log.warning("partition rewound; tracking it afresh", extra={"partition": f"{tp[0]}[{tp[1]}]",
+                                                                     "offset": offset})
+        self.tracker.forget([tp])
+        self._committed.pop(tp, None)
+        self.tracker.track(tp, offset)
 
     def _undecodable(self, ev: InFlight, exc: Exception, first_try: float) -> None:
         """Retry a registry outage for a while; dead-letter anything else (a decoder bug included)."""
@@ -414,12 +421,14 @@ class Application:
         if result.status is Status.DELIVERED:
             now_ms = self.clock_ms()
             delays.values.extend([max(0.0, (now_ms - p.conversion.occurred_at) / 1000) for p in items])
-        recent_add = self.recent.add
+        self.recent.add_many([p.conversion.key for p in items])
         in_flight = self._in_flight_keys
+        finish = self.tracker.finish
+        processing = self._h_processing.values
+        now = time.monotonic()
+        finished = 0
         for p in items:
-            key = p.conversion.key
-            recent_add(key)
-            waiters = in_flight.pop(key, None)
+            waiters = in_flight.pop(p.conversion.key, None)
             if waiters:
                 self._release(waiters, provider)
             ev = p.ticket
@@ -428,7 +437,14 @@ class Application:
                 if ev.failures:
                     self._dead_letter(ev, [self._dispatch_dead_letter(ev, pr, f) for pr, f in ev.failures.items()])
                 else:
-                    self._done(ev)
+                    # _done, inlined: this is the last step of most events.
+                    finish(ev.tp, ev.offset)
+                    processing.append(now - ev.read_at)
+                    finished += 1
+        if finished:
+            self.live -= finished
+            if self.live == 0:
+                self._drained.set()
 
     def _on_result(self, ev: InFlight, conversion: Conversion, result: Result) -> None:
         provider = conversion.provider.slug

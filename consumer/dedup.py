@@ -50,6 +50,20 @@ class RecentKeys:
         if len(self._keys) > self._capacity:
             self._keys.popitem(last=False)
 
+    def add_many(self, keys: list[str]) -> None:
+        """`add` for each key, in order (one call per delivered batch)."""
+        if self._capacity == 0:
+            return
+        store, capacity = self._keys, self._capacity
+        for key in keys:
+            if key in store:
+                store.move_to_end(key)
+            else:
+                store[key] = None
+        excess = len(store) - capacity
+        for _ in range(excess):
+            store.popitem(last=False)
+
     def discard(self, key: str) -> None:
         """Forget `key` (e.g. a delivery that was later found not to have been accepted)."""
         self._keys.pop(key, None)

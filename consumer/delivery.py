@@ -113,16 +113,19 @@ class Dispatcher:
         module = self.modules[conversion.provider]
         route = module.route(conversion)
         now = self.clock()
+        if not self.outstanding:
+            self._idle.clear()
         self.outstanding += 1
-        self._idle.clear()
-        item = Pending(conversion, ticket, route, now)
         key = (conversion.provider, route.key)
-        opened = key not in self.batcher.open
-        for batch in self.batcher.add(key, route.batch, item, module.item_bytes(conversion), now):
+        open_batches = self.batcher.open
+        before = open_batches.get(key)
+        closed = self.batcher.add(key, route.batch, Pending(conversion, ticket, route, now),
+                                  module.item_bytes(conversion), now)
+        for batch in closed:
             self._launch(batch)
-        if opened and key in self.batcher.open:
-            batch_obj = self.batcher.open[key]
-            asyncio.get_running_loop().call_later(route.batch.linger, self._linger_expired, key, batch_obj)
+        after = open_batches.get(key)
+        if after is not None and after is not before:
+            asyncio.get_running_loop().call_later(route.batch.linger, self._linger_expired, key, after)
 
     def _linger_expired(self, key: Hashable, batch: Batch[Pending]) -> None:
         if self.batcher.open.get(key) is batch:

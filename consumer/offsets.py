@@ -52,18 +52,21 @@ class OffsetTracker:
     def finish(self, tp: TopicPartition, offset: int) -> int | None:
         """Mark one offset finished. A partition revoked meanwhile is ignored (its new owner re-reads)."""
         part = self._parts.get(tp)
-        if part is None or offset > part.last_read or offset in part.done:
+        if part is None:
             return None
-        if not part.order or offset < part.order[0]:
-            return None  # already retired: finishing twice must not double count
-        part.done.add(offset)
-        self._in_flight -= 1
-        moved = False
-        while part.order and part.order[0] in part.done:
-            part.done.discard(part.order.popleft())
-            moved = True
-        if not moved:
-            return None
+        order, done = part.order, part.done
+        if order and order[0] == offset:
+            # The oldest unfinished event (the common case: results mostly come back in order).
+            order.popleft()
+            self._in_flight -= 1
+            while done and order and order[0] in done:
+                done.discard(order.popleft())
+        else:
+            if offset > part.last_read or offset in done or not order or offset < order[0]:
+                return None  # unknown, or already retired: finishing twice must not double count
+            done.add(offset)
+            self._in_flight -= 1
+            return None  # behind an unfinished event: the committable offset does not move
         new = part.order[0] if part.order else part.last_read + 1
         if part.position is not None and new <= part.position:
             raise OffsetOrderError(f"{tp[0]}[{tp[1]}] committable offset would move from {part.position} to {new}")

@@ -123,3 +123,13 @@ def test_property_behaves_like_a_reference_lru(capacity: int, operations: list[t
             keys.discard(k)
             model.pop(k, None)
         assert len(keys) == len(model) <= capacity
+
+
+@given(capacity=st.integers(0, 5), batches=st.lists(st.lists(st.sampled_from("abcdefgh"), max_size=8), max_size=6))
+def test_add_many_is_add_in_order(capacity: int, batches: list[list[str]]) -> None:
+    one, many = RecentKeys(capacity), RecentKeys(capacity)
+    for batch in batches:
+        for k in batch:
+            one.add(k)
+        many.add_many(batch)
+        assert list(one._keys) == list(many._keys)

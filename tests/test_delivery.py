@@ -75,6 +75,29 @@ async def test_many_visitors_share_one_request(sandbox: Sandbox, harness: Harnes
     assert sorted(sandbox.kameleoon_nonces()) == sorted(c.key for c in (conversion(i) for i in range(120)))
 
 
+async def test_a_batch_opened_by_an_overflow_still_lingers_out(sandbox: Sandbox) -> None:
+    # A byte limit of about ten events: each new batch is opened by an event that did not fit the
+    # previous one. After the last event nothing else arrives, so only the linger timer of the batch
+    # it opened can send it (a batch opened that way once had no timer and waited for shutdown).
+    cfg = kameleoon_config(sandbox.url)
+    cfg["kameleoon"]["batch"] = {"linger": "30ms", "max_events": 500, "max_bytes": 1500}
+    h = Harness(cfg)
+    try:
+        results = await h.deliver([conversion(i) for i in range(25)], timeout=5)
+    finally:
+        await h.close()
+    assert len(results) == 25 and {r.status for r in results.values()} == {Status.DELIVERED}
+    sizes = sorted(len(r) for r in _events_per_request(sandbox))
+    assert sum(sizes) == 25 and len(sizes) >= 3, sizes
+
+
+def _events_per_request(sandbox: Sandbox) -> list[list[str]]:
+    by_request: dict[str, list[str]] = {}
+    for r in sandbox.records:
+        by_request.setdefault(r.request_id, []).append(r.nonce or "")
+    return list(by_request.values())
+
+
 async def test_a_413_splits_the_batch_until_it_fits() -> None:
     sandbox = Sandbox(kameleoon_max_body=4000)
     await sandbox.start()

@@ -125,6 +125,9 @@ def classify_status(status: int, headers: Mapping[str, str], *, has_token: bool 
 
 def json_number(value: Decimal) -> str:
     """A JSON number token with the Decimal's exact digits: 23.50 -> "23.50", 1E+2 -> "100"."""
+    text = str(value)
+    if "E" not in text and "n" not in text and "N" not in text:
+        return text  # plain notation already (every revenue the decoder makes): 4x cheaper than format()
     if not value.is_finite():
         raise ValueError(f"not a finite number: {value}")
     return format(value, "f")

@@ -9,6 +9,7 @@ revenue keeps its exact decimal digits.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from hashlib import sha256
 from urllib.parse import quote
@@ -29,6 +30,7 @@ from consumer.providers.base import (
 
 # Every event starts with this; a JSON string escapes `"`, so it can only occur at an event's start.
 _EVENT_START = b'{"nonce":'
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def nonce(site_code: str, order_id: str, goal: str, visitor: str, identity: Identity = Identity.VISITOR) -> str:
@@ -55,17 +57,13 @@ def event_json(conversion: Conversion) -> str:
     """One CONVERSION event, compact JSON, keys in a fixed order."""
     if len(conversion.goals) != 1:
         raise ValueError(f"a Kameleoon conversion carries exactly one goal, got {len(conversion.goals)}")
-    parts = [
-        '{"nonce":',
-        json_string(conversion.key),
-        ',"eventType":"CONVERSION","goalId":',
-        str(int(conversion.goals[0])),
-    ]
-    if conversion.revenue is not None:
-        parts += [',"revenue":', json_number(conversion.revenue)]
+    key = conversion.key
+    # The nonce is hex (no escaping) unless a conversion was made by hand with another key.
+    nonce_json = f'"{key}"' if _HEX.fullmatch(key) else json_string(key)
+    revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
     who = "mappingValue" if conversion.identity is Identity.MAPPING else "visitorCode"
-    parts += [f',"{who}":', json_string(conversion.visitor_id), "}"]
-    return "".join(parts)
+    return (f'{{"nonce":{nonce_json},"eventType":"CONVERSION","goalId":{int(conversion.goals[0])}{revenue},'
+            f'"{who}":{json_string(conversion.visitor_id)}}}')
 
 
 def events_url(base_url: str, site_code: str) -> str:
