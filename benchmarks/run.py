@@ -135,6 +135,7 @@ def child_ceiling(spec: dict[str, Any]) -> None:
                 continue
             if first is None:
                 first = time.monotonic()
+                cpu0 = time.process_time()
             try:
                 decoder.decode(m.value())
             except Exception:
@@ -143,12 +144,14 @@ def child_ceiling(spec: dict[str, Any]) -> None:
             if m.offset() >= ends[m.partition()]:
                 todo.discard(m.partition())
     seconds = time.monotonic() - (first or time.monotonic())
+    cpu = time.process_time() - cpu0 if first is not None else 0.0
     c.close()
     emit(
         {
             "events": n,
             "decode_errors": bad,
             "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu, 3),
             "events_per_s": round(n / max(seconds, 1e-9), 1),
             "complete": not todo,
         }
@@ -170,11 +173,14 @@ def child_service(spec: dict[str, Any]) -> None:
     class BenchApp(Application):
         first: float | None = None
         done_at: float | None = None
+        cpu0: float | None = None  # process CPU time (all threads) at the first message and at the end
+        cpu1: float | None = None
         announced = False
 
         def _process(self, messages: list[Any]) -> None:
             if self.first is None:
                 self.first = time.monotonic()
+                self.cpu0 = time.process_time()
             super()._process(messages)
 
         def _on_results(self, items: Any, result: Any) -> None:
@@ -201,6 +207,7 @@ def child_service(spec: dict[str, Any]) -> None:
             print(READY, flush=True)
         if (app.consumed >= total and app.live == 0) or time.monotonic() > deadline:
             app.done_at = time.monotonic()
+            app.cpu1 = time.process_time()
             return True
         return False
 
@@ -217,6 +224,7 @@ def child_service(spec: dict[str, Any]) -> None:
         profiler.disable()
         profiler.dump_stats(spec["profile_out"])
     seconds = (app.done_at or time.monotonic()) - (app.first or time.monotonic())
+    cpu = app.cpu1 - app.cpu0 if app.cpu1 is not None and app.cpu0 is not None else None
 
     def counter(name: str, **labels: str) -> float:
         return metrics.registry.get_sample_value(name, labels) or 0.0
@@ -234,6 +242,7 @@ def child_service(spec: dict[str, Any]) -> None:
             "events": app.consumed,
             "complete": app.consumed >= total,
             "seconds": round(seconds, 3),
+            "cpu_seconds": None if cpu is None else round(cpu, 3),
             "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
             "conversions": conv,
             "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
@@ -448,6 +457,15 @@ def run_child(
     return result
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc), 0 when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class SandboxProcess:
     """`python -m consumer sandbox` in its own process, driven through its control API."""
 
@@ -495,6 +513,9 @@ class SandboxProcess:
             "requests": data.get("requests"),
             "duplicates": len(data.get("duplicates") or {}),
         }
+
+    def cpu_seconds(self) -> float:
+        return proc_cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -865,14 +886,21 @@ def main(argv: Iterable[str] | None = None) -> int:
                 **extra,
             }
 
+        def broker_cpu() -> float:
+            return proc_cpu_seconds(broker.proc.pid) if broker.proc is not None else 0.0
+
         def measured(name: str, s: dict[str, Any], **kw: Any) -> dict[str, Any]:
             sandbox.reset()
             log(f"{name} …")
+            # CPU the other processes on the machine used meanwhile: the cores are shared.
+            cpu0 = sandbox.cpu_seconds(), broker_cpu()
             r = run_child(s, logdir, name.replace(" ", "_").replace(",", ""), **kw)
+            r["sandbox_cpu_seconds"] = round(sandbox.cpu_seconds() - cpu0[0], 2)
+            r["broker_cpu_seconds"] = round(broker_cpu() - cpu0[1], 2)
             if "error" not in r:
                 r["sandbox"] = sandbox.summary()
             log(
-                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb')})}"
+                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'cpu_seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb', 'sandbox_cpu_seconds', 'broker_cpu_seconds')})}"
             )
             return r
 
