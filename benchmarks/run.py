@@ -175,6 +175,7 @@ def child_service(spec: dict[str, Any]) -> None:
         done_at: float | None = None
         cpu0: float | None = None  # process CPU time (all threads) at the first message and at the end
         cpu1: float | None = None
+        loops = 0  # poll-loop iterations: events per poll = events / loops
         announced = False
 
         def _process(self, messages: list[Any]) -> None:
@@ -202,6 +203,7 @@ def child_service(spec: dict[str, Any]) -> None:
 
     def stop_when(app: Application) -> bool:
         assert isinstance(app, BenchApp)
+        app.loops += 1
         if spec.get("announce") and not app.announced and app.source is not None and app.source.assigned:
             app.announced = True
             print(READY, flush=True)
@@ -243,6 +245,7 @@ def child_service(spec: dict[str, Any]) -> None:
             "complete": app.consumed >= total,
             "seconds": round(seconds, 3),
             "cpu_seconds": None if cpu is None else round(cpu, 3),
+            "poll_loops": app.loops,
             "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
             "conversions": conv,
             "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
@@ -900,7 +903,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             if "error" not in r:
                 r["sandbox"] = sandbox.summary()
             log(
-                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'cpu_seconds', 'events_per_s', 'conversions_per_s', 'peak_rss_mb', 'sandbox_cpu_seconds', 'broker_cpu_seconds')})}"
+                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'cpu_seconds', 'poll_loops', 'events_per_s', 'conversions_per_s', 'peak_rss_mb', 'sandbox_cpu_seconds', 'broker_cpu_seconds')})}"
             )
             return r
 

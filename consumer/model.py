@@ -13,10 +13,9 @@ class Provider(enum.StrEnum):
     CONVERT = "CONVERT"
     CONDUCTRICS = "CONDUCTRICS"
 
-    @property
-    def slug(self) -> str:
-        """The lower-case name used in config sections, metric labels and DLQ headers."""
-        return self.lower()  # a StrEnum member is its value: no descriptor lookup on this hot path
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: read for every exposure and conversion on the hot path.
+        self.slug: str = value.lower()  # the name used in config sections, metric labels and DLQ headers
 
 
 class Channel(enum.StrEnum):

@@ -9,7 +9,6 @@ revenue keeps its exact decimal digits.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from hashlib import sha256
 from urllib.parse import quote
@@ -30,7 +29,6 @@ from consumer.providers.base import (
 
 # Every event starts with this; a JSON string escapes `"`, so it can only occur at an event's start.
 _EVENT_START = b'{"nonce":'
-_HEX = re.compile(r"[0-9a-f]*")
 
 
 def nonce(site_code: str, order_id: str, goal: str, visitor: str, identity: Identity = Identity.VISITOR) -> str:
@@ -55,15 +53,28 @@ def nonce_of(prefix: bytes, order: bytes, goal: bytes, identity: bytes, visitor:
 
 def event_json(conversion: Conversion) -> str:
     """One CONVERSION event, compact JSON, keys in a fixed order."""
-    if len(conversion.goals) != 1:
-        raise ValueError(f"a Kameleoon conversion carries exactly one goal, got {len(conversion.goals)}")
-    key = conversion.key
-    # The nonce is hex (no escaping) unless a conversion was made by hand with another key.
-    nonce_json = f'"{key}"' if _HEX.fullmatch(key) else json_string(key)
+    goals = conversion.goals
+    if len(goals) != 1:
+        raise ValueError(f"a Kameleoon conversion carries exactly one goal, got {len(goals)}")
+    goal = _GOAL_JSON.get(goals[0])
+    if goal is None:
+        goal = str(int(goals[0]))  # "036151" would not be a JSON number
+        if len(_GOAL_JSON) < 1024:
+            _GOAL_JSON[goals[0]] = goal
     revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
     who = "mappingValue" if conversion.identity is Identity.MAPPING else "visitorCode"
-    return (f'{{"nonce":{nonce_json},"eventType":"CONVERSION","goalId":{int(conversion.goals[0])}{revenue},'
-            f'"{who}":{json_string(conversion.visitor_id)}}}')
+    return (f'{{"nonce":{_plain_json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
+            f'"{who}":{_plain_json_string(conversion.visitor_id)}}}')
+
+
+def _plain_json_string(value: str) -> str:
+    """json_string, with a fast path for the usual ids: printable ASCII without quotes or backslashes."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return json_string(value)
+
+
+_GOAL_JSON: dict[str, str] = {}
 
 
 def events_url(base_url: str, site_code: str) -> str:
