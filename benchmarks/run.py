@@ -213,6 +213,20 @@ def child_service(spec: dict[str, Any]) -> None:
             return True
         return False
 
+    gc_time = {0: 0.0, 1: 0.0, 2: 0.0}
+    gc_runs = {0: 0, 1: 0, 2: 0}
+    gc_started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+        else:
+            gc_time[info["generation"]] += time.perf_counter() - gc_started[0]
+            gc_runs[info["generation"]] += 1
+
+    import gc
+
+    gc.callbacks.append(on_gc)
     metrics = Metrics()
     app = BenchApp(cfg, metrics=metrics, stop_when=stop_when, install_signals=False)
     profiler = None
@@ -246,6 +260,8 @@ def child_service(spec: dict[str, Any]) -> None:
             "seconds": round(seconds, 3),
             "cpu_seconds": None if cpu is None else round(cpu, 3),
             "poll_loops": app.loops,
+            "gc_seconds": {str(g): round(t, 3) for g, t in gc_time.items()},
+            "gc_runs": {str(g): n for g, n in gc_runs.items()},
             "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
             "conversions": conv,
             "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
@@ -479,7 +495,7 @@ class SandboxProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.latency = latency
         opts = workdir / "sandbox-options.json"
-        opts.write_text(json.dumps({"request_log": False}))
+        opts.write_text(json.dumps({"request_log": False, "records": False}))
         self.errlog = open(workdir / "sandbox.stderr.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer", "sandbox", "--port", str(self.port), "--options", str(opts)],
@@ -903,7 +919,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             if "error" not in r:
                 r["sandbox"] = sandbox.summary()
             log(
-                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'cpu_seconds', 'poll_loops', 'events_per_s', 'conversions_per_s', 'peak_rss_mb', 'sandbox_cpu_seconds', 'broker_cpu_seconds')})}"
+                f"{name}: {json.dumps({k: r.get(k) for k in ('events', 'seconds', 'cpu_seconds', 'gc_seconds', 'gc_runs', 'events_per_s', 'conversions_per_s', 'peak_rss_mb', 'sandbox_cpu_seconds', 'broker_cpu_seconds')})}"
             )
             return r
 

@@ -34,7 +34,7 @@ Decisions worth knowing (tests pin each one to the millisecond):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +61,7 @@ _DECIMAL = Context(prec=34, rounding=ROUND_HALF_UP)
 
 
 _UNSET: Any = object()
+_MAX_UNKNOWN = 256
 _IDENTITY_CHUNKS = {i: chunk(i.value) for i in Identity}
 
 
@@ -105,6 +106,8 @@ class MatchSettings:
     max_age_ms: int
     rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
     projects: Mapping[tuple[Provider, str], _Project]  # the same projects, prepared for the hot path
+    # The rejection detail of projects seen in events but not configured, written once each.
+    unknown_details: dict[tuple[Provider, str], str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> MatchSettings:
@@ -271,6 +274,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
     # This runs for every event: checks are inlined for the common outcome and fall back to the
     # helpers above only to name the reason of a rejection.
     projects = settings.projects
+    unknown = settings.unknown_details
     skew = settings.clock_skew_ms
     channel = purchase.channel
     revenues: dict[tuple[Provider, str], Decimal | _Reject | None] = {}  # per project, computed once
@@ -285,8 +289,12 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
         pk = (provider, exposure.project)
         project = projects.get(pk)
         if project is None:  # the common case for a buyer seen by several tools: no exception for it
-            detail = f"{provider.slug} project {exposure.project} is not configured"
-            rejections.append(Rejection(RejectReason.UNKNOWN_PROJECT, detail, exposure))
+            said = unknown.get(pk)
+            if said is None:
+                said = f"{provider.slug} project {exposure.project} is not configured"
+                if len(unknown) < _MAX_UNKNOWN:  # bounded: project names come from the events
+                    unknown[pk] = said
+            rejections.append(Rejection(RejectReason.UNKNOWN_PROJECT, said, exposure))
             continue
         ahead = exposure.exposed_at - occurred
         if (ahead > skew or -ahead > project.window_ms or channel not in project.channels

@@ -118,6 +118,19 @@ async def test_kameleoon_bulk_visitors_and_mapping_value(sandbox: Sandbox, http:
     assert sandbox.records[1].metadata == {"k": "v"}
 
 
+async def test_without_records_every_request_is_still_validated_and_counted(http: aiohttp.ClientSession) -> None:
+    async with Sandbox(records=False, request_log=False) as sb:
+        body = [event("0000000000000001", 1, visitorCode="v-1"), event("0000000000000002", 1, visitorCode="v-2")]
+        assert (await post_events(http, sb, body, query=f"siteCode={SITE}&json=true"))[0] == 204
+        assert (await post_events(http, sb, body[:1], query=f"siteCode={SITE}&json=true"))[0] == 204
+        status, err = await post_events(http, sb, [event(nonce="not-hex")], query=f"siteCode={SITE}&json=true")
+        assert status == 400 and err["field"] == "[0].nonce"
+        assert sb.records == [] and sb.requests == []
+        assert sb.counts()["kameleoon"] == 3
+        assert sb.duplicates() == {f"kameleoon|{SITE}|0000000000000001": 2}
+        assert sb.status_counts("kameleoon") == {204: 2, 400: 1}
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [

@@ -42,6 +42,7 @@ class SandboxState:
         conductrics_no_selection_all: bool = False,
         hang_seconds: float = 3600.0,
         request_log: bool = True,
+        records: bool = True,
     ) -> None:
         """
         kameleoon_auth_sites: siteCodes whose /visit endpoints need `Authorization: Bearer <token>`.
@@ -49,6 +50,8 @@ class SandboxState:
         conductrics_keys: account -> API key(s); None accepts any non-empty apikey for any account.
         conductrics_no_selection(_all): vids (or every vid) for which no agent accepts the goal (empty `rs`).
         request_log: keep every RequestEntry in `requests` (False for long benchmarks: statuses are still counted).
+        records: keep every accepted conversion in `records` (False for long benchmarks: every request is still
+            validated in full, and counts and duplicate keys are still tallied).
         """
         self.auth_sites = frozenset(kameleoon_auth_sites)
         self._clients = {cid: _digest(sec) for cid, sec in (kameleoon_clients or {}).items()}
@@ -69,6 +72,8 @@ class SandboxState:
         self.unrewarded: list[Record] = []  # Conductrics goals no agent accepted (answered with an empty rs)
         self.requests: list[RequestEntry] = []
         self.keep_request_log = bool(request_log)
+        self.keep_records = bool(records)
+        self._key_counts: Counter[str] = Counter()  # accepted conversions per duplicate-detection key
         self._seq = 0  # requests seen, and the id of the next one
         self._statuses: Counter[tuple[str, int]] = Counter()
         self.token_grants = 0
@@ -163,7 +168,9 @@ class SandboxState:
         return rid
 
     def _accept(self, records: list[Record], provider: str) -> None:
-        self.records.extend(records)
+        if self.keep_records:
+            self.records.extend(records)
+        self._key_counts.update([r.key for r in records])
         self._counts[provider] += len(records)
 
     def _error(self, request: web.Request, provider: str, status: int, fld: str, message: str) -> web.Response:

@@ -233,8 +233,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
     def duplicates(self) -> dict[str, int]:
         """Keys accepted more than once -> how many times (same nonce; same Convert transaction, visitor and
         experiment-variation; same Conductrics account, vid, session and goal)."""
-        c = Counter(r.key for r in self.records)
-        return {k: n for k, n in c.items() if n > 1}
+        return {k: n for k, n in self._key_counts.items() if n > 1}
 
     def counts(self) -> dict[str, int]:
         """Accepted conversions per provider."""
@@ -265,6 +264,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
     def reset(self) -> None:
         """Forget records, the request log, tokens, counters and every fault."""
         self.records.clear()
+        self._key_counts.clear()
         self.dropped.clear()
         self.unrewarded.clear()
         self.requests.clear()
@@ -291,7 +291,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
     async def wait_for_records(self, count: int, provider: str | None = None, timeout: float = 10.0) -> None:
         """Return once `count` conversions were accepted (for `provider`, or in all)."""
         if provider is None:
-            await self.wait_until(lambda s: len(s.records) >= count, timeout)
+            await self.wait_until(lambda s: sum(s._counts.values()) >= count, timeout)
         else:
             await self.wait_until(lambda s: s._counts[provider] >= count, timeout)
 
@@ -335,7 +335,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
 OPTION_NAMES = (
     "kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body", "conductrics_keys",
-    "conductrics_no_selection", "conductrics_no_selection_all", "hang_seconds", "request_log",
+    "conductrics_no_selection", "conductrics_no_selection_all", "hang_seconds", "request_log", "records",
 )
 
 
