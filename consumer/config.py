@@ -276,6 +276,7 @@ class PipelineConfig:
     shutdown_deadline: float = 30.0
     dlq_timeout: float = 30.0
     dedup_cache_size: int = 100_000
+    gc_threshold: int = 50_000  # Python's gen-0 collection threshold while running; 0 keeps Python's own
 
 
 @dataclass(frozen=True)
@@ -696,6 +697,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         shutdown_deadline=pt.duration("shutdown_deadline", dp.shutdown_deadline, positive=True),
         dlq_timeout=pt.duration("dlq_timeout", dp.dlq_timeout, positive=True),
         dedup_cache_size=pt.get_int("dedup_cache_size", dp.dedup_cache_size, minimum=0),
+        gc_threshold=pt.get_int("gc_threshold", dp.gc_threshold, minimum=0),
     )
     pt.done()
 

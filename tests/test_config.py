@@ -79,6 +79,8 @@ def test_defaults_windows_and_derived_convert_url() -> None:
     ("pipeline.max_in_flight", 0, "pipeline.max_in_flight"),
     ("pipeline.commit_interval", "soon", "pipeline.commit_interval"),
     ("pipeline.shutdown_deadline", "0s", "pipeline.shutdown_deadline"),
+    ("pipeline.gc_threshold", -1, "pipeline.gc_threshold"),
+    ("pipeline.dedup_cache_size", -5, "pipeline.dedup_cache_size"),
     ("logging.level", "LOUD", "logging.level"),
     ("matcher.clock_skew", -1, "matcher.clock_skew"),
     ("matcher.rates", {"usd-eur": 1}, "matcher.rates.usd-eur"),
