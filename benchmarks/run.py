@@ -125,6 +125,13 @@ def child_ceiling(spec: dict[str, Any]) -> None:
         }
     )
     c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
+    if spec.get("gc_threshold", 0):
+        import gc
+
+        # The service's own GC settings ([pipeline] gc_threshold), so that both run under the same runtime.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(int(spec["gc_threshold"]), 20, 100)
     todo = {p for p, last in ends.items() if last >= 0}
     first = None
     n = bad = 0
@@ -369,6 +376,13 @@ def child_naive(spec: dict[str, Any]) -> None:
         }
     )
     c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
+    if spec.get("gc_threshold", 0):
+        import gc
+
+        # The service's own GC settings ([pipeline] gc_threshold), so that both run under the same runtime.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(int(spec["gc_threshold"]), 20, 100)
     http = requests.Session()
     limit, budget = int(spec["max_events"]), float(spec["max_seconds"])
     first = None
@@ -924,7 +938,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             return r
 
         if wanted("ceiling"):
-            res["ceiling"] = measured("ceiling", spec("ceiling"))
+            from consumer.config import PipelineConfig
+
+            res["ceiling"] = measured("ceiling", spec("ceiling", gc_threshold=PipelineConfig().gc_threshold))
         if wanted("service"):
             for k in (x for x in args.sets.split(",") if x in SETS):
                 extra: dict[str, Any] = {}

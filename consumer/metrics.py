@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -191,16 +191,17 @@ def observe_many(child: Any, values: list[float]) -> None:
         for v in values:
             child.observe(v)
         return
-    counts = [0] * len(bounds)
-    acc = 0.0
-    for v in values:
-        acc += v
-        if v == v:  # a NaN is in the sum and in no bucket, as Histogram.observe does
-            counts[bisect_left(bounds, v)] += 1
+    acc = sum(values)
     total.inc(acc)
-    for bucket, n in zip(buckets, counts, strict=True):
-        if n:
-            bucket.inc(n)
+    # Sorted once, each bucket's count is a difference of two binary searches: no Python loop per value.
+    # A NaN is in the sum and in no bucket, as Histogram.observe does (a NaN makes the sum NaN).
+    ordered = sorted(values) if acc == acc else sorted(v for v in values if v == v)
+    below = 0
+    for bound, bucket in zip(bounds, buckets, strict=True):
+        upto = bisect_right(ordered, bound)  # values <= bound: observe() puts v in the first bucket with v <= le
+        if upto > below:
+            bucket.inc(upto - below)
+            below = upto
 
 
 def status_class(status: int | None) -> str:
