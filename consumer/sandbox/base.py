@@ -167,11 +167,14 @@ class SandboxState:
             self._wake()
         return rid
 
-    def _accept(self, records: list[Record], provider: str) -> None:
-        if self.keep_records:
-            self.records.extend(records)
-        self._key_counts.update([r.key for r in records])
-        self._counts[provider] += len(records)
+    def _accept(self, records: list[Record], provider: str, keys: list[str] | None = None) -> None:
+        """Count accepted conversions: `records`, or only their `keys` when records are not kept."""
+        if keys is None:
+            keys = [r.key for r in records]
+            if self.keep_records:
+                self.records.extend(records)
+        self._key_counts.update(keys)
+        self._counts[provider] += len(keys)
 
     def _error(self, request: web.Request, provider: str, status: int, fld: str, message: str) -> web.Response:
         self._log(request, provider, status, "rejected", fld)
