@@ -26,7 +26,7 @@ from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
 from consumer.matcher import MatchSettings, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
-from consumer.model import Conversion, Provider, Purchase
+from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.registry import modules
 from consumer.source import TP, Source
@@ -45,15 +45,14 @@ _REGISTRY_RETRY_SECONDS = 60.0
 class InFlight:
     """One event between being read and being done."""
 
-    __slots__ = ("event_id", "failures", "message", "occurred_at", "offset", "pending", "read_at", "tp")
+    __slots__ = ("event_id", "failures", "message", "offset", "pending", "read_at", "tp")
 
-    def __init__(self, message: Message, tp: TP, offset: int, read_at: float) -> None:
+    def __init__(self, message: Message, tp: TP, offset: int, read_at: float, event_id: str | None = None) -> None:
         self.message = message
         self.tp = tp
         self.offset = offset
         self.read_at = read_at
-        self.event_id: str | None = None
-        self.occurred_at = 0
+        self.event_id = event_id
         self.pending = 0
         # Made only for an event with a failed delivery: most never need one.
         self.failures: dict[str, list[tuple[Conversion, Result]]] | None = None
@@ -301,14 +300,15 @@ class Application:
     def _process(self, messages: list[Message]) -> None:
         """A poll's worth of messages; one clock reading and one debug check serve the whole batch.
 
-        This loop runs for every event, so what it calls is looked up once per batch.
+        This loop runs for every event, so what it calls is looked up once per batch. An event with
+        nothing to deliver is done as it is read: no InFlight, no second visit to the tracker.
         """
         read_at = time.monotonic()
         now_ms = self.clock_ms()
         debug = log.isEnabledFor(logging.DEBUG)
-        self._drained.clear()
-        track, decode, match_event = self.tracker.track, self.decoder.decode, self._match
-        consumed = decoded = 0
+        tracker, decode, settings = self.tracker, self.decoder.decode, self.settings
+        track, track_done, count_decision, submit = tracker.track, tracker.track_done, self._count, self._submit
+        consumed = decoded = unattributed = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -318,33 +318,68 @@ class Application:
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
             assert topic is not None and partition is not None and offset is not None
             tp = (topic, partition)
+            consumed += 1
+            try:
+                purchase = decode(msg.value())
+            except Exception as exc:
+                self._undecodable(self._read(msg, tp, offset, read_at), exc, read_at)
+                continue
+            decoded += 1
+            try:
+                decision = match(purchase, settings, now_ms)
+            except Exception as exc:
+                self._unmatchable(self._read(msg, tp, offset, read_at, purchase.event_id), exc)
+                continue
+            count_decision(decision)
+            if debug:
+                self._log_decision(purchase.event_id or f"{topic}/{partition}/{offset}", decision)
+            if not decision.conversions:
+                unattributed += 1
+                try:
+                    track_done(tp, offset)
+                except OffsetOrderError:
+                    self._rewound(tp, offset)
+                    track_done(tp, offset)
+                continue
+            # _read, inlined.
             try:
                 track(tp, offset)
             except OffsetOrderError:
                 self._rewound(tp, offset)
-            consumed += 1
+                track(tp, offset)
             self.live += 1
-            ev = InFlight(msg, tp, offset, read_at)
-            try:
-                purchase = decode(msg.value())
-            except Exception as exc:
-                self._undecodable(ev, exc, read_at)
-                continue
-            decoded += 1
-            match_event(ev, purchase, now_ms, debug)
+            submit(InFlight(msg, tp, offset, read_at, purchase.event_id), decision.conversions)
         self.consumed += consumed
         self._c_consumed.n += consumed
         self._c_decoded.n += decoded
+        if unattributed:
+            self._c_unattributed.n += unattributed
+            self._h_processing.values.extend([time.monotonic() - read_at] * unattributed)
+        if self.live:
+            self._drained.clear()
+        else:
+            self._drained.set()
+
+    def _read(self, msg: Message, tp: TP, offset: int, read_at: float, event_id: str | None = None) -> InFlight:
+        """Track an event that is not done yet; it is finished by `_done` (or `_dead_letter`)."""
+        try:
+            self.tracker.track(tp, offset)
+        except OffsetOrderError:
+            self._rewound(tp, offset)
+            self.tracker.track(tp, offset)
+        self.live += 1
+        self._drained.clear()
+        return InFlight(msg, tp, offset, read_at, event_id)
 
     def _rewound(self, tp: TP, offset: int) -> None:
-        # The partition went back (a reset to an earlier offset, a recreated topic, a broker that lost
-        # its data): start it afresh from here. Events still in flight from before finish untracked,
-        # so nothing is committed on their account, and every message is read again, never skipped.
+        """Forget a partition that went back; the caller tracks `offset` afresh."""
+        # A reset to an earlier offset, a recreated topic, a broker that lost its data: events still in
+        # flight from before finish untracked, so nothing is committed on their account, and every
+        # message is read again, never skipped.
         log.warning("partition rewound; tracking it afresh", extra={"partition": f"{tp[0]}[{tp[1]}]",
                                                                      "offset": offset})
         self.tracker.forget([tp])
         self._committed.pop(tp, None)
-        self.tracker.track(tp, offset)
 
     def _undecodable(self, ev: InFlight, exc: Exception, first_try: float) -> None:
         """Retry a registry outage for a while; dead-letter anything else (a decoder bug included)."""
@@ -359,7 +394,12 @@ class Application:
         self.tally.inc(self.metrics.decode_failures, "internal")
         self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
 
+    def _unmatchable(self, ev: InFlight, exc: Exception) -> None:
+        log.error("matcher failed", exc_info=exc, extra={"correlation_id": ev.correlation_id})
+        self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc), event_id=ev.event_id)])
+
     async def _decode_later(self, ev: InFlight, first_try: float) -> None:
+        """The registry was down: the same event again, a second later (it is tracked already)."""
         await asyncio.sleep(1.0)
         try:
             purchase = self.decoder.decode(ev.message.value())
@@ -367,7 +407,20 @@ class Application:
             self._undecodable(ev, exc, first_try)
             return
         self._c_decoded.n += 1
-        self._match(ev, purchase, self.clock_ms(), log.isEnabledFor(logging.DEBUG))
+        ev.event_id = purchase.event_id
+        try:
+            decision = match(purchase, self.settings, self.clock_ms())
+        except Exception as exc:
+            self._unmatchable(ev, exc)
+            return
+        self._count(decision)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_decision(ev.correlation_id, decision)
+        if decision.conversions:
+            self._submit(ev, decision.conversions)
+        else:
+            self._c_unattributed.n += 1
+            self._done(ev)
 
     def _decision_count(self, provider: Provider | None, reason: str) -> Count:
         """The counter cell of one (provider, matched-or-reason) pair, made on first use."""
@@ -375,15 +428,7 @@ class Application:
             self.metrics.match_decisions, provider.slug if provider is not None else "none", reason)
         return cell
 
-    def _match(self, ev: InFlight, purchase: Purchase, now_ms: int, debug: bool) -> None:
-        ev.event_id, ev.occurred_at = purchase.event_id, purchase.occurred_at
-        try:
-            decision = match(purchase, self.settings, now_ms)
-        except Exception as exc:
-            log.exception("matcher failed", extra={"correlation_id": ev.correlation_id})
-            self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc),
-                                              event_id=purchase.event_id)])
-            return
+    def _count(self, decision: Decision) -> None:
         decisions = self._c_decisions
         for exposure in decision.matched:
             cell = decisions.get((exposure.provider, "matched")) or self._decision_count(exposure.provider, "matched")
@@ -392,17 +437,17 @@ class Application:
             provider = rej.exposure.provider if rej.exposure else None
             cell = decisions.get((provider, rej.reason)) or self._decision_count(provider, rej.reason)
             cell.n += 1
-        if debug:
-            log.debug("decision", extra={
-                "correlation_id": ev.correlation_id,
-                "conversions": len(decision.conversions),
-                "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
-            })
-        conversions = decision.conversions
-        if not conversions:
-            self._c_unattributed.n += 1
-            self._done(ev)
-            return
+
+    @staticmethod
+    def _log_decision(correlation_id: str, decision: Decision) -> None:
+        log.debug("decision", extra={
+            "correlation_id": correlation_id,
+            "conversions": len(decision.conversions),
+            "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
+        })
+
+    def _submit(self, ev: InFlight, conversions: tuple[Conversion, ...]) -> None:
+        """Hand an attributed event's conversions to the dispatcher (or to deliveries already under way)."""
         self._c_attributed.n += 1
         dispatcher = self.dispatcher
         assert dispatcher is not None

@@ -49,6 +49,23 @@ class OffsetTracker:
         part.last_read = offset
         self._in_flight += 1
 
+    def track_done(self, tp: TopicPartition, offset: int) -> None:
+        """`track` then `finish` at once: an event with nothing to deliver is done as it is read."""
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Partition()
+        if offset <= part.last_read:
+            raise OffsetOrderError(f"{tp[0]}[{tp[1]}] offset {offset} read after {part.last_read}")
+        part.last_read = offset
+        if part.order:
+            part.order.append(offset)  # behind an unfinished event: retired with it
+            part.done.add(offset)
+        else:
+            if part.position is not None and offset + 1 <= part.position:
+                raise OffsetOrderError(f"{tp[0]}[{tp[1]}] committable offset would move from {part.position} "
+                                       f"to {offset + 1}")
+            part.position = offset + 1
+
     def finish(self, tp: TopicPartition, offset: int) -> int | None:
         """Mark one offset finished. A partition revoked meanwhile is ignored (its new owner re-reads)."""
         part = self._parts.get(tp)

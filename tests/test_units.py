@@ -82,6 +82,32 @@ def test_offsets_committable_is_always_the_first_unfinished(gaps: list[int], rnd
     assert t.committable() == {TP: offsets[-1] + 1}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.booleans()), min_size=1, max_size=60), st.randoms())
+def test_offsets_track_done_is_track_then_finish(steps: list[tuple[int, bool]], rnd: random.Random) -> None:
+    # Events done as they are read (nothing to deliver) mixed with events finished later in any order.
+    fast, slow = OffsetTracker(), OffsetTracker()
+    off, later = 0, []
+    for gap, done_at_once in steps:
+        off += gap
+        if done_at_once:
+            fast.track_done(TP, off)
+            slow.track(TP, off)
+            slow.finish(TP, off)
+        else:
+            fast.track(TP, off)
+            slow.track(TP, off)
+            later.append(off)
+        assert fast.committable() == slow.committable() and fast.in_flight == slow.in_flight
+    rnd.shuffle(later)
+    for o in later:
+        assert fast.finish(TP, o) == slow.finish(TP, o)
+        assert fast.committable() == slow.committable() and fast.in_flight == slow.in_flight
+    assert fast.committable() == {TP: off + 1}
+    with pytest.raises(OffsetOrderError):
+        fast.track_done(TP, off)
+
+
 # ------------------------------------------------------------------ batching
 
 LIMITS = BatchConfig(max_events=3, max_bytes=ENVELOPE_BYTES + 100, linger=0.05)
