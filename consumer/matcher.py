@@ -61,6 +61,11 @@ _DECIMAL = Context(prec=34, rounding=ROUND_HALF_UP)
 
 
 _UNSET: Any = object()
+# Enum members as module constants: `Provider.KAMELEOON` is a metaclass lookup (~0.1 µs on Python 3.11),
+# and the loop in `match` would pay it for every exposure.
+_KAMELEOON, _CONVERT = Provider.KAMELEOON, Provider.CONVERT
+_VISITOR = Identity.VISITOR
+_UNKNOWN_PROJECT = RejectReason.UNKNOWN_PROJECT
 _MAX_UNKNOWN = 256
 _IDENTITY_CHUNKS = {i: chunk(i.value) for i in Identity}
 
@@ -294,7 +299,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
                 said = f"{provider.slug} project {exposure.project} is not configured"
                 if len(unknown) < _MAX_UNKNOWN:  # bounded: project names come from the events
                     unknown[pk] = said
-            rejections.append(Rejection(RejectReason.UNKNOWN_PROJECT, said, exposure))
+            rejections.append(Rejection(_UNKNOWN_PROJECT, said, exposure))
             continue
         ahead = exposure.exposed_at - occurred
         if (ahead > skew or -ahead > project.window_ms or channel not in project.channels
@@ -316,7 +321,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
             revenue = known
         visitor = exposure.visitor_id
         if visitor and not project.mapping and not visitor.isspace():
-            identity = Identity.VISITOR
+            identity = _VISITOR
         else:
             try:
                 identity, visitor = _identity(exposure, purchase, project.mapping)
@@ -325,7 +330,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
                 continue
         matched.append(exposure)
         order = purchase.order_id
-        if provider is Provider.KAMELEOON:
+        if provider is _KAMELEOON:
             if not order_chunk:
                 order_chunk = chunk(order)
             ident_chunk = _IDENTITY_CHUNKS[identity]
@@ -335,7 +340,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
                 if key not in units:
                     units[key] = Conversion(provider, exposure.project, visitor, (goal,), revenue, key,
                                             purchase.event_id, order, occurred, purchase.item_count, identity)
-        elif provider is Provider.CONVERT:
+        elif provider is _CONVERT:
             exp, var = exposure.experiment_id, exposure.variation_id
             key = transaction_key(exposure.project, visitor, exp, var, order)
             if key not in units:

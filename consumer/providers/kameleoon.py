@@ -62,7 +62,7 @@ def event_json(conversion: Conversion) -> str:
         if len(_GOAL_JSON) < 1024:
             _GOAL_JSON[goals[0]] = goal
     revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
-    who = "mappingValue" if conversion.identity is Identity.MAPPING else "visitorCode"
+    who = "mappingValue" if conversion.identity is _MAPPING else "visitorCode"
     return (f'{{"nonce":{_plain_json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
             f'"{who}":{_plain_json_string(conversion.visitor_id)}}}')
 
@@ -75,6 +75,7 @@ def _plain_json_string(value: str) -> str:
 
 
 _GOAL_JSON: dict[str, str] = {}
+_MAPPING = Identity.MAPPING  # a module constant: an enum member lookup costs ~0.1 µs per event
 
 
 def events_url(base_url: str, site_code: str) -> str:
