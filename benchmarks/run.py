@@ -763,6 +763,14 @@ def build_report(res: dict[str, Any]) -> str:
         f"latency {res['params']['latency_ms']} ms; delays: read→delivery per conversion "
         "(event→delivery from the Kafka timestamp for the half-throughput run)",
     ]
+    ceiling_runs = res["ceiling"].get("runs_events_per_s") or []
+    kameleoon_runs = (res["service"].get("kameleoon") or {}).get("runs_events_per_s") or []
+    if len(ceiling_runs) > 1 or len(kameleoon_runs) > 1:
+        lines.append(
+            f"ceiling and Kameleoon service: fastest of {len(ceiling_runs)} alternating runs each "
+            f"(ceiling {', '.join(fmt(r) for r in ceiling_runs)} ev/s; "
+            f"Kameleoon {', '.join(fmt(r) for r in kameleoon_runs)} ev/s)"
+        )
     return "\n".join(lines)
 
 
@@ -851,6 +859,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         "--only", default="", help="comma-separated subset of: ceiling,service,http,naive,workers,half,backlog"
     )
     ap.add_argument("--sets", default="kameleoon,convert,conductrics,all", help="service runs to measure")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of the ceiling and of the Kameleoon service, alternately; the fastest of each counts")
     ap.add_argument("--profile", choices=("py-spy", "cprofile"), help="profile the service runs (one file per run)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
@@ -942,17 +952,41 @@ def main(argv: Iterable[str] | None = None) -> int:
             )
             return r
 
-        if wanted("ceiling"):
-            from consumer.config import PipelineConfig
+        def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+            """The fastest of repeated runs, with every run's rate kept beside it."""
+            fastest = dict(max(runs, key=lambda r: r.get("events_per_s") or 0.0))
+            fastest["runs_events_per_s"] = [r.get("events_per_s") for r in runs]
+            return fastest
 
-            res["ceiling"] = measured("ceiling", spec("ceiling", gc_threshold=PipelineConfig().gc_threshold))
+        def service_spec(k: str) -> dict[str, Any]:
+            extra: dict[str, Any] = {}
+            if args.profile and k in ("kameleoon", "convert"):
+                ext = {"cprofile": "prof", "py-spy": "txt"}[args.profile]
+                extra = {"profile": args.profile, "profile_out": str(out / f"profile-{k}.{ext}"), "py_spy": py_spy}
+            return spec("service", k, **extra)
+
+        sets = [x for x in args.sets.split(",") if x in SETS]
+        # The ceiling and the Kameleoon service are the pair of the 50% target: they run alternately,
+        # --repeat times each, and the fastest of each is kept, so that a slow spell of this shared
+        # machine during one of them does not decide the ratio.
+        paired = wanted("ceiling") and wanted("service") and "kameleoon" in sets
+        ceilings: list[dict[str, Any]] = []
+        kameleoons: list[dict[str, Any]] = []
+        from consumer.config import PipelineConfig
+
+        for _ in range(max(1, args.repeat) if paired else 1):
+            if wanted("ceiling"):
+                ceilings.append(measured("ceiling", spec("ceiling", gc_threshold=PipelineConfig().gc_threshold)))
+            if paired:
+                kameleoons.append(measured("service kameleoon", service_spec("kameleoon")))
+        if ceilings:
+            res["ceiling"] = best(ceilings)
+        if kameleoons:
+            res["service"]["kameleoon"] = best(kameleoons)
         if wanted("service"):
-            for k in (x for x in args.sets.split(",") if x in SETS):
-                extra: dict[str, Any] = {}
-                if args.profile and k in ("kameleoon", "convert"):
-                    ext = {"cprofile": "prof", "py-spy": "txt"}[args.profile]
-                    extra = {"profile": args.profile, "profile_out": str(out / f"profile-{k}.{ext}"), "py_spy": py_spy}
-                res["service"][k] = measured(f"service {k}", spec("service", k, **extra))
+            for k in sets:
+                if k not in res["service"]:
+                    res["service"][k] = measured(f"service {k}", service_spec(k))
         if wanted("http"):
             for k in ("convert", "conductrics"):
                 res["http_client"][k] = measured(f"http {k}", spec("http", k))

@@ -16,8 +16,8 @@ def test_benchmark_small_run_writes_every_section(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--events", "1500", "--latency-ms", "1",
          "--out", str(out), "--naive-events", "100", "--naive-seconds", "2", "--half-seconds", "2",
-         "--workers", "1,2", "--backlog", "1000"],
-        capture_output=True, text=True, timeout=85, cwd=ROOT,
+         "--workers", "1,2", "--backlog", "1000", "--repeat", "2"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -25,6 +25,8 @@ def test_benchmark_small_run_writes_every_section(tmp_path: Path) -> None:
                     "half_throughput", "backlog", "ratios", "targets"):
         assert section in res, section
     assert res["ceiling"]["events"] == 1500
+    assert len(res["ceiling"]["runs_events_per_s"]) == 2  # alternated with the Kameleoon service
+    assert len(res["service"]["kameleoon"]["runs_events_per_s"]) == 2
     assert set(res["service"]) == {"kameleoon", "convert", "conductrics", "all"}
     for name, run in res["service"].items():
         assert "error" not in run, (name, run)
