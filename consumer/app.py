@@ -24,7 +24,7 @@ from consumer.decoding import DecodeError, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
-from consumer.matcher import MatchSettings, match
+from consumer.matcher import Counts, MatchSettings, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
@@ -93,6 +93,7 @@ class Application:
         self._c_attributed = tally.count(m.purchases, "attributed")
         self._c_unattributed = tally.count(m.purchases, "unattributed")
         self._c_decisions: dict[tuple[Provider | None, str], Count] = {}
+        self._decisions: Counts = {}  # filled by match() in counting mode, flushed to _c_decisions
         self._c_outcomes: dict[tuple[Provider, Status], tuple[Count, Observed]] = {}
         self._h_processing = tally.histogram(m.processing_delay)
         self.clock_ms = clock_ms
@@ -204,6 +205,7 @@ class Application:
             if messages:
                 self._process(messages)
             self.metrics.in_flight.set(self.live)
+            self._flush_decisions()
             self.tally.flush()
             now = time.monotonic()
             if now >= next_commit:
@@ -240,6 +242,7 @@ class Application:
         await transport.close()
         if self.dlq is not None:
             self.dlq.close(5.0)
+        self._flush_decisions()
         self.tally.flush()
         if self.health is not None:
             await self.health.stop()
@@ -306,7 +309,7 @@ class Application:
         read_at = time.monotonic()
         now_ms = self.clock_ms()
         debug = log.isEnabledFor(logging.DEBUG)
-        tracker, decode, settings = self.tracker, self.decoder.decode, self.settings
+        tracker, decode, settings, counts = self.tracker, self.decoder.decode, self.settings, self._decisions
         track, track_done, count_decision, submit = tracker.track, tracker.track_done, self._count, self._submit
         consumed = decoded = unattributed = 0
         for msg in messages:
@@ -326,13 +329,15 @@ class Application:
                 continue
             decoded += 1
             try:
-                decision = match(purchase, settings, now_ms)
+                if debug:  # listed, with every rejection's reason, for the log
+                    decision = match(purchase, settings, now_ms)
+                    count_decision(decision)
+                    self._log_decision(purchase.event_id or f"{topic}/{partition}/{offset}", decision)
+                else:
+                    decision = match(purchase, settings, now_ms, counts)
             except Exception as exc:
                 self._unmatchable(self._read(msg, tp, offset, read_at, purchase.event_id), exc)
                 continue
-            count_decision(decision)
-            if debug:
-                self._log_decision(purchase.event_id or f"{topic}/{partition}/{offset}", decision)
             if not decision.conversions:
                 unattributed += 1
                 try:
@@ -429,14 +434,22 @@ class Application:
         return cell
 
     def _count(self, decision: Decision) -> None:
-        decisions = self._c_decisions
+        """Count a listed decision (the counting mode of `match` does this itself)."""
+        counts = self._decisions
         for exposure in decision.matched:
-            cell = decisions.get((exposure.provider, "matched")) or self._decision_count(exposure.provider, "matched")
-            cell.n += 1
+            key = (exposure.provider, "matched")
+            counts[key] = counts.get(key, 0) + 1
         for rej in decision.rejections:
-            provider = rej.exposure.provider if rej.exposure else None
-            cell = decisions.get((provider, rej.reason)) or self._decision_count(provider, rej.reason)
-            cell.n += 1
+            k = (rej.exposure.provider if rej.exposure else None, rej.reason)
+            counts[k] = counts.get(k, 0) + 1
+
+    def _flush_decisions(self) -> None:
+        """Matcher decisions counted since the last flush, onto their metric cells (once per poll loop)."""
+        cells = self._c_decisions
+        for key, n in self._decisions.items():
+            cell = cells.get(key) or self._decision_count(*key)
+            cell.n += n
+        self._decisions.clear()
 
     @staticmethod
     def _log_decision(correlation_id: str, decision: Decision) -> None:

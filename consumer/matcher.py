@@ -265,19 +265,40 @@ def _rejected(exposure: Exposure, purchase: Purchase, project: _Project, skew_ms
     raise AssertionError("an exposure rejected by the fast path passed every check")
 
 
-def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
-    """Decide which conversions a purchase produces in which provider projects, and why others do not."""
+Counts = dict[tuple[Provider | None, str], int]
+
+
+def _count(counts: Counts, provider: Provider | None, reason: str) -> None:
+    key = (provider, reason)
+    counts[key] = counts.get(key, 0) + 1
+
+
+def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Counts | None = None) -> Decision:
+    """Decide which conversions a purchase produces in which provider projects, and why others do not.
+
+    With `counts` (the service's hot path) the decision is counted instead of listed: every exposure adds
+    one to counts[(provider, "matched" or its rejection reason)], a rejection of the whole purchase to
+    counts[(None, reason)], and the Decision carries the conversions only. Listing is for `explain`, debug
+    logs and tests; the conversions are the same either way (tests/test_matcher.py checks both).
+    """
     occurred = purchase.occurred_at
     age = now_ms - occurred
     if age > settings.max_age_ms:
+        if counts is not None:
+            _count(counts, None, RejectReason.TOO_OLD)
+            return Decision(())
         detail = f"purchase is {age} ms old (max_age {settings.max_age_ms} ms)"
         return _rejection(purchase, RejectReason.TOO_OLD, detail)
     exposures = purchase.exposures
     if not exposures:
+        if counts is not None:
+            _count(counts, None, RejectReason.NO_EXPOSURES)
+            return Decision(())
         return _rejection(purchase, RejectReason.NO_EXPOSURES, "purchase carries no exposures")
 
     # This runs for every event: checks are inlined for the common outcome and fall back to the
     # helpers above only to name the reason of a rejection.
+    listing = counts is None
     projects = settings.projects
     unknown = settings.unknown_details
     skew = settings.clock_skew_ms
@@ -288,12 +309,18 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
     units: dict[str, Conversion] = {}  # collapsing: a key names one provider delivery unit
     order_chunk = b""
 
-    # Sorted first, so that matched, rejections and which exposure builds a unit never depend on input order.
-    for exposure in sorted(exposures, key=_exposure_order) if len(exposures) > 1 else exposures:
+    # Listed, they are sorted first, so that matched and rejections never depend on input order. Which of
+    # several exposures builds a unit does not matter: they build the same conversion, and conversions
+    # are sorted at the end.
+    for exposure in sorted(exposures, key=_exposure_order) if listing and len(exposures) > 1 else exposures:
         provider = exposure.provider
         pk = (provider, exposure.project)
         project = projects.get(pk)
         if project is None:  # the common case for a buyer seen by several tools: no exception for it
+            if counts is not None:
+                key = (provider, _UNKNOWN_PROJECT)
+                counts[key] = counts.get(key, 0) + 1
+                continue
             said = unknown.get(pk)
             if said is None:
                 said = f"{provider.slug} project {exposure.project} is not configured"
@@ -304,7 +331,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
         ahead = exposure.exposed_at - occurred
         if (ahead > skew or -ahead > project.window_ms or channel not in project.channels
                 or ((project.allow or project.deny) and not project.experiment_ok(exposure.experiment_id))):
-            rejections.append(_rejected(exposure, purchase, project, skew))
+            _note(rejections, counts, _rejected(exposure, purchase, project, skew))
             continue
         if project.plain:
             revenue = purchase.revenue if project.send_revenue else None
@@ -316,7 +343,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
                 except _Reject as exc:
                     known = revenues[pk] = exc
             if isinstance(known, _Reject):
-                rejections.append(Rejection(known.reason, known.detail, exposure))
+                _note(rejections, counts, Rejection(known.reason, known.detail, exposure))
                 continue
             revenue = known
         visitor = exposure.visitor_id
@@ -326,9 +353,13 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
             try:
                 identity, visitor = _identity(exposure, purchase, project.mapping)
             except _Reject as exc:
-                rejections.append(Rejection(exc.reason, exc.detail, exposure))
+                _note(rejections, counts, Rejection(exc.reason, exc.detail, exposure))
                 continue
-        matched.append(exposure)
+        if counts is not None:
+            hit = (provider, "matched")
+            counts[hit] = counts.get(hit, 0) + 1
+        else:
+            matched.append(exposure)
         order = purchase.order_id
         if provider is _KAMELEOON:
             if not order_chunk:
@@ -336,25 +367,34 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int) -> Decision:
             ident_chunk = _IDENTITY_CHUNKS[identity]
             visitor_chunk = chunk(visitor)
             for goal, goal_chunk in project.goal_chunks:
-                key = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
-                if key not in units:
-                    units[key] = Conversion(provider, exposure.project, visitor, (goal,), revenue, key,
-                                            purchase.event_id, order, occurred, purchase.item_count, identity)
+                nonce = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
+                if nonce not in units:
+                    units[nonce] = Conversion(provider, exposure.project, visitor, (goal,), revenue, nonce,
+                                              purchase.event_id, order, occurred, purchase.item_count, identity)
         elif provider is _CONVERT:
             exp, var = exposure.experiment_id, exposure.variation_id
-            key = transaction_key(exposure.project, visitor, exp, var, order)
-            if key not in units:
-                units[key] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, key,
-                                        purchase.event_id, order, occurred, purchase.item_count, identity, exp, var,
-                                        project.transaction_goals)
+            tkey = transaction_key(exposure.project, visitor, exp, var, order)
+            if tkey not in units:
+                units[tkey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, tkey,
+                                         purchase.event_id, order, occurred, purchase.item_count, identity, exp, var,
+                                         project.transaction_goals)
         else:
-            key = conductrics_key(exposure.project, visitor, order)
-            if key not in units:
-                units[key] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, key,
-                                        purchase.event_id, order, occurred, purchase.item_count, identity)
+            ckey = conductrics_key(exposure.project, visitor, order)
+            if ckey not in units:
+                units[ckey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, ckey,
+                                         purchase.event_id, order, occurred, purchase.item_count, identity)
 
     return Decision(
         tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values()),
         tuple(matched),
         tuple(rejections),
     )
+
+
+def _note(rejections: list[Rejection], counts: Counts | None, rejection: Rejection) -> None:
+    """List a rejection, or count it (see `match`)."""
+    if counts is None:
+        rejections.append(rejection)
+    else:
+        provider = rejection.exposure.provider if rejection.exposure is not None else None
+        _count(counts, provider, rejection.reason)

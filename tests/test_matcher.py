@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -689,3 +690,19 @@ def test_property_deterministic_and_insensitive_to_exposure_order(p: Purchase, n
     # A republished order (new event id) gives the same keys.
     again = match(dataclasses.replace(p, event_id="republished"), PROP_SETTINGS, now)
     assert [c.key for c in again.conversions] == [c.key for c in d.conversions]
+
+
+@settings(max_examples=400, deadline=None)
+@given(purchases, nows, st.randoms(use_true_random=False))
+def test_property_counting_mode_counts_what_listing_lists(p: Purchase, now: int, rnd: Any) -> None:
+    listed = match(p, PROP_SETTINGS, now)
+    expected: Counter[tuple[Provider | None, str]] = Counter((e.provider, "matched") for e in listed.matched)
+    expected.update((r.exposure.provider if r.exposure else None, r.reason) for r in listed.rejections)
+    shuffled = list(p.exposures)
+    rnd.shuffle(shuffled)
+    counts: dict[tuple[Provider | None, str], int] = {(None, "left from earlier"): 1}  # counts accumulate
+    counted = match(dataclasses.replace(p, exposures=tuple(shuffled)), PROP_SETTINGS, now, counts)
+    assert counted.conversions == listed.conversions  # the same conversions, in the same order
+    assert counted.matched == () and counted.rejections == ()
+    assert counts.pop((None, "left from earlier")) == 1
+    assert counts == dict(expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -73,6 +74,19 @@ async def test_two_thousand_events_delivered_or_dead_lettered_once(
     metrics = Metrics()
     app = await run_until_done(cfg, N_PURCHASES + N_MALFORMED, metrics=metrics)
     assert app.consumed == N_PURCHASES + N_MALFORMED
+
+    # Every matcher decision is counted once, by provider and outcome (the service counts, explain lists).
+    settings, now = MatchSettings.from_config(cfg), int(time.time() * 1000)
+    want_decisions: Counter[tuple[str, str]] = Counter()
+    for p in items:
+        d = match(p, settings, now)
+        want_decisions.update((e.provider.slug, "matched") for e in d.matched)
+        want_decisions.update((r.exposure.provider.slug if r.exposure else "none", r.reason.value)
+                              for r in d.rejections)
+    got_decisions = {(s.labels["provider"], s.labels["reason"]): s.value
+                     for m in metrics.registry.collect() if m.name == "offline_conversions_match_decisions"
+                     for s in m.samples if s.name.endswith("_total")}
+    assert got_decisions == want_decisions and want_decisions[("kameleoon", "matched")] > 1000
 
     failed = {"kameleoon": k_bad, "convert": v_bad, "conductrics": set()}
     got = sandbox_view(sandbox)
