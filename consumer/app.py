@@ -110,7 +110,8 @@ class Application:
         self._drained = asyncio.Event()
         self._drained.set()
         self._committed: dict[TP, int] = {}
-        self._in_flight_keys: dict[str, list[InFlight]] = {}  # key being delivered -> later events waiting on it
+        # Key being delivered -> later events waiting on it (None while there are none).
+        self._in_flight_keys: dict[str, list[InFlight] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.source: Source | None = None
         self.dlq: DeadLetterWriter | None = None
@@ -466,20 +467,24 @@ class Application:
         assert dispatcher is not None
         ev.pending = len(conversions)
         in_flight = self._in_flight_keys
+        seen = self.recent.seen
         for conversion in conversions:
             key = conversion.key
-            if self.recent.seen(key):
+            if seen(key):
                 # Delivered moments ago in this process (a redelivery after a rebalance): do not count twice.
                 self.tally.inc(self.metrics.conversions, conversion.provider.slug, "skipped")
                 ev.pending -= 1
                 continue
-            waiting = in_flight.get(key)
-            if waiting is not None:
+            if key in in_flight:
                 # The same conversion is on its way for an earlier event (the same order published twice):
                 # this event waits for that delivery instead of sending it again.
-                waiting.append(ev)
+                waiting = in_flight[key]
+                if waiting is None:
+                    in_flight[key] = [ev]
+                else:
+                    waiting.append(ev)
                 continue
-            in_flight[key] = []
+            in_flight[key] = None  # on its way, nobody waiting (yet): no list until someone is
             dispatcher.submit(conversion, ev)
         if ev.pending == 0:
             self._done(ev)
@@ -499,17 +504,24 @@ class Application:
             )
         count, delays = cells
         count.n += len(items)
-        if result.status is Status.DELIVERED:
-            now_ms = self.clock_ms()
-            delays.values.extend([max(0.0, (now_ms - p.conversion.occurred_at) / 1000) for p in items])
-        self.recent.add_many([p.conversion.key for p in items])
+        # One pass over the batch: every item is touched once (they are cold in the cache by now).
+        delivered_at = self.clock_ms() / 1000 if result.status is Status.DELIVERED else None
+        observe = delays.values.append
+        keys: list[str] = []
+        remember = keys.append
         in_flight = self._in_flight_keys
         finish = self.tracker.finish
         processing = self._h_processing.values
         now = time.monotonic()
         finished = 0
         for p in items:
-            waiters = in_flight.pop(p.conversion.key, None)
+            conversion = p.conversion
+            key = conversion.key
+            remember(key)
+            if delivered_at is not None:
+                delay = delivered_at - conversion.occurred_at / 1000
+                observe(delay if delay > 0.0 else 0.0)
+            waiters = in_flight.pop(key, None)
             if waiters:
                 self._release(waiters, provider)
             ev = p.ticket
@@ -522,6 +534,7 @@ class Application:
                     finish(ev.tp, ev.offset)
                     processing.append(now - ev.read_at)
                     finished += 1
+        self.recent.add_many(keys)
         if finished:
             self.live -= finished
             if self.live == 0:

@@ -46,8 +46,6 @@ class Pending:
 
     conversion: Conversion
     ticket: Any
-    route: Route
-    enqueued: float
 
 
 # Called once per request with its conversions and their common result (a batch is one provider's).
@@ -79,7 +77,7 @@ class Lane:
         self.gate = gate
         self.limit = 2 * gate.cfg.concurrency
         self.running = 0
-        self.backlog: deque[Sequence[Pending]] = deque()
+        self.backlog: deque[tuple[Sequence[Pending], Route, float]] = deque()
 
 
 class Dispatcher:
@@ -101,6 +99,7 @@ class Dispatcher:
         self.on_result = on_result
         self.clock = clock
         self.batcher: Batcher[Pending] = Batcher()
+        self._routes: dict[Hashable, Route] = {}  # batch key -> its route (a project's limits and address)
         self.lanes: dict[tuple[Provider, str], Lane] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.outstanding = 0  # conversions submitted and not yet resulted
@@ -119,22 +118,22 @@ class Dispatcher:
         key = (conversion.provider, route.key)
         open_batches = self.batcher.open
         before = open_batches.get(key)
-        closed = self.batcher.add(key, route.batch, Pending(conversion, ticket, route, now),
-                                  module.item_bytes(conversion), now)
+        closed = self.batcher.add(key, route.batch, Pending(conversion, ticket), module.item_bytes(conversion), now)
         for batch in closed:
-            self._launch(batch)
+            self._launch(batch, route)
         after = open_batches.get(key)
         if after is not None and after is not before:
+            self._routes[key] = route  # a batch's items share its route: kept once, not per item
             asyncio.get_running_loop().call_later(route.batch.linger, self._linger_expired, key, after)
 
     def _linger_expired(self, key: Hashable, batch: Batch[Pending]) -> None:
         if self.batcher.open.get(key) is batch:
-            self._launch(self.batcher.open.pop(key))
+            self._launch(self.batcher.open.pop(key), self._routes[key])
 
     def flush(self) -> None:
         """Send every open batch now (shutdown)."""
         for batch in self.batcher.drain():
-            self._launch(batch)
+            self._launch(batch, self._routes[batch.key])
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """True when every submitted conversion has its result."""
@@ -154,18 +153,18 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ sending
 
-    def _launch(self, batch: Batch[Pending]) -> None:
-        self._send(batch.items)
+    def _launch(self, batch: Batch[Pending], route: Route) -> None:
+        # The retry budget runs from the batch's first conversion (the oldest in it).
+        self._send(batch.items, route, batch.opened_at)
 
-    def _send(self, items: Sequence[Pending]) -> None:
+    def _send(self, items: Sequence[Pending], route: Route, started: float) -> None:
         """Start delivering a batch now, or queue it behind its lane's running senders."""
-        first = items[0]
-        lane = self._lane(first.conversion.provider, first.route)
+        lane = self._lane(items[0].conversion.provider, route)
         if lane.running >= lane.limit:
-            lane.backlog.append(items)
+            lane.backlog.append((items, route, started))
             return
         lane.running += 1
-        task = asyncio.get_running_loop().create_task(self._deliver(items, lane.gate))
+        task = asyncio.get_running_loop().create_task(self._deliver(items, route, started, lane.gate))
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._sent(t, lane))
 
@@ -173,7 +172,7 @@ class Dispatcher:
         self.tasks.discard(task)
         lane.running -= 1
         if lane.backlog and not task.cancelled():
-            self._send(lane.backlog.popleft())
+            self._send(*lane.backlog.popleft())
 
     def _lane(self, provider: Provider, route: Route) -> Lane:
         lane = self.lanes.get((provider, route.project))
@@ -188,11 +187,9 @@ class Dispatcher:
             lane = self.lanes[(provider, route.project)] = Lane(Gate(route.flow, publish, self.clock))
         return lane
 
-    async def _deliver(self, items: Sequence[Pending], gate: Gate) -> None:
-        first = items[0]
-        provider, route = first.conversion.provider, first.route
+    async def _deliver(self, items: Sequence[Pending], route: Route, started: float, gate: Gate) -> None:
+        provider = items[0].conversion.provider
         module = self.modules[provider]
-        started = min(p.enqueued for p in items)
         attempts = 0
         reauthed = False
         conversions = [p.conversion for p in items]
@@ -208,8 +205,8 @@ class Dispatcher:
                 if verdict is Verdict.SPLIT and len(items) > 1:
                     half = len(items) // 2
                     self.metrics.retries.labels(provider.slug, "split").inc()
-                    self._send(items[:half])
-                    self._send(items[half:])
+                    self._send(items[:half], route, started)
+                    self._send(items[half:], route, started)
                     return
                 if verdict is Verdict.REAUTH and route.token is not None and not reauthed:
                     # A token the provider refused is dropped and replaced once; a second 401 is permanent.
