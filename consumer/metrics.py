@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 NS = "offline_conversions"
+C = TypeVar("C")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
@@ -148,18 +149,10 @@ class Tally:
         self._observed: dict[tuple[object, tuple[str, ...]], Observed] = {}
 
     def count(self, metric: Counter, *labels: str) -> Count:
-        key = (metric, labels)
-        cell = self._counts.get(key)
-        if cell is None:
-            cell = self._counts[key] = Count(metric.labels(*labels) if labels else metric)
-        return cell
+        return _cell(self._counts, Count, metric, labels)
 
     def histogram(self, metric: Histogram, *labels: str) -> Observed:
-        key = (metric, labels)
-        cell = self._observed.get(key)
-        if cell is None:
-            cell = self._observed[key] = Observed(metric.labels(*labels) if labels else metric)
-        return cell
+        return _cell(self._observed, Observed, metric, labels)
 
     def inc(self, metric: Counter, *labels: str, n: float = 1.0) -> None:
         self.count(metric, *labels).n += n
@@ -176,6 +169,16 @@ class Tally:
             if obs.values:
                 values, obs.values = obs.values, []
                 observe_many(obs.child, values)
+
+
+def _cell(cells: dict[tuple[object, tuple[str, ...]], C], make: Callable[[Any], C], metric: Any,
+          labels: tuple[str, ...]) -> C:
+    """The one cell of a metric child, made on first use (a labels() lookup happens once per child)."""
+    key = (metric, labels)
+    cell = cells.get(key)
+    if cell is None:
+        cell = cells[key] = make(metric.labels(*labels) if labels else metric)
+    return cell
 
 
 def observe_many(child: Any, values: list[float]) -> None:

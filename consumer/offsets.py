@@ -39,24 +39,23 @@ class OffsetTracker:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def track(self, tp: TopicPartition, offset: int) -> None:
+    def _read(self, tp: TopicPartition, offset: int) -> _Partition:
+        """The partition of an offset just read, which must be above every offset read before."""
         part = self._parts.get(tp)
         if part is None:
             part = self._parts[tp] = _Partition()
         if offset <= part.last_read:
             raise OffsetOrderError(f"{tp[0]}[{tp[1]}] offset {offset} read after {part.last_read}")
-        part.order.append(offset)
         part.last_read = offset
+        return part
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        self._read(tp, offset).order.append(offset)
         self._in_flight += 1
 
     def track_done(self, tp: TopicPartition, offset: int) -> None:
         """`track` then `finish` at once: an event with nothing to deliver is done as it is read."""
-        part = self._parts.get(tp)
-        if part is None:
-            part = self._parts[tp] = _Partition()
-        if offset <= part.last_read:
-            raise OffsetOrderError(f"{tp[0]}[{tp[1]}] offset {offset} read after {part.last_read}")
-        part.last_read = offset
+        part = self._read(tp, offset)
         if part.order:
             part.order.append(offset)  # behind an unfinished event: retired with it
             part.done.add(offset)
