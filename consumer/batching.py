@@ -48,20 +48,13 @@ class Batcher(Generic[T]):
         self.open: dict[Hashable, Batch[T]] = {}
 
     def add(self, key: Hashable, limits: BatchConfig, item: T, item_bytes: int, now: float) -> list[Batch[T]]:
-        batch = self.open.get(key)
-        if batch is not None:
-            items = batch.items
-            if len(items) < limits.max_events and batch.size + item_bytes <= limits.max_bytes:
-                # The common case, inlined: the item joins an open batch that it does not fill.
-                items.append(item)
-                batch.size += item_bytes
-                if len(items) < limits.max_events:
-                    return []
-                return [self.open.pop(key)]
         closed: list[Batch[T]] = []
-        if batch is not None:
+        batch = self.open.get(key)
+        if batch is not None and not batch.fits(item_bytes):
             closed.append(self.open.pop(key))
-        batch = self.open[key] = Batch(key, limits, now)
+            batch = None
+        if batch is None:
+            batch = self.open[key] = Batch(key, limits, now)
         batch.items.append(item)
         batch.size += item_bytes
         if batch.full or limits.linger <= 0:

@@ -99,7 +99,6 @@ class Dispatcher:
         self.on_result = on_result
         self.clock = clock
         self.batcher: Batcher[Pending] = Batcher()
-        self._routes: dict[Hashable, Route] = {}  # batch key -> its route (a project's limits and address)
         self.lanes: dict[tuple[Provider, str], Lane] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.outstanding = 0  # conversions submitted and not yet resulted
@@ -120,20 +119,19 @@ class Dispatcher:
         before = open_batches.get(key)
         closed = self.batcher.add(key, route.batch, Pending(conversion, ticket), module.item_bytes(conversion), now)
         for batch in closed:
-            self._launch(batch, route)
+            self._launch(batch)
         after = open_batches.get(key)
         if after is not None and after is not before:
-            self._routes[key] = route  # a batch's items share its route: kept once, not per item
             asyncio.get_running_loop().call_later(route.batch.linger, self._linger_expired, key, after)
 
     def _linger_expired(self, key: Hashable, batch: Batch[Pending]) -> None:
         if self.batcher.open.get(key) is batch:
-            self._launch(self.batcher.open.pop(key), self._routes[key])
+            self._launch(self.batcher.open.pop(key))
 
     def flush(self) -> None:
         """Send every open batch now (shutdown)."""
         for batch in self.batcher.drain():
-            self._launch(batch, self._routes[batch.key])
+            self._launch(batch)
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """True when every submitted conversion has its result."""
@@ -153,9 +151,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ sending
 
-    def _launch(self, batch: Batch[Pending], route: Route) -> None:
-        # The retry budget runs from the batch's first conversion (the oldest in it).
-        self._send(batch.items, route, batch.opened_at)
+    def _launch(self, batch: Batch[Pending]) -> None:
+        # Every item of a batch has the batch's route (its key is made from it); the retry budget runs
+        # from the batch's first conversion, the oldest in it.
+        first = batch.items[0].conversion
+        self._send(batch.items, self.modules[first.provider].route(first), batch.opened_at)
 
     def _send(self, items: Sequence[Pending], route: Route, started: float) -> None:
         """Start delivering a batch now, or queue it behind its lane's running senders."""
