@@ -28,7 +28,7 @@ from consumer.config import (
     parse,
 )
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.base import HttpRequest, ProviderModule, Verdict
+from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_string
 from consumer.providers.conductrics import ConductricsModule, conductrics_key
 from consumer.providers.convert import ConvertModule, amount, transaction_key, v1_body
 from consumer.providers.kameleoon import KameleoonModule, json_number, nonce
@@ -623,3 +623,11 @@ def test_urls_survive_aiohttp_requoting(odd: str) -> None:
     assert q["vi"] == odd and split_t(q["t"]) == ("100", odd, "1.50", "2")
     d = yarl.URL(dreq(dconv(visitor_id=odd)).url).query
     assert (d["vid"], d["session"], d["apikey"]) == (odd, odd, API_KEY)
+
+
+@given(st.text(max_size=40))
+def test_json_string_is_a_json_literal_of_the_same_text(value: str) -> None:
+    literal = json_string(value)
+    assert json.loads(literal) == value
+    if not any("\ud800" <= ch <= "\udfff" for ch in value):  # lone surrogates take the json module's path
+        assert literal == orjson.dumps(value).decode()  # the fast path writes what the encoder would

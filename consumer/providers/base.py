@@ -135,6 +135,8 @@ def json_number(value: Decimal) -> str:
 
 def json_string(value: str) -> str:
     """A JSON string literal (UTF-8, compact); a lone surrogate is \\u-escaped instead of failing."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'  # the usual ids need no escaping: quoted as they are, without an encoder call
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:

@@ -63,15 +63,8 @@ def event_json(conversion: Conversion) -> str:
             _GOAL_JSON[goals[0]] = goal
     revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
     who = "mappingValue" if conversion.identity is _MAPPING else "visitorCode"
-    return (f'{{"nonce":{_plain_json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
-            f'"{who}":{_plain_json_string(conversion.visitor_id)}}}')
-
-
-def _plain_json_string(value: str) -> str:
-    """json_string, with a fast path for the usual ids: printable ASCII without quotes or backslashes."""
-    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
-        return f'"{value}"'
-    return json_string(value)
+    return (f'{{"nonce":{json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
+            f'"{who}":{json_string(conversion.visitor_id)}}}')
 
 
 _GOAL_JSON: dict[str, str] = {}
