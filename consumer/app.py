@@ -24,7 +24,7 @@ from consumer.decoding import DecodeError, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
-from consumer.matcher import Counts, MatchSettings, match
+from consumer.matcher import Counts, MatchSettings, count, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
@@ -311,7 +311,7 @@ class Application:
         now_ms = self.clock_ms()
         debug = log.isEnabledFor(logging.DEBUG)
         tracker, decode, settings, counts = self.tracker, self.decoder.decode, self.settings, self._decisions
-        track, track_done, count_decision, submit = tracker.track, tracker.track_done, self._count, self._submit
+        track, track_done, submit = tracker.track, tracker.track_done, self._submit
         consumed = decoded = unattributed = 0
         for msg in messages:
             err = msg.error()
@@ -332,7 +332,7 @@ class Application:
             try:
                 if debug:  # listed, with every rejection's reason, for the log
                     decision = match(purchase, settings, now_ms)
-                    count_decision(decision)
+                    count(decision, counts)
                     self._log_decision(purchase.event_id or f"{topic}/{partition}/{offset}", decision)
                 else:
                     decision = match(purchase, settings, now_ms, counts)
@@ -419,7 +419,7 @@ class Application:
         except Exception as exc:
             self._unmatchable(ev, exc)
             return
-        self._count(decision)
+        count(decision, self._decisions)
         if log.isEnabledFor(logging.DEBUG):
             self._log_decision(ev.correlation_id, decision)
         if decision.conversions:
@@ -433,16 +433,6 @@ class Application:
         cell = self._c_decisions[(provider, reason)] = self.tally.count(
             self.metrics.match_decisions, provider.slug if provider is not None else "none", reason)
         return cell
-
-    def _count(self, decision: Decision) -> None:
-        """Count a listed decision (the counting mode of `match` does this itself)."""
-        counts = self._decisions
-        for exposure in decision.matched:
-            key = (exposure.provider, "matched")
-            counts[key] = counts.get(key, 0) + 1
-        for rej in decision.rejections:
-            k = (rej.exposure.provider if rej.exposure else None, rej.reason)
-            counts[k] = counts.get(k, 0) + 1
 
     def _flush_decisions(self) -> None:
         """Matcher decisions counted since the last flush, onto their metric cells (once per poll loop)."""
@@ -493,7 +483,7 @@ class Application:
         """One request's result for each of its conversions (a batch holds one provider's conversions)."""
         if result.status is Status.FAILED:
             for p in items:
-                self._on_result(p.ticket, p.conversion, result)
+                self._on_failure(p.ticket, p.conversion, result)
             return
         provider = items[0].conversion.provider
         cells = self._c_outcomes.get((provider, result.status))
@@ -540,22 +530,16 @@ class Application:
             if self.live == 0:
                 self._drained.set()
 
-    def _on_result(self, ev: InFlight, conversion: Conversion, result: Result) -> None:
+    def _on_failure(self, ev: InFlight, conversion: Conversion, result: Result) -> None:
+        """A conversion that could not be delivered: its event is dead-lettered when its last result is in."""
         provider = conversion.provider.slug
-        if result.status is Status.FAILED:
-            if ev.failures is None:
-                ev.failures = {}
-            ev.failures.setdefault(provider, []).append((conversion, result))
-            log.warning("delivery failed", extra={
-                "correlation_id": ev.correlation_id, "provider": provider, "project": conversion.project,
-                "reason": result.outcome.reason, "status": result.outcome.status, "attempts": result.attempts,
-            })
-        else:
-            self.recent.add(conversion.key)
-            self.tally.inc(self.metrics.conversions, provider, result.status.value)
-            if result.status is Status.DELIVERED:
-                self.tally.observe(self.metrics.delivery_delay,
-                                   max(0.0, (self.clock_ms() - conversion.occurred_at) / 1000), provider)
+        if ev.failures is None:
+            ev.failures = {}
+        ev.failures.setdefault(provider, []).append((conversion, result))
+        log.warning("delivery failed", extra={
+            "correlation_id": ev.correlation_id, "provider": provider, "project": conversion.project,
+            "reason": result.outcome.reason, "status": result.outcome.status, "attempts": result.attempts,
+        })
         waiters = self._in_flight_keys.pop(conversion.key, None)
         if waiters:
             self._release(waiters, conversion.provider)

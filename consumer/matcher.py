@@ -105,8 +105,6 @@ class MatchSettings:
 
     rules: Mapping[tuple[Provider, str], Rules]
     windows_ms: Mapping[tuple[Provider, str], int]
-    mapping_identifier: frozenset[str]  # Kameleoon siteCodes with use_mapping_identifier
-    transaction_goals: Mapping[str, tuple[str, ...]]  # Convert project key -> goals carrying the transaction
     clock_skew_ms: int
     max_age_ms: int
     rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
@@ -129,8 +127,6 @@ class MatchSettings:
         return cls(
             rules=MappingProxyType(dict(rules)),
             windows_ms=MappingProxyType({k: p.window_ms for k, p in projects.items()}),
-            mapping_identifier=mapping,
-            transaction_goals=MappingProxyType(transaction_goals),
             clock_skew_ms=_ms(cfg.matcher.clock_skew),
             max_age_ms=_ms(cfg.matcher.max_age),
             rates=MappingProxyType(dict(cfg.matcher.rates)),
@@ -396,5 +392,12 @@ def _note(rejections: list[Rejection], counts: Counts | None, rejection: Rejecti
     if counts is None:
         rejections.append(rejection)
     else:
-        provider = rejection.exposure.provider if rejection.exposure is not None else None
-        _count(counts, provider, rejection.reason)
+        _count(counts, rejection.exposure.provider if rejection.exposure is not None else None, rejection.reason)
+
+
+def count(decision: Decision, counts: Counts) -> None:
+    """Count a listed decision into `counts` as the counting mode of `match` does."""
+    for exposure in decision.matched:
+        _count(counts, exposure.provider, "matched")
+    for rejection in decision.rejections:
+        _note([], counts, rejection)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.config import Config, parse
-from consumer.matcher import MatchSettings, match
+from consumer.matcher import MatchSettings, count, match
 from consumer.model import Channel, Conversion, Decision, Exposure, Identity, Provider, Purchase, RejectReason
 
 K, C, D = Provider.KAMELEOON, Provider.CONVERT, Provider.CONDUCTRICS
@@ -706,3 +706,6 @@ def test_property_counting_mode_counts_what_listing_lists(p: Purchase, now: int,
     assert counted.matched == () and counted.rejections == ()
     assert counts.pop((None, "left from earlier")) == 1
     assert counts == dict(expected)
+    recounted: dict[tuple[Provider | None, str], int] = {}
+    count(listed, recounted)  # what the service does with a listed decision (debug logging on)
+    assert recounted == counts
