@@ -97,24 +97,12 @@ def ends_of(spec: dict[str, Any]) -> dict[int, int]:
     return {int(k): int(v) for k, v in spec["ends"].items()}
 
 
-def emit(result: dict[str, Any]) -> None:
-    result.setdefault("peak_rss_mb", peak_rss_mb())
-    print(RESULT + json.dumps(result), flush=True)
-
-
-# --------------------------------------------------------------------------- children (one per measured run)
-
-
-def child_ceiling(spec: dict[str, Any]) -> None:
-    """Consume + decode only: the most any consumer built on this client and decoder can do."""
+def assigned_consumer(spec: dict[str, Any], ends: dict[int, int]) -> Any:
+    """A consumer assigned every partition of the run's topic from the beginning (no group join)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    from consumer.config import DecodingConfig
-    from consumer.decoding import make_decoder
     from consumer.demo import EMBEDDED_CONSUMER
 
-    ends = ends_of(spec)
-    decoder = make_decoder(DecodingConfig())
     c = Consumer(
         {
             "bootstrap.servers": spec["bootstrap"],
@@ -125,13 +113,28 @@ def child_ceiling(spec: dict[str, Any]) -> None:
         }
     )
     c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
-    if spec.get("gc_threshold", 0):
-        import gc
+    return c
 
-        # The service's own GC settings ([pipeline] gc_threshold), so that both run under the same runtime.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(int(spec["gc_threshold"]), 20, 100)
+
+def emit(result: dict[str, Any]) -> None:
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    print(RESULT + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- children (one per measured run)
+
+
+def child_ceiling(spec: dict[str, Any]) -> None:
+    """Consume + decode only: the most any consumer built on this client and decoder can do."""
+    from consumer.app import tune_gc
+    from consumer.config import DecodingConfig
+    from consumer.decoding import make_decoder
+
+    ends = ends_of(spec)
+    decoder = make_decoder(DecodingConfig())
+    c = assigned_consumer(spec, ends)
+    # The service's own GC settings ([pipeline] gc_threshold), so that both run under the same runtime.
+    tune_gc(int(spec.get("gc_threshold", 0)))
     todo = {p for p, last in ends.items() if last >= 0}
     first = None
     n = bad = 0
@@ -361,33 +364,15 @@ def child_http(spec: dict[str, Any]) -> None:
 def child_naive(spec: dict[str, Any]) -> None:
     """What a user would write instead: poll, decode, one blocking request per conversion, commit, repeat."""
     import requests
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from consumer.decoding import make_decoder
-    from consumer.demo import EMBEDDED_CONSUMER
     from consumer.matcher import MatchSettings, match
     from consumer.providers.registry import modules
 
     cfg = parsed_config(spec)
     settings, mods, decoder = MatchSettings.from_config(cfg), modules(cfg), make_decoder(cfg.decoding)
     ends = ends_of(spec)
-    c = Consumer(
-        {
-            "bootstrap.servers": spec["bootstrap"],
-            "group.id": spec["group"],
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            **EMBEDDED_CONSUMER,
-        }
-    )
-    c.assign([TopicPartition(spec["topic"], p, OFFSET_BEGINNING) for p in ends])
-    if spec.get("gc_threshold", 0):
-        import gc
-
-        # The service's own GC settings ([pipeline] gc_threshold), so that both run under the same runtime.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(int(spec["gc_threshold"]), 20, 100)
+    c = assigned_consumer(spec, ends)
     http = requests.Session()
     limit, budget = int(spec["max_events"]), float(spec["max_seconds"])
     first = None

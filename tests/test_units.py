@@ -241,14 +241,13 @@ def test_dead_letter_headers_carry_the_context_and_keep_the_originals() -> None:
 def test_the_service_tunes_gc_while_it_runs_and_restores_it() -> None:
     import gc
 
-    from consumer.app import Application
+    from consumer.app import tune_gc
     from consumer.config import parse
 
     cfg = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "d"},
                  "kameleoon": {"projects": {"s": {"goals": ["1"]}}}, "pipeline": {"gc_threshold": 12345}}, env={})
     before = gc.get_threshold()
-    app = Application(cfg, install_signals=False)
-    restore = app._tune_gc()
+    restore = tune_gc(cfg.pipeline.gc_threshold)
     try:
         assert gc.get_threshold()[0] == 12345 and gc.get_freeze_count() > 0
     finally:
@@ -258,4 +257,4 @@ def test_the_service_tunes_gc_while_it_runs_and_restores_it() -> None:
     assert gc.get_threshold() == before
     off = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "d"},
                  "kameleoon": {"projects": {"s": {"goals": ["1"]}}}, "pipeline": {"gc_threshold": 0}}, env={})
-    assert Application(off, install_signals=False)._tune_gc() is None and gc.get_threshold() == before
+    assert tune_gc(off.pipeline.gc_threshold) is None and gc.get_threshold() == before
