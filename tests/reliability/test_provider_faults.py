@@ -35,6 +35,22 @@ def _fault_tolerant(data: dict[str, Any], timeout: str) -> None:
         data[p]["flow"] = {"timeout": timeout, "breaker_failures": 5, "breaker_cooldown": "300ms"}
 
 
+
+async def run_until_delivered(app: Application, sandbox: Sandbox, want: Any, broker: EmbeddedBroker,
+                              topics: dict[str, str], ends: dict[int, int], timeout: float) -> Application:
+    """Run the service until the sandbox holds every wanted conversion and the group committed every
+    offset, then stop it (faults cleared); it must have exited cleanly."""
+    task = asyncio.get_running_loop().create_task(app.run())
+    try:
+        await sandbox.wait_until(lambda s: all_present(s, want), timeout=timeout)
+        await wait_committed(broker.bootstrap, topics["group"], topics["topic"], ends, timeout=30)
+    finally:
+        app.stop()
+        code = await asyncio.wait_for(task, 30)
+        sandbox.clear_faults()
+    assert code == 0, app.fatal
+    return app
+
 async def test_provider_faults_are_retried_until_delivered(broker: EmbeddedBroker, sandbox: Sandbox) -> None:
     topics = new_topics(broker)
     data = config_dict(broker.bootstrap, topics, sandbox.url)
@@ -57,17 +73,9 @@ async def test_provider_faults_are_retried_until_delivered(broker: EmbeddedBroke
     sandbox.reset_connections("conductrics", times=None, probability=0.03, seed=5)  # scattered resets
     sandbox.json_status(500, times=3); faults += 3  # noqa: E702
 
-    metrics = Metrics()
-    app = Application(cfg, metrics=metrics, install_signals=False)
-    task = asyncio.get_running_loop().create_task(app.run())
-    try:
-        await sandbox.wait_until(lambda s: all_present(s, want), timeout=60)
-        await wait_committed(broker.bootstrap, topics["group"], topics["topic"], stream.ends(), timeout=30)
-    finally:
-        app.stop()
-        code = await asyncio.wait_for(task, 30)
-        sandbox.clear_faults()
-    assert code == 0, app.fatal
+    app = await run_until_delivered(Application(cfg, metrics=Metrics(), install_signals=False),
+                                    sandbox, want, broker, topics, stream.ends(), timeout=60)
+    metrics = app.metrics
     injected = sum(n for (p, st), n in sandbox._statuses.items() if st in (0, 429, 502, 503) and p in PROVIDERS)
     scattered = sum(1 for r in sandbox.requests if r.outcome.startswith("fault:"))
     acc = account(sandbox, want)
@@ -110,17 +118,8 @@ async def test_slow_provider_pauses_partitions_and_bounds_in_flight(broker: Embe
         seen["max_paused_metric"] = max(seen["max_paused_metric"], gauge)
         return False
 
-    metrics = Metrics()
-    app = Application(cfg, metrics=metrics, install_signals=False, stop_when=observe)
-    task = asyncio.get_running_loop().create_task(app.run())
-    try:
-        await sandbox.wait_until(lambda s: all_present(s, want), timeout=90)
-        await wait_committed(broker.bootstrap, topics["group"], topics["topic"], stream.ends(), timeout=30)
-    finally:
-        app.stop()
-        code = await asyncio.wait_for(task, 30)
-        sandbox.clear_faults()
-    assert code == 0, app.fatal
+    await run_until_delivered(Application(cfg, metrics=Metrics(), install_signals=False, stop_when=observe),
+                              sandbox, want, broker, topics, stream.ends(), timeout=90)
     acc = account(sandbox, want)
     assert acc.lost == 0 and acc.unexpected == 0 and sandbox.duplicates() == {}, acc
     assert seen["max_live"] <= max_in_flight + poll_batch, seen
