@@ -204,6 +204,8 @@ def child_service(spec: dict[str, Any]) -> None:
                     mono = time.monotonic()
                     read_delays.extend([mono - p.ticket.read_at for p in items])
                 if event_delay:  # the half-throughput run only: elsewhere the events were produced before the run
+                    by_provider.setdefault(items[0].conversion.provider.slug, []).extend(
+                        [mono - p.ticket.read_at for p in items])
                     wall = time.time()
                     for p in items:
                         ts_type, ts = p.ticket.message.timestamp()
@@ -212,6 +214,7 @@ def child_service(spec: dict[str, Any]) -> None:
             super()._on_results(items, result)
 
     read_delays: list[float] = []
+    by_provider: dict[str, list[float]] = {}  # read->delivery per provider, in the half-throughput run
     event_delays: list[float] = []
     event_delay = bool(spec.get("event_delay", False))
     deadline = time.monotonic() + spec.get("timeout", 1800)
@@ -288,6 +291,8 @@ def child_service(spec: dict[str, Any]) -> None:
             "read_to_delivery_p99_s": pct(read_delays, 0.99),
             "event_to_delivery_p50_s": pct(event_delays, 0.5),
             "event_to_delivery_p99_s": pct(event_delays, 0.99),
+            "read_to_delivery_by_provider": {k: {"p50_s": pct(v, 0.5), "p99_s": pct(v, 0.99)}
+                                             for k, v in sorted(by_provider.items())},
         }
     )
 
