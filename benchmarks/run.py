@@ -75,6 +75,28 @@ def pct(values: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 4)
 
 
+def by_second(timeline: list[tuple[float, float, float]]) -> list[dict[str, Any]]:
+    """Delays of the conversions whose events were produced in each second of the run: is the tail a
+    moment (start-up, a stall) or spread over the run?"""
+    if not timeline:
+        return []
+    t0 = min(t[0] for t in timeline)
+    seconds: dict[int, list[tuple[float, float, float]]] = {}
+    for t in timeline:
+        seconds.setdefault(int(t[0] - t0), []).append(t)
+    return [
+        {
+            "second": k,
+            "conversions": len(v),
+            "event_to_read_p99_s": pct([t[1] for t in v], 0.99),
+            "event_to_delivery_p50_s": pct([t[2] for t in v], 0.5),
+            "event_to_delivery_p99_s": pct([t[2] for t in v], 0.99),
+            "event_to_delivery_max_s": round(max(t[2] for t in v), 4),
+        }
+        for k, v in sorted(seconds.items())
+    ]
+
+
 def make_config(spec: dict[str, Any]) -> dict[str, Any]:
     """The demo's sample config, keeping only the providers of this run."""
     from consumer.demo import sample_config
@@ -211,11 +233,14 @@ def child_service(spec: dict[str, Any]) -> None:
                         ts_type, ts = p.ticket.message.timestamp()
                         if ts_type and ts:
                             event_delays.append(wall - ts / 1000)
+                            # (produced at, event->read, event->delivery): where in the run the tail is
+                            timeline.append((ts / 1000, wall - (mono - p.ticket.read_at) - ts / 1000, wall - ts / 1000))
             super()._on_results(items, result)
 
     read_delays: list[float] = []
     by_provider: dict[str, list[float]] = {}  # read->delivery per provider, in the half-throughput run
     event_delays: list[float] = []
+    timeline: list[tuple[float, float, float]] = []
     event_delay = bool(spec.get("event_delay", False))
     deadline = time.monotonic() + spec.get("timeout", 1800)
 
@@ -293,6 +318,9 @@ def child_service(spec: dict[str, Any]) -> None:
             "event_to_delivery_p99_s": pct(event_delays, 0.99),
             "read_to_delivery_by_provider": {k: {"p50_s": pct(v, 0.5), "p99_s": pct(v, 0.99)}
                                              for k, v in sorted(by_provider.items())},
+            "event_to_read_p50_s": pct([t[1] for t in timeline], 0.5),
+            "event_to_read_p99_s": pct([t[1] for t in timeline], 0.99),
+            "by_second": by_second(timeline),
         }
     )
 
@@ -760,6 +788,21 @@ def build_report(res: dict[str, Any]) -> str:
             f"ceiling and Kameleoon service: fastest of {len(ceiling_runs)} alternating runs each "
             f"(ceiling {', '.join(fmt(r) for r in ceiling_runs)} ev/s; "
             f"Kameleoon {', '.join(fmt(r) for r in kameleoon_runs)} ev/s)"
+        )
+    half = hr.get("run") or {}
+    if half.get("by_second"):
+        # Seconds with too few conversions for a p99 (the first record, sent alone to warm the producer
+        # up, is a second of its own) stay in the JSON only.
+        full = [b for b in half["by_second"] if b["conversions"] >= 100] or half["by_second"]
+        worst = max(full, key=lambda b: b["event_to_delivery_p99_s"] or 0.0)
+        providers = ", ".join(
+            f"{k} {ms(v['p99_s'])}" for k, v in (half.get("read_to_delivery_by_provider") or {}).items())
+        lines.append(
+            f"half throughput, where the time goes: event→read p50 {ms(half.get('event_to_read_p50_s'))}, "
+            f"p99 {ms(half.get('event_to_read_p99_s'))}; read→delivery p99 by provider: {providers}; "
+            f"the worst second of the run (second {worst['second']} by production time, "
+            f"{worst['conversions']:,} conversions) has p99 "
+            f"{ms(worst['event_to_delivery_p99_s'])} and max {ms(worst['event_to_delivery_max_s'])}"
         )
     return "\n".join(lines)
 

@@ -38,7 +38,11 @@ def test_benchmark_small_run_writes_every_section(tmp_path: Path) -> None:
     assert all(r["events"] > 0 for r in res["naive"].values())
     assert "1 worker" in res["workers"] and "2 workers" in res["workers"]
     assert res["half_throughput"]["run"]["complete"]
-    assert res["half_throughput"]["run"]["event_to_delivery_p99_s"] is not None
+    half = res["half_throughput"]["run"]
+    assert half["event_to_delivery_p99_s"] is not None and half["event_to_read_p99_s"] is not None
+    # Every delivered conversion of the half run is in exactly one second of the per-second breakdown.
+    assert sum(b["conversions"] for b in half["by_second"]) == sum(half["delivered"].values())
+    assert "where the time goes" in proc.stdout
     assert res["backlog"]["run"]["complete"]
     assert all(t["result"] in ("PASS", "FAIL", "n/a") for t in res["targets"])
     assert (out / "results.md").read_text().startswith("| run |")
