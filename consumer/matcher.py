@@ -103,12 +103,10 @@ class _Project:
 class MatchSettings:
     """Everything the matcher needs from the configuration, with durations in integer milliseconds."""
 
-    rules: Mapping[tuple[Provider, str], Rules]
-    windows_ms: Mapping[tuple[Provider, str], int]
     clock_skew_ms: int
     max_age_ms: int
     rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
-    projects: Mapping[tuple[Provider, str], _Project]  # the same projects, prepared for the hot path
+    projects: Mapping[tuple[Provider, str], _Project]  # every configured project, prepared for the hot path
     # The rejection detail of projects seen in events but not configured, written once each.
     unknown_details: dict[tuple[Provider, str], str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -125,8 +123,6 @@ class MatchSettings:
             for (provider, project), r in rules.items()
         }
         return cls(
-            rules=MappingProxyType(dict(rules)),
-            windows_ms=MappingProxyType({k: p.window_ms for k, p in projects.items()}),
             clock_skew_ms=_ms(cfg.matcher.clock_skew),
             max_age_ms=_ms(cfg.matcher.max_age),
             rates=MappingProxyType(dict(cfg.matcher.rates)),
@@ -135,8 +131,9 @@ class MatchSettings:
 
     def currency_of(self, provider: Provider, project: str, purchase: Purchase) -> str:
         """The currency a conversion's revenue is in: the project's, or the purchase's when it sets none."""
-        rules = self.rules.get((provider, project))
-        return rules.currency if rules is not None and rules.currency else purchase.currency.upper()
+        prepared = self.projects.get((provider, project))
+        currency = prepared.rules.currency if prepared is not None else None
+        return currency or purchase.currency.upper()
 
 
 # --------------------------------------------------------------------------- keys

@@ -645,7 +645,7 @@ nows = st.integers(T0 - DAY, T0 + 31 * DAY)
 
 
 def _window_ms(c: Conversion | Exposure) -> int:
-    return PROP_SETTINGS.windows_ms[(c.provider, c.project)]
+    return PROP_SETTINGS.projects[(c.provider, c.project)].window_ms
 
 
 @settings(max_examples=400, deadline=None)
