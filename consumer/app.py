@@ -518,7 +518,7 @@ class Application:
             ev.pending -= 1
             if ev.pending == 0:
                 if ev.failures:
-                    self._dead_letter(ev, [self._dispatch_dead_letter(ev, pr, f) for pr, f in ev.failures.items()])
+                    self._dead_letter_failures(ev)
                 else:
                     # _done, inlined: this is the last step of most events.
                     finish(ev.tp, ev.offset)
@@ -557,9 +557,14 @@ class Application:
         ev.pending -= 1
         if ev.pending == 0:
             if ev.failures:
-                self._dead_letter(ev, [self._dispatch_dead_letter(ev, p, f) for p, f in ev.failures.items()])
+                self._dead_letter_failures(ev)
             else:
                 self._done(ev)
+
+    def _dead_letter_failures(self, ev: InFlight) -> None:
+        """An event whose last result is in, with failed deliveries: one dead letter per failed provider."""
+        assert ev.failures is not None
+        self._dead_letter(ev, [self._dispatch_dead_letter(ev, p, f) for p, f in ev.failures.items()])
 
     @staticmethod
     def _dispatch_dead_letter(ev: InFlight, provider: str, failed: list[tuple[Conversion, Result]]) -> DeadLetter:
