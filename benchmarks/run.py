@@ -224,22 +224,20 @@ def child_service(spec: dict[str, Any]) -> None:
                 # measuring (all of them in the half-throughput run, whose latency is a target).
                 if event_delay or self.delivered_batches % 4 == 1:
                     mono = time.monotonic()
-                    read_delays.extend([mono - p.ticket.read_at for p in items])
+                    delays = [mono - p.ticket.read_at for p in items]
+                    read_delays.extend(delays)
                 if event_delay:  # the half-throughput run only: elsewhere the events were produced before the run
-                    by_provider.setdefault(items[0].conversion.provider.slug, []).extend(
-                        [mono - p.ticket.read_at for p in items])
+                    by_provider.setdefault(items[0].conversion.provider.slug, []).extend(delays)
                     wall = time.time()
-                    for p in items:
+                    for p, delay in zip(items, delays, strict=True):
                         ts_type, ts = p.ticket.message.timestamp()
                         if ts_type and ts:
-                            event_delays.append(wall - ts / 1000)
                             # (produced at, event->read, event->delivery): where in the run the tail is
-                            timeline.append((ts / 1000, wall - (mono - p.ticket.read_at) - ts / 1000, wall - ts / 1000))
+                            timeline.append((ts / 1000, wall - delay - ts / 1000, wall - ts / 1000))
             super()._on_results(items, result)
 
     read_delays: list[float] = []
     by_provider: dict[str, list[float]] = {}  # read->delivery per provider, in the half-throughput run
-    event_delays: list[float] = []
     timeline: list[tuple[float, float, float]] = []
     event_delay = bool(spec.get("event_delay", False))
     deadline = time.monotonic() + spec.get("timeout", 1800)
@@ -314,8 +312,8 @@ def child_service(spec: dict[str, Any]) -> None:
             "unattributed": int(counter("offline_conversions_purchases_total", result="unattributed")),
             "read_to_delivery_p50_s": pct(read_delays, 0.5),
             "read_to_delivery_p99_s": pct(read_delays, 0.99),
-            "event_to_delivery_p50_s": pct(event_delays, 0.5),
-            "event_to_delivery_p99_s": pct(event_delays, 0.99),
+            "event_to_delivery_p50_s": pct([t[2] for t in timeline], 0.5),
+            "event_to_delivery_p99_s": pct([t[2] for t in timeline], 0.99),
             "read_to_delivery_by_provider": {k: {"p50_s": pct(v, 0.5), "p99_s": pct(v, 0.99)}
                                              for k, v in sorted(by_provider.items())},
             "event_to_read_p50_s": pct([t[1] for t in timeline], 0.5),
