@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_DLQ = 3
+EXIT_KAFKA_AUTH = 4
 
 # How long to keep retrying a registry that is down before the event is dead-lettered instead.
 _REGISTRY_RETRY_SECONDS = 60.0
@@ -124,6 +125,7 @@ class Application:
         self.live = 0
         self.consumed = 0
         self.fatal: str | None = None
+        self.fatal_exit = EXIT_DLQ  # the exit code when `fatal` is set
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -203,6 +205,11 @@ class Application:
                 src.resume()
             room = pipe.max_in_flight - self.live
             messages = src.poll(max(1, min(pipe.poll_batch, room)))
+            if src.auth_failed is not None:
+                self.fatal = (f"Kafka refused the credentials ({src.auth_failed}): check [kafka.common] "
+                              "sasl.mechanisms, sasl.username and sasl.password")
+                self.fatal_exit = EXIT_KAFKA_AUTH
+                break
             if messages:
                 self._process(messages)
             self.metrics.in_flight.set(self.live)
@@ -249,7 +256,7 @@ class Application:
             await self.health.stop()
         if self.fatal is not None:
             log.error("stopped: %s", self.fatal)
-            return EXIT_DLQ
+            return self.fatal_exit
         log.info("stopped", extra={"consumed": self.consumed})
         return EXIT_OK
 

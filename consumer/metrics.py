@@ -84,6 +84,10 @@ class Metrics:
             f"{NS}_paused_partitions", "Assigned partitions paused by backpressure.", registry=r
         )
         self.assigned_partitions = Gauge(f"{NS}_assigned_partitions", "Partitions assigned to this member.", registry=r)
+        self.rebalances = Counter(
+            f"{NS}_rebalance_callbacks_total",
+            "Group rebalance callbacks this member ran, by event (assigned, revoked, lost).", ["event"], registry=r,
+        )
         self.dlq_produced = Counter(
             f"{NS}_dlq_messages_total", "Messages written to the dead-letter topic, by stage and provider.",
             ["stage", "provider"], registry=r,

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 
+# The broker refused the credentials: retrying with the same ones cannot succeed, so the service stops
+# and says so rather than running unready for ever.
+AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
+
 
 def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
     conf: dict[str, Any] = {
@@ -62,6 +66,7 @@ class Source:
         self.paused = False
         self.broker_up = True
         self.last_error: str | None = None
+        self.auth_failed: str | None = None
 
     def subscribe(self) -> None:
         self.consumer.subscribe([self.kafka.topic], on_assign=self._assign, on_revoke=self._revoke,
@@ -72,6 +77,7 @@ class Source:
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self.assigned.update(tps)
+        self.metrics.rebalances.labels("assigned").inc()
         self.metrics.assigned_partitions.set(len(self.assigned))
         log.info("partitions assigned", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
         # The assignment takes effect after this callback returns; pausing is done on the next poll.
@@ -81,6 +87,7 @@ class Source:
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("partitions revoked", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        self.metrics.rebalances.labels("revoked").inc()
         self._on_revoke(tps)
         self.assigned.difference_update(tps)
         self.metrics.assigned_partitions.set(len(self.assigned))
@@ -92,6 +99,7 @@ class Source:
         # Lost, not revoked: another member may own them already, so committing would be wrong.
         tps = [(p.topic, p.partition) for p in partitions]
         log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
+        self.metrics.rebalances.labels("lost").inc()
         if self._on_lost is not None:
             self._on_lost(tps)
         self.assigned.difference_update(tps)
@@ -118,6 +126,8 @@ class Source:
         self.last_error = err.str()
         if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
             self.broker_up = False
+        if err.code() in AUTH_ERRORS and self.auth_failed is None:
+            self.auth_failed = err.str()
         log.warning("kafka: %s", err.str())
 
     def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:

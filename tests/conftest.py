@@ -1,17 +1,19 @@
-"""Shared fixtures: the embedded broker, the provider sandbox, configs that point at both."""
+"""Shared fixtures: the broker (Apache Kafka, or Tansu with --broker tansu), the provider sandbox, configs for both."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
 
+from consumer.apache_kafka import ApacheKafka
 from consumer.app import Application
 from consumer.config import Config, parse
 from consumer.demo import EMBEDDED_CONSUMER, sample_config
@@ -22,7 +24,22 @@ from consumer.sandbox import Sandbox
 FAST_GROUP = EMBEDDED_CONSUMER
 
 
+BROKERS = ("apache", "tansu")
+
+
+class Broker(Protocol):
+    """What every broker-backed test uses of the session broker, whichever kind it is."""
+
+    bootstrap: str
+
+    def create_topics(self, names: Any, partitions: int = 3) -> None: ...
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--broker", choices=BROKERS, default=os.environ.get("OC_BROKER", "apache"),
+        help="the session broker of every broker-backed test: Apache Kafka (default, what CI runs) or the "
+             "embedded Tansu broker; OC_BROKER=tansu does the same")
     group = parser.getgroup("reliability", "fault-injection suite (tests/reliability)")
     group.addoption("--soak", action="store_true", default=False,
                     help="repeat the SIGKILL and rebalance scenarios for --soak-seconds")
@@ -30,14 +47,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="how long --soak repeats each soak scenario (default 300)")
 
 
+def broker_kind(config: pytest.Config) -> str:
+    kind = str(config.getoption("--broker"))
+    if kind not in BROKERS:
+        raise pytest.UsageError(f"--broker/OC_BROKER must be one of {BROKERS}, not {kind!r}")
+    return kind
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"broker: {broker_kind(config)}"
+
+
 @pytest.fixture(scope="session")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        yield b
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    if broker_kind(request.config) == "tansu":
+        with EmbeddedBroker() as b:
+            yield b
+    else:
+        with ApacheKafka() as k:
+            yield k
 
 
 @pytest.fixture
-def topics(broker: EmbeddedBroker) -> dict[str, str]:
+def topics(broker: Broker) -> dict[str, str]:
     suffix = uuid.uuid4().hex[:8]
     names = {"topic": f"purchases-{suffix}", "dlq": f"purchases-{suffix}.dlq", "group": f"oc-{suffix}"}
     broker.create_topics([names["topic"], names["dlq"]], partitions=3)
@@ -70,7 +102,7 @@ def config_dict(bootstrap: str, topics: dict[str, str], sandbox_url: str, **sect
 
 
 @pytest.fixture
-def make_config(broker: EmbeddedBroker, topics: dict[str, str]) -> Callable[..., Config]:
+def make_config(broker: Broker, topics: dict[str, str]) -> Callable[..., Config]:
     def make(sandbox_url: str, **sections: Any) -> Config:
         return parse(config_dict(broker.bootstrap, topics, sandbox_url, **sections), env={})
     return make

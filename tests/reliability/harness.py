@@ -5,10 +5,12 @@ subprocess, and bounded waits on conditions."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -19,9 +21,11 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from consumer.app import Application
 from consumer.config import Config, parse
 from consumer.dlq import parse_headers
 from consumer.matcher import MatchSettings, match
+from consumer.metrics import Metrics
 from consumer.model import Conversion, Purchase
 from consumer.producer import encoded
 from consumer.samples import malformed, purchases
@@ -339,3 +343,116 @@ def result_line(name: str, **numbers: Any) -> str:
     line = f"RESULT {name}: " + ", ".join(f"{k}={v}" for k, v in numbers.items())
     print(line)
     return line
+
+
+# --------------------------------------------------------------------------- group members and steady streams
+
+
+class Member:
+    """One in-process service instance (an Application) in a consumer group."""
+
+    def __init__(self, cfg: Config, name: str) -> None:
+        self.name = name
+        self.app = Application(cfg, metrics=Metrics(), install_signals=False)
+        self.task = asyncio.get_running_loop().create_task(self.app.run())
+
+    async def leave(self) -> int:
+        self.app.stop()
+        return await asyncio.wait_for(self.task, 40)
+
+    def owned(self) -> list[int]:
+        return sorted(p for _, p in self.app.source.assigned) if self.app.source else []
+
+    async def assigned(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.app.source and self.app.source.assigned):
+            assert time.monotonic() < deadline, f"{self.name} got no partitions within {timeout}s"
+            assert not self.task.done(), f"{self.name} exited: {self.app.fatal}"
+            await asyncio.sleep(0.05)  # poll interval under a deadline
+
+
+async def settled(members: list[Member], partitions: int = 6, timeout: float = 45.0) -> float:
+    """Wait (bounded) until the running members own every partition between them, each once, and each
+    running member owns at least one when there are enough partitions; returns the time (epoch s) it did.
+
+    Tansu's group coordinator (classic protocol) can leave a group with no owners when a join and a
+    leave overlap; Kafka does not. So each membership change in the scenarios waits for the group to
+    settle before the next, which still moves partitions mid-stream, under load, every time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [m for m in members if not m.task.done()]
+        owned = [p for m in live for p in m.owned()]
+        balanced = len(live) > partitions or all(m.owned() for m in live)
+        if sorted(owned) == list(range(partitions)) and balanced:
+            return time.time()
+        owners = [(m.name, m.owned()) for m in live]
+        assert time.monotonic() < deadline, f"the group did not settle: {owners}"
+        await asyncio.sleep(0.02)  # poll interval under a deadline
+
+
+class SteadyStream:
+    """Purchases produced at a fixed rate by a thread until stopped; `stream` holds where each landed."""
+
+    def __init__(self, bootstrap: str, topic: str, rate: float, *, seed: int = 5, seconds: float = 120.0) -> None:
+        self.bootstrap, self.topic, self.rate = bootstrap, topic, rate
+        self.items = list(purchases(int(rate * seconds), now_ms=int(time.time() * 1000), seed=seed))
+        self.stream = Stream()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="steady-stream", daemon=True)
+        self.errors: list[str] = []
+        self.produced = 0
+        # (partition, offset) -> the purchase, as delivery reports arrive (read by monitors mid-run)
+        self.landed: dict[tuple[int, int], Purchase] = {}
+
+    def start(self) -> SteadyStream:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                             "acks": "all"})
+        results: list[tuple[int, int] | None] = [None] * len(self.items)
+
+        def report(i: int) -> Callable[[KafkaError | None, Message], None]:
+            def cb(err: KafkaError | None, msg: Message) -> None:
+                if err is not None:
+                    self.errors.append(err.str())
+                else:
+                    results[i] = (msg.partition(), msg.offset())  # type: ignore[assignment]
+                    self.landed[(msg.partition(), msg.offset())] = self.items[i]  # type: ignore[index]
+            return cb
+
+        values = list(encoded(self.items))
+        started = time.monotonic()
+        n = 0
+        while n < len(values) and not self._stop.is_set():
+            key, value = values[n]
+            producer.produce(self.topic, value=value, key=key, on_delivery=report(n))
+            n += 1
+            producer.poll(max(0.0, n / self.rate - (time.monotonic() - started)))
+        self.produced = n
+        producer.flush(60)
+        for i in range(n):
+            pos = results[i]
+            if pos is None:
+                self.errors.append(f"purchase {i} has no delivery report")
+                continue
+            self.stream.positions.append(pos)
+            self.stream.kinds.append("purchase")
+            self.stream.refs.append(self.items[i])
+            self.stream.items.append(self.items[i])
+
+    def stop(self) -> Stream:
+        self._stop.set()
+        self._thread.join(90)
+        assert not self.errors, f"the steady stream failed: {self.errors[:3]}"
+        return self.stream
+
+
+def longest_gap(times: Iterable[float], start: float, end: float) -> float:
+    """The longest stretch in [start, end] with no delivery, in seconds (the pause a change caused)."""
+    inside = sorted(t for t in times if start <= t <= end)
+    before = [t for t in times if t < start]
+    marks = [max(before) if before else start, *inside, end]
+    return max(b - a for a, b in itertools.pairwise(marks))

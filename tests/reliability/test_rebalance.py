@@ -6,19 +6,17 @@ after a revoke (an event in flight at the old owner, re-read by the new one) is 
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections import Counter
 from typing import Any
 
-from consumer.app import Application
 from consumer.embedded import EmbeddedBroker
-from consumer.metrics import Metrics
 from consumer.sandbox import Sandbox
 from tests.conftest import read_all
 
 from .harness import (
+    Member,
     Stream,
     account,
     all_present,
@@ -30,45 +28,10 @@ from .harness import (
     new_topics,
     produce,
     result_line,
+    settled,
     to_config,
     wait_committed,
 )
-
-
-class Member:
-    def __init__(self, cfg: Any, name: str) -> None:
-        self.name = name
-        self.app = Application(cfg, metrics=Metrics(), install_signals=False)
-        self.task = asyncio.get_running_loop().create_task(self.app.run())
-
-    async def leave(self) -> int:
-        self.app.stop()
-        return await asyncio.wait_for(self.task, 40)
-
-    async def assigned(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not (self.app.source and self.app.source.assigned):
-            assert time.monotonic() < deadline, f"{self.name} got no partitions within {timeout}s"
-            assert not self.task.done(), f"{self.name} exited: {self.app.fatal}"
-            await asyncio.sleep(0.1)  # poll interval under a deadline
-
-
-async def settled(members: list[Member], partitions: int = 6, timeout: float = 45.0) -> None:
-    """Wait (bounded) until the running members own every partition between them, each once.
-
-    Tansu's group coordinator (classic protocol) can leave a group with no owners when a join and a
-    leave overlap; Kafka does not. So each membership change here waits for the group to settle
-    before the next, which still moves partitions mid-stream, under load, every time.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        live = [m for m in members if not m.task.done()]
-        owned = [p for m in live if m.app.source for _, p in m.app.source.assigned]
-        if sorted(owned) == list(range(partitions)):
-            return
-        owners = [(m.name, sorted(p for _, p in m.app.source.assigned) if m.app.source else None) for m in live]
-        assert time.monotonic() < deadline, f"the group did not settle: {owners}"
-        await asyncio.sleep(0.1)  # poll interval under a deadline
 
 
 async def rebalance_round(broker: EmbeddedBroker, sandbox: Sandbox, seed: int) -> dict[str, Any]:

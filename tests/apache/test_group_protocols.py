@@ -1,0 +1,161 @@
+"""On Apache Kafka: the three group protocols under a steady stream while the group grows 1→3 and shrinks back,
+and static membership (a member restarted within its session timeout causes no rebalance).
+
+Every conversion of the stream is delivered (re-sends after a revoke are counted, never a loss), and the
+pause in deliveries that each membership change causes is measured and printed as a RESULT line; the
+figures are in docs/operations.md ("Group protocol").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from consumer.apache_kafka import ApacheKafka
+from consumer.sandbox import Sandbox
+from tests.conftest import Broker
+from tests.reliability.harness import (
+    Member,
+    SteadyStream,
+    account,
+    all_present,
+    config_dict,
+    conversions_of,
+    expected_view,
+    longest_gap,
+    new_topics,
+    result_line,
+    settled,
+    to_config,
+    wait_committed,
+)
+
+PARTITIONS = 6
+RATE = 500.0
+# The classic protocol's client-side timing keys are refused under KIP-848 (the broker owns them there).
+CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "eager": {"partition.assignment.strategy": "range,roundrobin"},
+    "cooperative-sticky": {"partition.assignment.strategy": "cooperative-sticky"},
+    "consumer": {"group.protocol": "consumer"},
+}
+
+
+def protocol_config(broker: Broker, topics: dict[str, str], sandbox: Sandbox, protocol: str) -> dict[str, Any]:
+    data = config_dict(broker.bootstrap, topics, sandbox.url)
+    data["logging"] = {"level": "WARNING"}
+    consumer = dict(data["kafka"]["consumer"])
+    if protocol == "consumer":
+        for key in CLASSIC_ONLY:
+            consumer.pop(key, None)
+    consumer.update(PROTOCOLS[protocol])
+    consumer["fetch.wait.max.ms"] = 20
+    data["kafka"]["consumer"] = consumer
+    return data
+
+
+async def wait_flowing(sandbox: Sandbox, more: int = 150, timeout: float = 30.0) -> None:
+    """Until `more` further conversions have arrived: deliveries are flowing again after a change."""
+    target = len(sandbox.records) + more
+    await sandbox.wait_until(lambda s: len(s.records) >= target, timeout=timeout)
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+async def test_group_grows_and_shrinks_under_a_steady_stream(apache: ApacheKafka, sandbox: Sandbox,
+                                                             protocol: str) -> None:
+    broker = apache
+    topics = new_topics(broker, partitions=PARTITIONS)
+    cfg = to_config(protocol_config(broker, topics, sandbox, protocol))
+    steady = SteadyStream(broker.bootstrap, topics["topic"], RATE, seed=40 + len(protocol)).start()
+    members: list[Member] = []
+    pauses: list[tuple[str, float, float, float]] = []  # (change, started, settled, pause)
+    try:
+        a = Member(cfg, "A")
+        members.append(a)
+        await a.assigned()
+        await settled(members, PARTITIONS)
+        await wait_flowing(sandbox)
+        for name in ("B", "C"):
+            started = time.time()
+            members.append(Member(cfg, name))
+            done = await settled(members, PARTITIONS)
+            await wait_flowing(sandbox)
+            pauses.append((f"join {name} ({len(members)} members)", started, done, 0.0))
+        for m in (members[2], members[1]):
+            started = time.time()
+            assert await m.leave() == 0, m.app.fatal
+            done = await settled(members, PARTITIONS)
+            await wait_flowing(sandbox)
+            pauses.append((f"leave {m.name}", started, done, 0.0))
+    finally:
+        stream = steady.stop()
+    try:
+        want = expected_view(conversions_of(cfg, stream.items))
+        await sandbox.wait_until(lambda s: all_present(s, want), timeout=60)
+        await wait_committed(broker.bootstrap, topics["group"], topics["topic"], stream.ends(), timeout=30)
+    finally:
+        for m in members:
+            if not m.task.done():
+                assert await m.leave() == 0, m.app.fatal
+    acc = account(sandbox, want)
+    assert acc.lost == 0, f"{protocol}: lost {acc.lost} of {acc.expected}, e.g. {acc.missing_sample}"
+    assert acc.unexpected == 0
+    times = [r.time for r in sandbox.records]
+    # The pause a change caused: the longest stretch without a delivery from the change until a second
+    # after the group settled (the stream never stops, so a healthy group delivers every few ms).
+    measured = [(what, s, d, longest_gap(times, s, d + 1.0)) for what, s, d, _ in pauses]
+    for what, s, d, gap in measured:
+        result_line(f"group-protocol {protocol}", change=what, settle_s=round(d - s, 2), pause_s=round(gap, 2))
+    result_line(f"group-protocol {protocol} total", events=stream.total, conversions=acc.expected,
+                duplicates=acc.duplicates, max_pause_s=round(max(g for *_, g in measured), 2))
+    # A bound that fails if a change stalls deliveries (Tansu's cooperative stall was 20 s and more).
+    assert max(g for *_, g in measured) < 15.0, measured
+
+
+async def test_static_member_restarted_within_session_timeout_causes_no_rebalance(
+    apache: ApacheKafka, sandbox: Sandbox
+) -> None:
+    broker = apache
+    topics = new_topics(broker, partitions=PARTITIONS)
+    data = protocol_config(broker, topics, sandbox, "cooperative-sticky")
+    data["kafka"]["consumer"]["session.timeout.ms"] = 30000
+
+    def member_config(instance: str) -> Any:
+        d = {**data, "kafka": {**data["kafka"], "consumer": {**data["kafka"]["consumer"],
+                                                             "group.instance.id": instance}}}
+        return to_config(d)
+
+    steady = SteadyStream(broker.bootstrap, topics["topic"], 200.0, seed=61).start()
+    try:
+        a, b = Member(member_config("pod-a"), "A"), Member(member_config("pod-b"), "B")
+        await settled([a, b], PARTITIONS)
+        await wait_flowing(sandbox)
+        a_parts, b_parts = a.owned(), b.owned()
+        before = callbacks(b)
+        assert await a.leave() == 0, a.app.fatal
+        a2 = Member(member_config("pod-a"), "A'")
+        await a2.assigned()
+        await wait_flowing(sandbox)
+        # A rebalance would have run B's callbacks: revoke everything (eager) or hand it A's partitions
+        # (cooperative), as it does when a dynamic member leaves. A static member's return runs none.
+        assert callbacks(b) == before, f"B saw rebalance callbacks while A restarted: {before} -> {callbacks(b)}"
+        assert b.owned() == b_parts
+        assert a2.owned() == a_parts, f"A came back with {a2.owned()}, had {a_parts}"
+    finally:
+        stream = steady.stop()
+    want = expected_view(conversions_of(to_config(data), stream.items))
+    await sandbox.wait_until(lambda s: all_present(s, want), timeout=60)
+    for m in (a2, b):
+        assert await m.leave() == 0, m.app.fatal
+    acc = account(sandbox, want)
+    assert acc.lost == 0
+    result_line("static-membership", events=stream.total, b_partitions=b_parts, a_partitions=a_parts,
+                b_callbacks_during_restart=0, duplicates=acc.duplicates)
+
+
+def callbacks(m: Member) -> dict[str, float]:
+    r = m.app.metrics.registry
+    return {e: r.get_sample_value("offline_conversions_rebalance_callbacks_total", {"event": e}) or 0.0
+            for e in ("assigned", "revoked", "lost")}
