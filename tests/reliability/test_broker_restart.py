@@ -1,8 +1,10 @@
-"""Scenario 3: the broker stopped and restarted under a running service.
+"""Scenario 3: the broker stopped and restarted under a running service, on the embedded Tansu broker.
 
-Tansu keeps everything in memory: the restarted broker is empty (no topics, no group, no committed
-offsets). The topics are recreated and new events produced; the service must survive, reconnect and
-deliver the new events — which land at offsets 0.. again on the recreated topic.
+This is the case of a broker that comes back empty (the durable case, Apache Kafka SIGKILLed and restarted
+on its own logs, is tests/apache/test_broker_faults.py). Tansu keeps everything in memory: the restarted
+broker is empty (no topics, no group, no committed offsets). The topics are recreated and new events
+produced; the service must survive, reconnect and deliver the new events — which land at offsets 0..
+again on the recreated topic.
 """
 
 from __future__ import annotations
