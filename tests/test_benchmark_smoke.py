@@ -47,3 +47,19 @@ def test_benchmark_small_run_writes_every_section(tmp_path: Path) -> None:
     assert all(t["result"] in ("PASS", "FAIL", "n/a") for t in res["targets"])
     assert (out / "results.md").read_text().startswith("| run |")
     assert "| target |" in proc.stdout
+
+
+def test_benchmark_runs_on_apache_kafka(tmp_path: Path) -> None:
+    out = tmp_path / "bench-apache"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--broker", "apache", "--events", "800",
+         "--latency-ms", "1", "--out", str(out), "--only", "ceiling,service", "--sets", "kameleoon",
+         "--repeat", "1", "--workers", ""],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["params"]["broker"] == "apache" and res["params"]["broker_version"].startswith("Apache Kafka 4.")
+    assert res["ceiling"]["events"] == 800
+    assert res["service"]["kameleoon"]["complete"] and res["service"]["kameleoon"]["broker_cpu_seconds"] > 0
+    assert "broker Apache Kafka 4." in (out / "results.md").read_text()
