@@ -86,7 +86,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from consumer.explain import explain, render_text
+    from consumer.explain import explain, parse_now, render_text
 
     cfg = _load_or_exit(args.config)
     assert isinstance(cfg, Config)
@@ -95,7 +95,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"offline-conversions: cannot read the event: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    now_ms = int(time.time() * 1000) if args.now is None else int(args.now)
+    try:
+        now_ms = int(time.time() * 1000) if args.now is None else parse_now(args.now)
+    except ValueError as exc:
+        print(f"offline-conversions: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         report = explain(cfg, event, now_ms)
     except ValueError as exc:
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("explain", help="show what the service would send for one event given as JSON")
     ex.add_argument("--config", required=True)
-    ex.add_argument("--now", help="evaluate at this epoch-millisecond time instead of now")
+    ex.add_argument("--now", help="evaluate at this time instead of now: epoch milliseconds or ISO-8601 with an offset")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
     ex.add_argument("event", help="the event as a JSON file, or - for standard input")
     ex.set_defaults(func=cmd_explain)

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,11 +48,38 @@ REVENUE_SCALE = 2
 _MAX_UNSCALED = 10**REVENUE_PRECISION  # exclusive bound of |unscaled revenue|
 _MAX_REVENUE = Decimal(_MAX_UNSCALED).scaleb(-REVENUE_SCALE)
 _QUANTUM = Decimal(1).scaleb(-REVENUE_SCALE)
+_REVENUE_CONTEXT = Context(prec=34)  # explicit: the process's global context must not matter
 # Longer than any two's complement encoding of a 12-digit value even with sign padding; bounds int.from_bytes.
 _MAX_DECIMAL_BYTES = 16
 # datetime's range ends at 9999-12-31; a purchase before 1970 is a corrupted clock, not a customer.
 MIN_TIMESTAMP_MS = 0
 MAX_TIMESTAMP_MS = 253_402_300_799_999
+
+
+
+class RevenueError(ValueError):
+    """A revenue the contract's decimal(12,2) cannot carry exactly: more than two decimals, or too large."""
+
+    def __init__(self, value: Decimal, detail: str) -> None:
+        super().__init__(f"revenue {value} {detail}")
+        self.value = value
+        self.detail = detail  # what is wrong, without the value: "has more than 2 decimals, ..."
+
+
+def contract_revenue(value: Decimal) -> Decimal:
+    """`value` at scale 2 when that is exact (23.5 and 23.500 -> 23.50); RevenueError otherwise, never a rounding."""
+    if not value.is_finite():
+        raise RevenueError(value, "is not a finite number")
+    if abs(value) >= _MAX_REVENUE:
+        raise RevenueError(value, f"does not fit decimal({REVENUE_PRECISION},{REVENUE_SCALE}): "
+                                  f"at most {REVENUE_PRECISION - REVENUE_SCALE} digits before the point")
+    scaled = value.quantize(_QUANTUM, context=_REVENUE_CONTEXT)  # at most 12 digits: never raises
+    if scaled != value:
+        raise RevenueError(value, f"has more than {REVENUE_SCALE} decimals, which decimal({REVENUE_PRECISION},"
+                                  f"{REVENUE_SCALE}) cannot carry; round it where it is made (it is never "
+                                  "rounded here)")
+    return scaled
+
 
 _CHANNELS: dict[str, Channel] = {c.value: c for c in Channel}
 _PROVIDERS: dict[str, Provider] = {p.value: p for p in Provider}
@@ -235,12 +262,9 @@ def _decimal(value: Any) -> Decimal:
         return Decimal(unscaled).scaleb(-REVENUE_SCALE)
     if isinstance(value, Decimal):
         try:
-            scaled = value.quantize(_QUANTUM) if value.is_finite() else None
-        except InvalidOperation:
-            scaled = None
-        if scaled is None or scaled != value or abs(scaled) >= _MAX_REVENUE:
-            raise DecodeError("invalid_decimal", f"revenue {value} does not fit decimal(12,2)")
-        return scaled
+            return contract_revenue(value)
+        except RevenueError as exc:
+            raise DecodeError("invalid_decimal", str(exc)) from None
     raise DecodeError("invalid_decimal", f"revenue is a {type(value).__name__}, not bytes or Decimal")
 
 
@@ -351,7 +375,8 @@ def purchase_to_record(p: Purchase) -> dict[str, Any]:
         "occurred_at": p.occurred_at,
         "channel": p.channel.value,
         "currency": p.currency,
-        "revenue": p.revenue,
+        # fastavro refuses any other scale, even an exact 23.500, with a message naming no field.
+        "revenue": contract_revenue(p.revenue),
         "item_count": p.item_count,
         "customer_id": p.customer_id,
         "exposures": [

@@ -57,24 +57,27 @@ def _counter(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 class Progress:
-    """One line, rewritten in place on a terminal (appended every few seconds otherwise)."""
+    """One line, rewritten in place on a terminal (appended every few seconds otherwise).
+
+    It counts two things that must not be mistaken for each other: events (Kafka messages: read, in
+    flight, lag, dead letters) and conversions (what the providers received: one event gives 0 to many).
+    """
 
     def __init__(self, metrics: Metrics, total: int, out: TextIO) -> None:
         self.metrics, self.total, self.out = metrics, total, out
         self.tty = out.isatty()
         self.started = time.monotonic()
+        self._width = 0
 
-    def line(self, app: Application) -> str:
+    def line(self, consumed: int, live: int, now: float) -> str:
         m = self.metrics
         delivered = sum(_counter(m, "offline_conversions_conversions_total", provider=p.slug, outcome="delivered")
                         for p in Provider)
         dead = sum(_counter(m, "offline_conversions_dlq_messages_total", stage=s, provider=p)
                    for s in ("decode", "match", "dispatch") for p in ("none", *(x.slug for x in Provider)))
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        lag = self.total - app.consumed
-        return (f"read {app.consumed:>6}/{self.total}  {app.consumed / elapsed:8.0f} ev/s  "
-                f"delivered {int(delivered):>6}  dead-lettered {int(dead):>4}  in flight {app.live:>5}  "
-                f"lag {lag:>6}")
+        rate = consumed / max(now - self.started, 1e-6)
+        return (f"events: {consumed}/{self.total} read, {rate:.0f}/s, {live} in flight, lag {self.total - consumed}, "
+                f"{int(dead)} dead-lettered | conversions: {int(delivered)} delivered")
 
     async def run(self, app: Application) -> None:
         every = 0.25 if self.tty else 2.0
@@ -83,9 +86,11 @@ class Progress:
             self.show(app)
 
     def show(self, app: Application, final: bool = False) -> None:
-        text = self.line(app)
+        text = self.line(app.consumed, app.live, time.monotonic())
         if self.tty:
-            self.out.write("\r" + text + ("\n" if final else ""))
+            # Padded to the last line's width: a shorter line (lag falling) must not leave its tail behind.
+            self.out.write("\r" + text.ljust(self._width) + ("\n" if final else ""))
+            self._width = len(text)
         else:
             self.out.write(text + "\n")
         self.out.flush()

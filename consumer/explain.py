@@ -1,16 +1,29 @@
-"""Explain what the matcher would do with one purchase given as JSON: matches, rejections and what is sent."""
+"""Explain what the service would do with one purchase given as JSON: matches, rejections, the HTTP requests.
+
+The requests are built by the provider modules and batched as the delivery layer batches them, then
+redacted: every configured secret (API keys, OAuth client ids and secrets), the credentials of
+`Authorization`-like headers and URL passwords are shown as `***`. The event's JSON shape is in
+docs/operations.md ("Explaining one event"); docs/examples/purchase.json is a complete one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import quote, quote_plus, urlsplit, urlunsplit
 
-from consumer.config import Config
+from consumer.batching import Batch, Batcher
+from consumer.config import Config, Secret
+from consumer.decoding import RevenueError, contract_revenue
+from consumer.durations import human
 from consumer.matcher import MatchSettings, match
 from consumer.model import Channel, Conversion, Exposure, Provider, Purchase, Rejection
+from consumer.providers.base import HttpRequest, ProviderModule, json_string, token_request
+from consumer.providers.registry import modules
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -69,6 +82,11 @@ def _timestamp(obj: Mapping[str, Any], name: str, path: str) -> int:
     raise ValueError(f"{path}{name}: expected epoch milliseconds or an ISO-8601 timestamp, got {v!r}")
 
 
+def parse_now(text: str) -> int:
+    """`explain --now`: epoch milliseconds or an ISO-8601 timestamp with an offset, as the event's own times."""
+    return _timestamp({"now": text}, "now", "--")
+
+
 def _revenue(obj: Mapping[str, Any], path: str) -> Decimal:
     v = _missing(obj, "revenue", path)
     if isinstance(v, bool) or not isinstance(v, str | int | float):
@@ -79,7 +97,10 @@ def _revenue(obj: Mapping[str, Any], path: str) -> Decimal:
         raise ValueError(f'{path}revenue: expected a decimal string like "23.50" or a number, got {v!r}') from None
     if not d.is_finite():
         raise ValueError(f"{path}revenue: must be a finite number, got {v!r}")
-    return d
+    try:
+        return contract_revenue(d)  # what the Avro contract carries: refused, never rounded
+    except RevenueError as exc:
+        raise ValueError(f"{path}revenue: {v!r} {exc.detail}") from None
 
 
 def _enum_value(v: Any, name: str, path: str, choices: tuple[str, ...]) -> str:
@@ -157,6 +178,103 @@ def unknown_fields(obj: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# --------------------------------------------------------------------------- requests
+
+REDACTED = "***"
+# Headers whose whole value is a credential; for Authorization-like ones the scheme stays readable.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
+
+
+def _secrets(obj: object) -> Iterator[str]:
+    """Every Secret's value in a config tree (dataclasses, mappings, sequences)."""
+    if isinstance(obj, Secret):
+        yield obj.reveal()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _secrets(getattr(obj, f.name))
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _secrets(v)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for v in obj:
+            yield from _secrets(v)
+
+
+class Redactor:
+    """Replaces the configured secrets in every form a request can carry them (raw, URL- and JSON-encoded)."""
+
+    def __init__(self, cfg: Config) -> None:
+        forms = set()
+        for value in _secrets(cfg):
+            if value:
+                forms |= {value, quote(value, safe=""), quote_plus(value), json_string(value)[1:-1]}
+        self._forms = sorted(forms, key=len, reverse=True)  # a secret inside another goes after it
+
+    def text(self, text: str) -> str:
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, REDACTED)
+        return text
+
+    def url(self, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.password is not None:  # credentials in the URL: user:***@host
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{parts.username or ''}:{REDACTED}@{host}")
+        return self.text(urlunsplit(parts))
+
+    def header(self, name: str, value: str) -> str:
+        if name.lower() in _CREDENTIAL_HEADERS:
+            scheme, sep, _ = value.partition(" ")
+            return f"{scheme} {REDACTED}" if sep else REDACTED
+        return self.text(value)
+
+
+def _request_json(request: HttpRequest, redact: Redactor) -> dict[str, Any]:
+    body = None if request.body is None else request.body.decode("utf-8", "backslashreplace")
+    return {
+        "method": request.method,
+        "url": redact.url(request.redacted_url or request.url),
+        "headers": {k: redact.header(k, v) for k, v in request.headers.items()},
+        "body": None if body is None else redact.text(body),
+    }
+
+
+def planned_requests(cfg: Config, conversions: Sequence[Conversion]) -> list[dict[str, Any]]:
+    """The HTTP requests the service would send for these conversions, batched as it batches, redacted.
+
+    A project with OAuth credentials first gets its client-credentials grant (sent once, then the token is
+    cached until it expires); its token is shown as `Bearer ***`. In the running service, conversions of
+    other events may share a batched request (Kameleoon, Convert v1) with these.
+    """
+    mods: dict[Provider, ProviderModule] = modules(cfg)
+    redact = Redactor(cfg)
+    batcher: Batcher[Conversion] = Batcher()
+    closed: list[Batch[Conversion]] = []
+    for c in conversions:
+        m = mods[c.provider]
+        route = m.route(c)
+        closed += batcher.add((c.provider, route.key), route.batch, c, m.item_bytes(c), 0.0)
+    closed += batcher.drain()
+    order = {c.key: i for i, c in enumerate(conversions)}
+    closed.sort(key=lambda b: order[b.items[0].key])
+    out: list[dict[str, Any]] = []
+    granted: set[object] = set()
+    for batch in closed:
+        first = batch.items[0]
+        m = mods[first.provider]
+        route = m.route(first)
+        where = {"provider": first.provider.value, "project": route.project}
+        if route.token is not None and route.token not in granted:
+            granted.add(route.token)
+            grant = token_request(route.token, cfg.kameleoon.user_agent)
+            out.append({**where, "purpose": "token", "conversions": [], **_request_json(grant, redact)})
+        request = m.build(route, batch.items, REDACTED if route.token is not None else None)
+        out.append({**where, "purpose": "conversions", "conversions": [c.key for c in batch.items],
+                    **_request_json(request, redact)})
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -201,7 +319,7 @@ def _conversion_json(c: Conversion, currency: str) -> dict[str, Any]:
 
 
 def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
-    """A JSON-serialisable report of what `match` decides for `event` at `now_ms`, and why."""
+    """A JSON-serialisable report of what `match` decides for `event` at `now_ms`, why, and what is sent."""
     purchase = purchase_from_json(event)
     settings = MatchSettings.from_config(cfg)
     decision = match(purchase, settings, now_ms)
@@ -214,6 +332,7 @@ def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any
             "occurred_at": purchase.occurred_at,
             "occurred_at_iso": _iso(purchase.occurred_at),
             "age_ms": now_ms - purchase.occurred_at,
+            "age": human(now_ms - purchase.occurred_at),
             "channel": purchase.channel.value,
             "currency": purchase.currency,
             "revenue": str(purchase.revenue),
@@ -227,6 +346,7 @@ def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any
         "conversions": [
             _conversion_json(c, settings.currency_of(c.provider, c.project, purchase)) for c in decision.conversions
         ],
+        "requests": planned_requests(cfg, decision.conversions),
         "warnings": [f"unknown field {f} ignored" for f in unknown_fields(event)],
     }
 
@@ -243,7 +363,7 @@ def render_text(report: Mapping[str, Any]) -> str:
     p = report["purchase"]
     lines = [
         f"order {p['order_id']} (event {p['event_id']}): {p['revenue']} {p['currency']}, {p['item_count']} items,"
-        f" channel {p['channel']}, at {p['occurred_at_iso']} ({p['age_ms']} ms before now {report['now_iso']})",
+        f" channel {p['channel']}, at {p['occurred_at_iso']} ({p['age']} before now {report['now_iso']})",
         f"customer: {p['customer_id'] or '(none)'}; exposures: {p['exposures']}",
     ]
     lines += [f"warning: {w}" for w in report["warnings"]]
@@ -262,4 +382,15 @@ def render_text(report: Mapping[str, Any]) -> str:
             f"  > {c['provider'].lower()}/{c['project']} {c['identity']} {c['visitor']}{experiment}"
             f" goals {','.join(c['goals'])}{tx}, {revenue}, key {c['key']}"
         )
+    lines.append(f"requests: {len(report['requests'])}" + (" (secrets shown as ***)" if report["requests"] else ""))
+    for r in report["requests"]:
+        what = "OAuth token, sent once and cached" if r["purpose"] == "token" else _count(len(r["conversions"]))
+        lines.append(f"  {r['method']} {r['url']}  ({r['provider'].lower()}/{r['project']}: {what})")
+        lines += [f"    {k}: {v}" for k, v in r["headers"].items()]
+        if r["body"] is not None:
+            lines.append(f"    body: {r['body']}")
     return "\n".join(lines) + "\n"
+
+
+def _count(n: int) -> str:
+    return "1 conversion" if n == 1 else f"{n} conversions"

@@ -40,6 +40,7 @@ from types import MappingProxyType
 from typing import Any
 
 from consumer.config import Config, Rules
+from consumer.durations import human
 from consumer.model import (
     Conversion,
     Decision,
@@ -197,11 +198,13 @@ def _check_time(exposure: Exposure, purchase: Purchase, window_ms: int, skew_ms:
     ahead = exposure.exposed_at - purchase.occurred_at
     if ahead > skew_ms:
         raise _Reject(
-            RejectReason.AFTER_PURCHASE, f"exposed {ahead} ms after the purchase (clock skew tolerance {skew_ms} ms)"
+            RejectReason.AFTER_PURCHASE,
+            f"exposed {human(ahead)} after the purchase (clock skew tolerance {human(skew_ms)})",
         )
     if -ahead > window_ms:
         raise _Reject(
-            RejectReason.OUTSIDE_WINDOW, f"exposed {-ahead} ms before the purchase (attribution window {window_ms} ms)"
+            RejectReason.OUTSIDE_WINDOW,
+            f"exposed {human(-ahead)} before the purchase (attribution window {human(window_ms)})",
         )
 
 
@@ -280,7 +283,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
         if counts is not None:
             _count(counts, None, RejectReason.TOO_OLD)
             return Decision(())
-        detail = f"purchase is {age} ms old (max_age {settings.max_age_ms} ms)"
+        detail = f"purchase is {human(age)} old (max_age {human(settings.max_age_ms)})"
         return _rejection(purchase, RejectReason.TOO_OLD, detail)
     exposures = purchase.exposures
     if not exposures:

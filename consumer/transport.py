@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from consumer.providers.base import HttpRequest, TokenSpec
+from consumer.providers.base import HttpRequest, TokenSpec, token_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,16 +108,7 @@ class TokenCache:
             del self._tokens[spec]
 
     async def _grant(self, spec: TokenSpec, timeout: float) -> tuple[str, float]:
-        from urllib.parse import urlencode
-
-        body = urlencode({
-            "grant_type": "client_credentials",
-            "client_id": spec.client_id.reveal(),
-            "client_secret": spec.client_secret.reveal(),
-        }).encode()
-        request = HttpRequest("POST", spec.token_url, {
-            "Content-Type": "application/x-www-form-urlencoded", "User-Agent": self.user_agent,
-        }, body, spec.token_url)
+        request = token_request(spec, self.user_agent)
         try:
             resp = await self.transport.send(request, timeout)
         except TransportError as exc:

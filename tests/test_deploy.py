@@ -590,6 +590,34 @@ def test_configmap_needs_only_variables_the_deployment_provides() -> None:
     assert all("CHANGE-ME" in v for v in secret["stringData"].values()), "example values must be marked placeholders"
 
 
+def test_configmap_files_and_secrets_are_ones_the_deployment_mounts() -> None:
+    # Commented-out lines count too: they are what an operator uncomments.
+    text = by_kind("ConfigMap")["data"]["config.toml"]
+    pod = by_kind("Deployment")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"].rstrip("/"): volumes[m["name"]] for m in c["volumeMounts"]}
+    paths = re.findall(r'"ssl\.[a-z.]+\.location"\s*=\s*"([^"]+)"', text) + re.findall(r"\$\{file:([^}]+)\}", text)
+    assert paths, "the ConfigMap names the Kafka CA file"
+    for path in paths:
+        parents = [m for m in mounts if path.startswith(m + "/")]
+        assert parents, f"{path} is under no volumeMount of the Deployment"
+        mount = max(parents, key=len)
+        volume = mounts[mount]
+        if "configMap" in volume:  # a ConfigMap volume holds its listed items and nothing else
+            items = {i["path"] for i in volume["configMap"]["items"]}
+            assert path[len(mount) + 1:] in items, f"{path} is not a file of the {volume['name']} volume"
+        else:
+            assert "secret" in volume, f"{path}: credentials come from a Secret volume"
+    named = set(re.findall(r"\b(offline-conversions-[a-z0-9-]+) Secret\b", text))
+    assert "offline-conversions-kafka-ca" in named
+    provided = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    provided |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert named <= provided, f"the ConfigMap names Secrets the Deployment does not use: {named - provided}"
+    ca = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "offline-conversions-kafka-ca")
+    assert ca["secret"]["optional"] is True, "a cluster without a private CA must still start"
+
+
 def test_service_pdb_and_servicemonitor_select_the_pods() -> None:
     labels = by_kind("Deployment")["spec"]["template"]["metadata"]["labels"]
     svc = by_kind("Service")

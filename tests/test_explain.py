@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import os
+import re
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import fastavro
 import pytest
 
-from consumer.config import Config, parse
-from consumer.explain import explain, purchase_from_json, render_text, unknown_fields
+from consumer.config import DEFAULT_SCHEMA, Config, parse
+from consumer.decoding import RevenueError, encode_raw, load_schema
+from consumer.durations import human
+from consumer.explain import EXPOSURE_FIELDS, PURCHASE_FIELDS, explain, purchase_from_json, render_text, unknown_fields
 from consumer.model import Channel, Provider
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
@@ -120,9 +130,10 @@ def test_schema_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("revenue", "expected"),
-    [("23.50", "23.50"), (" 23.5 ", "23.5"), (23.5, "23.5"), (0.1, "0.1"), (19, "19"), ("-4.00", "-4.00")],
+    [("23.50", "23.50"), (" 23.5 ", "23.50"), (23.5, "23.50"), (0.1, "0.10"), (19, "19.00"), ("-4.00", "-4.00")],
 )
 def test_revenue_as_string_or_number(revenue: Any, expected: str) -> None:
+    # At the contract's scale, as the decoder gives it: explain sees what the service would.
     assert str(purchase_from_json(event(revenue=revenue)).revenue) == expected
 
 
@@ -222,6 +233,7 @@ def test_explain_report() -> None:
         "occurred_at": T0,
         "occurred_at_iso": "2023-11-14T22:13:20.000Z",
         "age_ms": 1000,
+        "age": "1 s",
         "channel": "WEB",
         "currency": "EUR",
         "revenue": "23.50",
@@ -283,3 +295,181 @@ def test_render_text() -> None:
     nothing = render_text(explain(cfg(), event(exposures=[]), now_ms=T0))
     assert "conversions: 0 (not attributed)" in nothing
     assert "  - no_exposures: order ord-1: purchase carries no exposures" in nothing
+
+
+# --------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (2_592_000_000, "30 days"),
+        (2_595_600_000, "30 days 1 h"),
+        (86_400_000, "1 day"),
+        (7 * 86_400_000 + 1, "7 days 0.001 s"),  # exact: one millisecond past a window shows
+        (90_061_001, "1 day 1 h 1 min 1.001 s"),
+        (300_000, "5 min"),
+        (1_500, "1.5 s"),
+        (59_999, "59.999 s"),
+        (250, "250 ms"),
+        (0, "0 s"),
+        (-7_200_000, "-2 h"),
+    ],
+)
+def test_durations_read_as_a_person_reads_them(ms: int, text: str) -> None:
+    assert human(ms) == text
+
+
+def test_report_durations_are_readable() -> None:
+    report = explain(cfg(), event(), now_ms=T0 + 30 * 60_000)
+    assert (report["purchase"]["age_ms"], report["purchase"]["age"]) == (1_800_000, "30 min")
+    [window] = [r["detail"] for r in report["rejections"] if r["reason"] == "outside_window"]
+    assert window == "exposed 8 days before the purchase (attribution window 7 days)"
+    assert "(30 min before now 2023-11-14T22:43:20.000Z)" in render_text(report)
+    old = explain(cfg(), event(), now_ms=T0 + 91 * 86_400_000)
+    assert old["rejections"][0]["detail"] == "order ord-1: purchase is 91 days old (max_age 90 days)"
+    text = render_text(old)
+    assert not re.search(r"\d{5,} ms", text), text  # no raw millisecond counts left for a person to divide
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def test_explain_shows_the_exact_requests_with_secrets_redacted() -> None:
+    report = explain(cfg(), event(), now_ms=T0 + 1000)
+    keys = {c["provider"]: c["key"] for c in report["conversions"]}
+    conductrics, convert, kameleoon = report["requests"]
+    assert conductrics == {
+        "provider": "CONDUCTRICS", "project": "cdx", "purpose": "conversions", "conversions": [keys["CONDUCTRICS"]],
+        "method": "POST",
+        "url": "https://api-x.conductrics.com/ac-x/v3/agent-api?vid=cust-9&session=cust-9&apikey=***",
+        "headers": {"Content-Type": "application/json", "User-Agent": "offline-conversions/1.0"},
+        "body": '{"commands":[{"g":"g-purchase"}]}',
+    }
+    assert (convert["method"], convert["body"]) == ("GET", None)
+    assert convert["url"] == ("https://2222.track.convertexperiments.com/track/?c=1111&p=2222&e=300-3&g=31&ga=1"
+                              "&t=31%7Cord-1%7C26.11%7C2&vi=cv")
+    # Both Kameleoon goals share one POST, as the delivery layer batches them.
+    assert kameleoon["conversions"] == [c["key"] for c in report["conversions"] if c["provider"] == "KAMELEOON"]
+    assert json.loads(kameleoon["body"]) == [
+        {"nonce": k, "eventType": "CONVERSION", "goalId": g, "revenue": 23.5, "visitorCode": "kv"}
+        for k, g in zip(kameleoon["conversions"], (11, 12), strict=True)
+    ]
+    assert kameleoon["url"] == "https://eu-data.kameleoon.io/visit/events?siteCode=site1&json=true"
+    assert "very-secret" not in json.dumps(report) and "very-secret" not in render_text(report)
+    text = render_text(report)
+    assert "requests: 3 (secrets shown as ***)\n" in text
+    assert "  POST https://api-x.conductrics.com/ac-x/v3/agent-api?vid=cust-9&session=cust-9&apikey=***" in text
+    assert '    body: {"commands":[{"g":"g-purchase"}]}\n' in text
+
+
+def oauth_cfg(**project: Any) -> Config:
+    return parse(
+        {
+            "kafka": KAFKA,
+            "kameleoon": {
+                "token_url": "https://api.kameleoon.com/oauth/token",
+                "projects": {"site1": {"goals": ["11"], "client_id": "${KID}", "client_secret": "${KSECRET}",
+                                       **project}},
+            },
+        },
+        env={"KID": "client/id+1", "KSECRET": "s3cr&t=value"},
+    )
+
+
+def test_oauth_grant_and_bearer_token_are_shown_redacted() -> None:
+    report = explain(oauth_cfg(), event(), now_ms=T0 + 1000)
+    grant, post = report["requests"]
+    assert (grant["purpose"], grant["method"], grant["url"]) == ("token", "POST", "https://api.kameleoon.com/oauth/token")
+    assert grant["headers"]["Content-Type"] == "application/x-www-form-urlencoded"
+    assert grant["body"] == "grant_type=client_credentials&client_id=***&client_secret=***"
+    assert post["headers"]["Authorization"] == "Bearer ***"
+    dumped = json.dumps(report) + render_text(report)
+    for leaked in ("client/id+1", "client%2Fid%2B1", "s3cr&t=value", "s3cr%26t%3Dvalue"):
+        assert leaked not in dumped
+    assert "(kameleoon/site1: OAuth token, sent once and cached)" in render_text(report)
+
+
+def test_a_password_in_a_url_is_redacted() -> None:
+    report = explain(oauth_cfg(base_url="https://user:pa55@eu-data.kameleoon.io"), event(), now_ms=T0 + 1000)
+    assert report["requests"][1]["url"].startswith("https://user:***@eu-data.kameleoon.io/visit/events?")
+    assert "pa55" not in json.dumps(report)
+
+
+def test_no_conversions_no_requests() -> None:
+    report = explain(cfg(), event(exposures=[]), now_ms=T0)
+    assert report["requests"] == []
+    assert "requests: 0\n" in render_text(report)
+
+
+# --------------------------------------------------------------------------- revenue the contract cannot carry
+
+
+@pytest.mark.parametrize("revenue", ["23.505", 23.456, "0.001", "-1.125", "1E-3"])
+def test_revenue_with_more_than_two_decimals_is_refused(revenue: Any) -> None:
+    with pytest.raises(ValueError, match=r"^revenue: .* has more than 2 decimals, which decimal\(12,2\) cannot carry"):
+        purchase_from_json(event(revenue=revenue))
+
+
+def test_revenue_too_large_for_the_contract_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^revenue: '10000000000.00' does not fit decimal\(12,2\)"):
+        purchase_from_json(event(revenue="10000000000.00"))
+    assert purchase_from_json(event(revenue="9999999999.99")).revenue == Decimal("9999999999.99")
+
+
+def test_exact_two_decimal_revenue_is_kept_at_scale_two() -> None:
+    # 23.500 is 23.50 exactly: nothing is rounded, the value takes the contract's scale.
+    for given_, kept in (("23.500", "23.50"), ("23.5", "23.50"), (19, "19.00"), (0.1, "0.10")):
+        assert str(purchase_from_json(event(revenue=given_)).revenue) == kept
+
+
+def test_the_encoder_refuses_rather_than_rounds() -> None:
+    schema = load_schema(DEFAULT_SCHEMA)
+    p = purchase_from_json(event())
+    with pytest.raises(RevenueError, match=r"^revenue 1.005 has more than 2 decimals"):
+        encode_raw(dataclasses.replace(p, revenue=Decimal("1.005")), schema)
+    # fastavro alone refuses 23.500 too (its scale is 3); the encoder writes the exact 23.50.
+    raw = encode_raw(dataclasses.replace(p, revenue=Decimal("23.500")), schema)
+    assert fastavro.schemaless_reader(io.BytesIO(raw), schema)["revenue"] == Decimal("23.50")
+
+
+# --------------------------------------------------------------------------- the shipped example
+
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "docs" / "examples" / "purchase.json"
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+
+def test_the_documented_example_runs_as_documented(tmp_path: Path) -> None:
+    doc = OPERATIONS.read_text()
+    m = re.search(r"```sh\n(CONDUCTRICS_API_KEY=\S+) (offline-conversions explain [^`]*?)\n```", doc)
+    assert m, "docs/operations.md shows the explain command for docs/examples/purchase.json"
+    env_name, env_value = m.group(1).split("=", 1)
+    argv = m.group(2).replace("\\\n", " ").split()
+    assert argv[-1] == "docs/examples/purchase.json"
+    run = [sys.executable, "-m", "consumer", *argv[1:]]
+    env = {**os.environ, env_name: env_value}
+    text = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    quotes = re.findall(r"`((?:exposed|POST) [^`]+)`", doc[m.end():m.end() + 2000])
+    assert len(quotes) == 2
+    for quoted in quotes:
+        assert quoted in text.stdout, quoted  # what the docs say it prints, it prints
+    report = json.loads(subprocess.run([*run, "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                       timeout=60, check=True).stdout)
+    assert sorted(c["provider"] for c in report["conversions"]) == ["CONDUCTRICS", "CONVERT", "KAMELEOON"]
+    assert [r["reason"] for r in report["rejections"]] == ["outside_window"]
+    assert report["warnings"] == [] and len(report["requests"]) == 3
+    assert env_value not in text.stdout and env_value not in json.dumps(report)
+
+
+def test_the_documented_event_shape_names_every_field() -> None:
+    doc = OPERATIONS.read_text()
+    table = doc[doc.index("The event is the Avro contract"):doc.index("What the requests show")]
+    documented = set(re.findall(r"^\| `([a-z_\[\]\.]+)`", table, flags=re.M))
+    documented |= {f"exposures[].{f}" for f in re.findall(r"`(variation_id)`", table)}
+    assert documented == set(PURCHASE_FIELDS) | {f"exposures[].{f}" for f in EXPOSURE_FIELDS}
+    example = json.loads(EXAMPLE.read_text())
+    assert unknown_fields(example) == [] and set(example) == set(PURCHASE_FIELDS)
+    purchase_from_json(example)  # valid as shipped

@@ -30,7 +30,7 @@ from consumer.config import (
 from consumer.model import Conversion, Identity, Provider
 from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_string
 from consumer.providers.conductrics import ConductricsModule, conductrics_key
-from consumer.providers.convert import ConvertModule, amount, transaction_key, v1_body
+from consumer.providers.convert import ConvertModule, amount, order_id_of, transaction_id, transaction_key, v1_body
 from consumer.providers.kameleoon import KameleoonModule, json_number, nonce
 from consumer.providers.registry import modules
 
@@ -285,10 +285,11 @@ def query(url: str) -> dict[str, str]:
 
 
 def split_t(t: str) -> tuple[str, str, str, str]:
-    """How a server recovers the parts: the transaction id is the only free-form one."""
-    goals, rest = t.split("|", 1)
-    tx, value, count = rest.rsplit("|", 2)
-    return goals, tx, value, count
+    """How a strict server reads `t` (seed 002): exactly four parts on `|`; the order id from the second."""
+    parts = t.split("|")
+    assert len(parts) == 4, f"t has {len(parts)} parts: {t!r}"
+    goals, tx, value, count = parts
+    return goals, order_id_of(tx), value, count
 
 
 def test_convert_seed_002_goals() -> None:
@@ -311,6 +312,41 @@ def test_convert_transaction_goals_are_dot_separated() -> None:
     c = cconv(transaction_goals=("100", "102"), revenue=Decimal("10"), order_id="T", item_count=2)
     q = query(track(c).url)
     assert (q["g"], q["ga"], q["t"]) == ("100,101,102", "3", "100.102|T|10.00|2")
+
+
+@pytest.mark.parametrize(
+    ("order_id", "sent"),
+    [("TX1", "TX1"), ("x|y", "x%7Cy"), ("|", "%7C"), ("a|b|c|d", "a%7Cb%7Cc%7Cd"), ("50%", "50%25"),
+     ("%7C", "%257C"), ("%25|", "%2525%7C"), ("", "")],
+)
+def test_convert_transaction_id_escapes_the_separator(order_id: str, sent: str) -> None:
+    # A `|` in an order id would give a server that splits `t` on `|` more than four parts.
+    c = cconv(goals=("100",), transaction_goals=("100",), revenue=Decimal("1.5"), order_id=order_id, item_count=2)
+    t = query(track(c).url)["t"]
+    assert t == f"100|{sent}|1.50|2"
+    assert t.split("|") == ["100", sent, "1.50", "2"]
+    assert transaction_id(order_id) == sent and order_id_of(sent) == order_id
+
+
+@given(odd_text, odd_text)
+def test_convert_transaction_id_is_deterministic_and_injective(a: str, b: str) -> None:
+    ta = transaction_id(a)
+    assert "|" not in ta and ta == transaction_id(a)
+    assert order_id_of(ta) == a  # a left inverse: distinct orders never share a transaction id
+    assert (ta == transaction_id(b)) == (a == b)
+
+
+@pytest.mark.parametrize("tx", ["a|b", "50%", "%7c", "%2", "%41"])
+def test_order_id_of_refuses_what_transaction_id_never_makes(tx: str) -> None:
+    with pytest.raises(ValueError, match="not a transaction id"):
+        order_id_of(tx)
+
+
+def test_convert_v1_sends_the_order_id_unchanged() -> None:
+    # JSON strings carry any text: the v1 body needs no escape.
+    c = cconv(goals=("100",), transaction_goals=("100",), revenue=Decimal("1.5"), order_id="a|b%7C", item_count=2)
+    body = orjson.loads(v1_body(convert("v1")._project(CV_KEY), [c]))
+    assert body["visitors"][0]["events"][0]["data"]["goalData"][2] == {"key": "transactionId", "value": "a|b%7C"}
 
 
 @pytest.mark.parametrize(

@@ -11,13 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from consumer.config import parse
+from consumer.model import Conversion, Identity, Provider
+from consumer.providers.base import Verdict
+from consumer.providers.convert import ConvertModule, order_id_of, transaction_id
 from consumer.sandbox import Fault, Record, Sandbox, SpecError, load_options, redact_query
+from consumer.transport import Transport
 
 SITE = "f17c21u1ag"
 AUTH_SITE = "authsite01"
@@ -332,6 +338,8 @@ async def test_convert_seed_transaction_and_mixed_request(sandbox: Sandbox, http
         ("c=1111&p=2222&e=1-2&t=3|tx|1.00|two", "t"),
         ("c=1111&p=2222&e=1-2&t=3,4|tx|1.00|1", "t"),
         ("c=1111&p=2222&e=1-2&t=3||1.00|1", "t"),
+        ("c=1111&p=2222&e=1-2&t=3|a|b|1.00|1", "t"),  # an unescaped `|` in the transaction id: five parts
+        ("c=1111&p=2222&e=1-2&t=3|a%7Cb|1.00|1", "t"),  # the same, percent-encoded: decoded, still five
     ],
 )
 async def test_convert_track_validation(sandbox: Sandbox, http: aiohttp.ClientSession, query: str, field: str) -> None:
@@ -345,6 +353,46 @@ async def test_convert_duplicate_transaction_is_visible(sandbox: Sandbox, http: 
         await convert_get(http, sandbox, "c=1111&p=2222&e=100-200&t=300|tx-1|23.50|2&vi=v1")
     await convert_get(http, sandbox, "c=1111&p=2222&e=100-201&t=300|tx-1|23.50|2&vi=v1")  # other variation
     assert sandbox.duplicates() == {"convert|1111_2222|v1|100-200|t:tx-1": 2}
+
+
+ODD_ORDERS = ["x|y", "|", "a|b|c|d", "50%", "%7C", "x%7Cy", "%25|", "ORD-1"]
+
+
+def convert_module(sandbox: Sandbox, api: str) -> ConvertModule:
+    cfg = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
+                 "convert": {"projects": {"1111_2222": {"base_url": sandbox.url, "api": api, "goals": [100],
+                                                        "transaction_goals": [100]}}}}, env={})
+    return ConvertModule(cfg.convert)
+
+
+def convert_conversion(order_id: str) -> Conversion:
+    return Conversion(Provider.CONVERT, "1111_2222", f"v-{order_id}", ("100",), Decimal("12.50"), f"k-{order_id}",
+                      "e", order_id, 0, 3, Identity.VISITOR, experiment_id="100", variation_id="200",
+                      transaction_goals=("100",))
+
+
+@pytest.mark.parametrize("api", ["track", "v1"])
+async def test_convert_orders_with_the_separator_reach_a_strict_server(sandbox: Sandbox, api: str) -> None:
+    # The sandbox splits `t` into exactly four parts; the module's requests, sent by the service's own
+    # transport, are accepted for every order id, and each order keeps a transaction id of its own.
+    module, transport = convert_module(sandbox, api), Transport()
+    try:
+        for order in ODD_ORDERS:
+            c = convert_conversion(order)
+            request = module.build(module.route(c), [c])
+            resp = await transport.send(request, 5)
+            assert module.classify(request, resp.status, resp.headers, resp.body).verdict is Verdict.DELIVERED, (
+                order, resp.body)
+    finally:
+        await transport.close()
+    got = {r.visitor: r.transaction_id for r in sandbox.records}
+    if api == "track":  # what the server reads from `t`: the escaped id, which maps back to the order
+        assert got == {f"v-{o}": transaction_id(o) for o in ODD_ORDERS}
+        assert {order_id_of(tx) for tx in got.values() if tx is not None} == set(ODD_ORDERS)
+    else:  # a JSON string carries the order id as it is
+        assert got == {f"v-{o}": o for o in ODD_ORDERS}
+    assert len(set(got.values())) == len(ODD_ORDERS)
+    assert all(r.revenue == 12.5 and r.products_count == 3 for r in sandbox.records)
 
 
 def v1_body(visitor: str = "vis-1", tx: str = "order-1", **over: Any) -> dict[str, Any]:

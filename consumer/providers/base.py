@@ -16,6 +16,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
+from urllib.parse import urlencode
 
 import orjson
 
@@ -73,6 +74,17 @@ class Route:
     retry: RetryConfig
     token: TokenSpec | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+
+
+def token_request(spec: TokenSpec, user_agent: str) -> HttpRequest:
+    """The client-credentials grant for `spec`: a form POST whose body carries both credentials."""
+    body = urlencode({
+        "grant_type": "client_credentials",
+        "client_id": spec.client_id.reveal(),
+        "client_secret": spec.client_secret.reveal(),
+    }).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": user_agent}
+    return HttpRequest("POST", spec.token_url, headers, body, spec.token_url)
 
 
 class ProviderModule(Protocol):

@@ -6,16 +6,22 @@ One conversion is all goals of one experiment-variation for one visitor.
   one request per conversion. Every part is percent-encoded on its own (`quote(safe="")`) and the
   parts are joined with the format's separators: `,` between goals and `.` between transaction
   goals stay literal (both are legal in a query); `|` is not legal in a URI query (RFC 3986), so it is
-  sent as `%7C`. A server decoding the query sees `t=100|TX1|23.50|3` either way. The transaction id
-  is the only free-form part of `t` (goal ids are digits, value and count are numbers), so a server
-  recovers it even when it contains `|`: split off the goals at the first `|`, the value and count
-  at the last two.
+  sent as `%7C`. A server decoding the query sees `t=100|TX1|23.50|3` either way.
+- The transaction id in `t` is `transaction_id(order_id)`: the order id with `%` written `%25` and `|`
+  written `%7C`, nothing else changed (so `ORD-1` stays `ORD-1`, `A|B` becomes `A%7CB`). Seed 002
+  documents `t` as four `|`-separated parts and no escape for a `|` inside one; a server that splits
+  `t` on every `|` (inferred: the seed's wording, nothing else, says how it parses) would read an
+  order id containing `|` as more than four parts and refuse or misread the call. With the escape,
+  `t` always has exactly four parts. The mapping is deterministic and injective (`%` is escaped too,
+  so `order_id_of` inverts it: an operator can map a Convert transaction back to its order).
 - v1: `POST {base}/v1/track/{account}/{project}`, JSON with one `visitors[]` entry per conversion and
-  one event per goal; many conversions share a body.
+  one event per goal; many conversions share a body. `transactionId` is a JSON string, which carries
+  any text: there it is the order id unchanged.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import quote
@@ -41,6 +47,28 @@ _VISITOR_START = b'{"visitorId":'
 def transaction_key(project: str, visitor: str, experiment_id: str, variation_id: str, order_id: str) -> str:
     """The idempotency key of one Convert conversion: 32 lowercase hex, deterministic."""
     return digest("convert", project, visitor, experiment_id, variation_id, order_id)[:32]
+
+
+# `transaction_id`'s two escapes: `t`'s separator, and the escape character itself (which keeps it injective).
+_ESCAPED = re.compile(r"%(?:25|7C)")
+_UNESCAPES = {"%25": "%", "%7C": "|"}
+
+
+def transaction_id(order_id: str) -> str:
+    """The transaction id `t` carries for an order: `%` -> `%25`, `|` -> `%7C`, everything else as it is."""
+    if "%" not in order_id and "|" not in order_id:
+        return order_id  # the usual order id: sent unchanged, without building a new string
+    return order_id.replace("%", "%25").replace("|", "%7C")
+
+
+def order_id_of(tx: str) -> str:
+    """The order id a tracking call's transaction id was made from (the inverse of `transaction_id`).
+
+    Raises ValueError for a text `transaction_id` cannot produce: a `|`, or a `%` not starting `%25`/`%7C`.
+    """
+    if "|" in tx or tx.count("%") != len(_ESCAPED.findall(tx)):
+        raise ValueError(f"not a transaction id made by transaction_id(): {tx!r}")
+    return _ESCAPED.sub(lambda m: _UNESCAPES[m.group(0)], tx)
 
 
 def amount(revenue: Decimal) -> str:
@@ -73,7 +101,7 @@ def track_url(p: ConvertProject, conversion: Conversion) -> str:
         assert conversion.revenue is not None
         t = [
             ".".join(_q(g) for g in conversion.transaction_goals),
-            _q(conversion.order_id),
+            _q(transaction_id(conversion.order_id)),
             amount(conversion.revenue),
             str(conversion.item_count),
         ]

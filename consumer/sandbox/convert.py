@@ -63,9 +63,11 @@ class ConvertRoutes(SandboxState):
         tx_goals: tuple[str, ...] = ()
         tx = revenue = count = None
         if t is not None:
+            # Seed 002 defines `t` as four `|`-separated parts and no escape for a `|` inside one: the
+            # strictest reading, which the service must satisfy, is a split on every `|`.
             parts = t.split("|")
             if len(parts) != 4:
-                raise _Invalid("t", "must be goal_ids|transaction_id|value|products_count")
+                raise _Invalid("t", f"must be goal_ids|transaction_id|value|products_count, got {len(parts)} parts")
             tx_goals = tuple(parts[0].split("."))
             if not all(_DIGITS.fullmatch(x) for x in tx_goals):
                 raise _Invalid("t", "goal ids must be dot-separated digits")
