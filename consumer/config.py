@@ -953,7 +953,8 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     """
     problems = _Problems(os.environ if env is None else env, placeholders=placeholders)
     cfg = _parse(_Table(data, "", problems), base_dir)
-    if check is not None and not problems.under("kafka"):
+    # The clients are built from the librdkafka tables: not on top of an error in one of them.
+    if check is not None and not any(problems.under(f"kafka.{t}") for t in ("common", "consumer", "producer")):
         errors, notes = check(cfg)
         for err in errors:
             problems.add(err)

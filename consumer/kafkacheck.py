@@ -17,7 +17,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
@@ -287,6 +287,8 @@ def check(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
     """(errors, warnings) from building the service's consumer and DLQ producer with `cfg`, offline."""
     from consumer.app import Application  # the app imports this module's neighbours, not this module
 
+    if not cfg.kafka.group_id:  # missing, and reported already: librdkafka would only say so again
+        cfg = replace(cfg, kafka=replace(cfg.kafka, group_id="check-config"))
     errors: list[ConfigError] = []
     consumer = _Origin(cfg.kafka, "consumer", {"group.id": "kafka.group_id"})
     producer = _Origin(cfg.kafka, "producer", {"message.timeout.ms": "pipeline.dlq_timeout"})
