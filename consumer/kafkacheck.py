@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException
 
+from consumer.app import Application
 from consumer.config import Config, ConfigError, KafkaConfig, dotted
 from consumer.dlq import DeadLetterWriter
 from consumer.source import consumer_config
@@ -285,8 +286,6 @@ def _warnings(records: list[logging.LogRecord], origins: list[_Origin]) -> list[
 
 def check(cfg: Config) -> tuple[list[ConfigError], list[ConfigError]]:
     """(errors, warnings) from building the service's consumer and DLQ producer with `cfg`, offline."""
-    from consumer.app import Application  # the app imports this module's neighbours, not this module
-
     if not cfg.kafka.group_id:  # missing, and reported already: librdkafka would only say so again
         cfg = replace(cfg, kafka=replace(cfg.kafka, group_id="check-config"))
     errors: list[ConfigError] = []
