@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -13,16 +14,29 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from consumer.config import Config, ConfigError, load
+from consumer.config import ClientCheck, Config, ConfigError, ConfigErrors, load
 
 EXIT_CONFIG = 2
 
 
-def _load_or_exit(path: str) -> Config:
+def _load_or_exit(path: str, *, clients: bool = False, placeholders: bool = False,
+                  warnings: list[ConfigError] | None = None) -> Config:
+    """The config, or exit 2 naming every bad key; `clients`: the Kafka clients' settings are built too."""
+    check: ClientCheck | None = None
+    if clients:
+        from consumer.kafkacheck import check as check_clients
+
+        check = check_clients
     try:
-        return load(path)
+        return load(path, placeholders=placeholders, check=check, warnings=warnings)
     except ConfigError as exc:
-        print(f"offline-conversions: {exc}", file=sys.stderr)
+        errors = exc.errors if isinstance(exc, ConfigErrors) else (exc,)
+        if len(errors) == 1:
+            print(f"offline-conversions: {errors[0]}", file=sys.stderr)
+        else:
+            print(f"offline-conversions: {path}: {len(errors)} errors", file=sys.stderr)
+            for err in errors:
+                print(f"  {err}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
 
 
@@ -30,8 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer import logs
     from consumer.app import Application
 
-    cfg = _load_or_exit(args.config)
-    assert isinstance(cfg, Config)
+    cfg = _load_or_exit(args.config, clients=True)
     if args.workers > 1:
         return run_workers(args.config, args.workers)
     if args.worker_index is not None:
@@ -42,7 +55,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as exc:  # a schema that does not parse, a registry URL that is wrong…
         print(f"offline-conversions: cannot start: {exc}", file=sys.stderr)
         return 1
-    return asyncio.run(app.run())
+    try:
+        return asyncio.run(app.run())
+    except ConfigError as exc:  # found only when it is used: the metrics port is taken
+        logging.getLogger("consumer").error(str(exc), extra={"key": exc.key})
+        return EXIT_CONFIG
 
 
 def for_worker(cfg: Config, index: int) -> Config:
@@ -73,15 +90,18 @@ def run_workers(config: str, workers: int) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = _load_or_exit(args.file)
-    assert isinstance(cfg, Config)
+    warnings: list[ConfigError] = []
+    cfg = _load_or_exit(args.file, clients=True, placeholders=args.no_env, warnings=warnings)
+    for w in warnings:
+        print(f"offline-conversions: warning: {w}", file=sys.stderr)
     projects = {
         "kameleoon": sorted(cfg.kameleoon.projects),
         "convert": sorted(cfg.convert.projects),
         "conductrics": sorted(cfg.conductrics.projects),
     }
     print(f"{args.file}: ok — topic {cfg.kafka.topic!r}, group {cfg.kafka.group_id!r}, "
-          f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}")
+          f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}"
+          + (" (${…} not read: values from them not checked)" if args.no_env else ""))
     return 0
 
 
@@ -159,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
+    check.add_argument("--no-env", action="store_true",
+                       help="do not read ${VAR} or ${file:...}: check a file before its secrets exist "
+                            "(what they stand for is not judged)")
     check.set_defaults(func=cmd_check_config)
 
     ex = sub.add_parser("explain", help="show what the service would send for one event given as JSON")

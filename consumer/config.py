@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
+import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from consumer.model import Channel, Provider
 
@@ -31,6 +35,17 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"config key '{key}': {message}")
         self.key = key
+        self.message = message
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config, in the order they were met; `key` is the first one's."""
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        ValueError.__init__(self, "\n".join(str(e) for e in errors))
+        self.key = errors[0].key
+        self.message = errors[0].message
+        self.errors = tuple(errors)
 
 
 class Secret:
@@ -81,129 +96,241 @@ def parse_duration(value: object, key: str) -> float:
 
 
 _VAR = re.compile(r"\$\{([^}]*)\}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+PLACEHOLDER = "placeholder"
 
 
-def interpolate(value: str, key: str, env: Mapping[str, str]) -> str:
-    """Replace `${VAR}` with the environment variable and `${file:PATH}` with a file's content."""
+def dotted(path: str, name: str) -> str:
+    """`path.name` as TOML writes it: a name with a dot or a slash is quoted (`kafka.consumer."linger.ms"`)."""
+    part = name if _BARE_KEY.fullmatch(name) else json.dumps(name)
+    return f"{path}.{part}" if path else part
 
-    def sub(m: re.Match[str]) -> str:
-        ref = m.group(1)
-        if ref.startswith("file:"):
-            path = Path(ref[5:])
-            try:
-                return path.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(key, f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
-            raise ConfigError(key, f"'${{{ref}}}' is not a valid variable reference")
-        if ref not in env:
-            raise ConfigError(key, f"environment variable {ref} is not set")
-        return env[ref]
 
-    return _VAR.sub(sub, value)
+class _Problems:
+    """The errors found so far (the first per key), and what `${…}` put into values so no error shows it."""
+
+    def __init__(self, env: Mapping[str, str], *, placeholders: bool = False) -> None:
+        self.env = env
+        self.placeholders = placeholders
+        self.errors: dict[str, ConfigError] = {}
+        self.substituted: dict[str, str] = {}  # a value that came from ${…} -> the reference, to show instead
+        self.unjudged: set[str] = set()  # keys whose value is a placeholder (--no-env): not validated
+
+    def add(self, err: ConfigError) -> None:
+        if err.key.split("[", 1)[0] in self.unjudged:
+            return  # a placeholder stands for a value we have not seen: nothing to say about it
+        self.errors.setdefault(err.key, err)
+
+    def discard(self, key: str) -> None:
+        self.errors.pop(key, None)
+
+    def under(self, prefix: str) -> bool:
+        return any(k == prefix or k.startswith(prefix + ".") for k in self.errors)
+
+    def interpolate(self, value: str, key: str) -> str:
+        """Replace `${VAR}` with the environment variable and `${file:PATH}` with a file's content."""
+        if "${" not in value:
+            return value
+        if self.placeholders:
+            self.unjudged.add(key)
+
+        def sub(m: re.Match[str]) -> str:
+            ref = m.group(1)
+            if self.placeholders:
+                return PLACEHOLDER
+            if ref.startswith("file:"):
+                path = Path(ref[5:])
+                try:
+                    out = path.read_text().strip()
+                except OSError as exc:
+                    raise ConfigError(key, f"cannot read secret file {str(path)!r}: {exc.strerror}") from None
+            elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", ref):
+                raise ConfigError(key, f"'${{{ref}}}' is not a valid variable reference")
+            elif ref not in self.env:
+                raise ConfigError(key, f"environment variable {ref} is not set "
+                                       "(check-config --no-env checks a file without its secrets)")
+            else:
+                out = self.env[ref]
+            if out:
+                self.substituted[out] = m.group(0)
+            return out
+
+        out = _VAR.sub(sub, value)
+        if out and out != value:
+            self.substituted[out] = value
+        return out
+
+    def scrub(self, text: str) -> str:
+        """`text` with every value that came from `${…}` replaced by where it came from."""
+        for value in sorted(self.substituted, key=len, reverse=True):
+            ref = self.substituted[value]
+            for quoted in (repr(value), json.dumps(value), f"'{value}'", f'"{value}"', f"`{value}`"):
+                text = text.replace(quoted, f"the value from {ref}")
+            if len(value) >= 4:  # shorter ones would match inside ordinary words; they are always quoted
+                text = text.replace(value, ref)
+        return text
+
+    def clean(self, errors: Iterable[ConfigError]) -> list[ConfigError]:
+        return [ConfigError(e.key, self.scrub(e.message)) for e in errors]
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.clean(self.errors.values()))
 
 
 class _Table:
-    """A TOML table being validated: typed getters that name the key, and no unknown keys."""
+    """A TOML table being validated: typed getters that name the key, and no unknown keys.
 
-    def __init__(self, data: Mapping[str, Any], path: str, env: Mapping[str, str]) -> None:
+    A getter that meets a bad value records the error and returns the default (or an empty value), so
+    one pass finds every error; the config is never used when there is one.
+    """
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: _Problems) -> None:
         self.data = dict(data)
         self.path = path
-        self.env = env
+        self.problems = problems
         self.used: set[str] = set()
+        self.missing: set[str] = set()  # required keys that are absent
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        return dotted(self.path, name)
 
     def has(self, name: str) -> bool:
         return name in self.data
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.add(ConfigError(key, message))
+
+    def failed(self, name: str) -> bool:
+        """Whether `name` (or an item of it) has an error already."""
+        key = self.key(name)
+        return any(k == key or k.startswith(key + "[") for k in self.problems.errors)
+
+    def _failed(self, exc: ConfigError, fallback: T) -> T:
+        self.problems.add(exc)
+        return fallback
+
+    def interpolate(self, value: str, key: str) -> str:
+        return self.problems.interpolate(value, key)
 
     def raw(self, name: str) -> Any:
         self.used.add(name)
         value = self.data.get(name)
         if isinstance(value, str):
-            value = interpolate(value, self.key(name), self.env)
+            value = self.interpolate(value, self.key(name))
         return value
 
     def _get(self, name: str, default: Any, required: bool) -> Any:
         if name not in self.data:
-            if required:
-                raise ConfigError(self.key(name), "is required")
             self.used.add(name)
+            if required:
+                self.missing.add(name)
+                raise ConfigError(self.key(name), "is required")
             return default
         return self.raw(name)
 
     def get_str(self, name: str, default: str | None = None, *, required: bool = False) -> str:
-        v = self._get(name, default, required)
-        if not isinstance(v, str):
-            raise ConfigError(self.key(name), f"expected a string, got {type(v).__name__}")
-        return v
+        try:
+            v = self._get(name, default, required)
+            if not isinstance(v, str):
+                raise ConfigError(self.key(name), f"expected a string, got {type(v).__name__}")
+            return v
+        except ConfigError as exc:
+            return self._failed(exc, default or "")
 
     def opt_str(self, name: str) -> str | None:
-        v = self._get(name, None, False)
-        if v is None:
-            return None
-        if not isinstance(v, str):
-            raise ConfigError(self.key(name), f"expected a string, got {type(v).__name__}")
-        return v or None
+        try:
+            v = self._get(name, None, False)
+            if v is None:
+                return None
+            if not isinstance(v, str):
+                raise ConfigError(self.key(name), f"expected a string, got {type(v).__name__}")
+            return v or None
+        except ConfigError as exc:
+            return self._failed(exc, None)
 
     def secret(self, name: str, *, required: bool = False) -> Secret | None:
         v = self.opt_str(name) if not required else self.get_str(name, required=True)
         if required and not v:
-            raise ConfigError(self.key(name), "must not be empty")
+            self.problem(self.key(name), "must not be empty")
         return Secret(v) if v else None
 
     def get_int(self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
-        v = self._get(name, default, False)
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(self.key(name), f"expected an integer, got {v!r}")
-        if minimum is not None and v < minimum:
-            raise ConfigError(self.key(name), f"must be at least {minimum}, got {v}")
-        if maximum is not None and v > maximum:
-            raise ConfigError(self.key(name), f"must be at most {maximum}, got {v}")
-        return v
+        try:
+            v = self._get(name, default, False)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(self.key(name), f"expected an integer, got {v!r}")
+            if minimum is not None and v < minimum:
+                raise ConfigError(self.key(name), f"must be at least {minimum}, got {v}")
+            if maximum is not None and v > maximum:
+                raise ConfigError(self.key(name), f"must be at most {maximum}, got {v}")
+            return v
+        except ConfigError as exc:
+            return self._failed(exc, default)
 
     def get_float(self, name: str, default: float | None, *, minimum: float = 0.0) -> float | None:
-        v = self._get(name, default, False)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ConfigError(self.key(name), f"expected a number, got {v!r}")
-        if v < minimum:
-            raise ConfigError(self.key(name), f"must be at least {minimum}, got {v}")
-        return float(v)
+        try:
+            v = self._get(name, default, False)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(self.key(name), f"expected a number, got {v!r}")
+            if v < minimum:
+                raise ConfigError(self.key(name), f"must be at least {minimum}, got {v}")
+            return float(v)
+        except ConfigError as exc:
+            return self._failed(exc, default)
 
     def get_bool(self, name: str, default: bool) -> bool:
-        v = self._get(name, default, False)
-        if not isinstance(v, bool):
-            raise ConfigError(self.key(name), f"expected true or false, got {v!r}")
-        return v
+        try:
+            v = self._get(name, default, False)
+            if not isinstance(v, bool):
+                raise ConfigError(self.key(name), f"expected true or false, got {v!r}")
+            return v
+        except ConfigError as exc:
+            return self._failed(exc, default)
 
     def duration(self, name: str, default: float, *, positive: bool = False) -> float:
-        v = parse_duration(self._get(name, default, False), self.key(name))
-        if positive and v <= 0:
-            raise ConfigError(self.key(name), "must be greater than zero")
-        return v
+        try:
+            v = parse_duration(self._get(name, default, False), self.key(name))
+            if positive and v <= 0:
+                raise ConfigError(self.key(name), "must be greater than zero")
+            return v
+        except ConfigError as exc:
+            return self._failed(exc, default)
 
     def decimal(self, name: str) -> Decimal | None:
-        v = self._get(name, None, False)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int | float | str):
-            raise ConfigError(self.key(name), f"expected a decimal number, got {v!r}")
-        return _to_decimal(v, self.key(name))
+        try:
+            v = self._get(name, None, False)
+            if v is None:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int | float | str):
+                raise ConfigError(self.key(name), f"expected a decimal number, got {v!r}")
+            return _to_decimal(v, self.key(name))
+        except ConfigError as exc:
+            return self._failed(exc, None)
 
     def str_list(self, name: str, default: list[str] | None = None, *, required: bool = False) -> tuple[str, ...]:
-        v = self._get(name, default if default is not None else [], required)
+        try:
+            v = self._get(name, default if default is not None else [], required)
+        except ConfigError as exc:
+            return self._failed(exc, ())
         if not isinstance(v, list):
-            raise ConfigError(self.key(name), f"expected a list, got {type(v).__name__}")
+            return self._failed(ConfigError(self.key(name), f"expected a list, got {type(v).__name__}"), ())
         out = []
         for i, item in enumerate(v):
+            key = f"{self.key(name)}[{i}]"
             if isinstance(item, bool) or not isinstance(item, str | int):
-                raise ConfigError(f"{self.key(name)}[{i}]", f"expected a string or integer, got {item!r}")
-            s = interpolate(item, self.key(name), self.env) if isinstance(item, str) else str(item)
+                self.problem(key, f"expected a string or integer, got {item!r}")
+                continue
+            try:
+                s = self.interpolate(item, self.key(name)) if isinstance(item, str) else str(item)
+            except ConfigError as exc:
+                self.problems.add(exc)
+                continue
             if not s:
-                raise ConfigError(f"{self.key(name)}[{i}]", "must not be empty")
+                self.problem(key, "must not be empty")
+                continue
             out.append(s)
         return tuple(out)
 
@@ -211,8 +338,9 @@ class _Table:
         self.used.add(name)
         v = self.data.get(name, {})
         if not isinstance(v, dict):
-            raise ConfigError(self.key(name), f"expected a table, got {type(v).__name__}")
-        return _Table(v, self.key(name), self.env)
+            self.problem(self.key(name), f"expected a table, got {type(v).__name__}")
+            v = {}
+        return _Table(v, self.key(name), self.problems)
 
     def passthrough(self, name: str) -> dict[str, str | int | float | bool]:
         """A table of librdkafka properties, passed on as they are (strings interpolated)."""
@@ -220,14 +348,39 @@ class _Table:
         out: dict[str, str | int | float | bool] = {}
         for k, v in t.data.items():
             if not isinstance(v, str | int | float | bool):
-                raise ConfigError(t.key(k), f"expected a scalar librdkafka value, got {type(v).__name__}")
-            out[k] = interpolate(v, t.key(k), self.env) if isinstance(v, str) else v
+                t.problem(t.key(k), f"expected a scalar librdkafka value, got {type(v).__name__}")
+                continue
+            if k in _CALLBACKS:
+                t.problem(t.key(k), "is a confluent-kafka callback, set by the service itself")
+                continue
+            try:
+                out[k] = self.interpolate(v, t.key(k)) if isinstance(v, str) else v
+            except ConfigError as exc:
+                self.problems.add(exc)
         return out
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(self.key(unknown[0]), "is not a known key (check its spelling)")
+        """Every key left unread is unknown: name it, with the known key it is closest to."""
+        known = sorted(self.used)
+        for name in self.data:
+            if name in self.used:
+                continue
+            guess = difflib.get_close_matches(name, known, n=1, cutoff=0.7)
+            if guess:
+                message = f"unknown key {name!r} (did you mean {guess[0]!r}?)"
+                # `groupid` for a missing `group_id`: the suggestion says it all, "is required" would mislead.
+                if guess[0] in self.missing:
+                    self.problems.discard(self.key(guess[0]))
+            elif known and len(known) <= 16:
+                message = f"unknown key {name!r} (the keys here: {', '.join(known)})"
+            else:
+                message = f"unknown key {name!r}"
+            self.problem(self.key(name), message)
+
+
+# confluent-kafka's Python-level settings: the service sets the ones it uses, and a TOML value cannot be one.
+_CALLBACKS = frozenset({"logger", "error_cb", "stats_cb", "throttle_cb", "oauth_cb", "on_commit", "on_delivery",
+                        "dr_cb", "dr_msg_cb", "default.topic.config"})
 
 
 def _to_decimal(v: int | float | str, key: str) -> Decimal:
@@ -417,7 +570,14 @@ class Config:
         for kp in self.kameleoon.projects.values():
             out += [s.reveal() for s in (kp.client_id, kp.client_secret) if s]
         out += [dp.api_key.reveal() for dp in self.conductrics.projects.values()]
+        # librdkafka's credentials: its log lines go through the same redacting logger.
+        k = self.kafka
+        out += [str(v) for section in (k.common, k.consumer, k.producer) for name, v in section.items()
+                if _KAFKA_SECRET.search(name)]
         return [s for s in out if s]
+
+
+_KAFKA_SECRET = re.compile(r"password|secret|ssl\.key\.pem|ssl_key|private\.key|sasl\.oauthbearer\.config")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -425,36 +585,79 @@ class Config:
 DEFAULT_WINDOWS = {Provider.KAMELEOON: 7 * 86400.0, Provider.CONVERT: 30 * 86400.0, Provider.CONDUCTRICS: 72 * 3600.0}
 
 
-def _url(t: _Table, name: str, default: str | None = None, *, required: bool = False) -> str:
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with an http(s) URL, or None: a space anywhere, no host, a bad host or port."""
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return "contains a space or a control character"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "expected an http(s) URL like 'https://host/path'"
+    host = parts.hostname or ""
+    if not host:
+        return "has no host"
+    if ":" in host:  # a bracketed IPv6 literal
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return f"has an invalid IPv6 host {host!r}"
+    elif not all(_HOST_LABEL.fullmatch(label) for label in host.rstrip(".").split(".")):
+        return f"has an invalid host {host!r}"
+    if port == 0:
+        return "has port 0"
+    return None
+
+
+def shown_url(url: str) -> str:
+    """`url` as an error may print it: no credentials from its user-info part."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    if sep and "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return repr(f"{scheme}{sep}{netloc}{slash}{path}")
+
+
+def _url(t: _Table, name: str, default: str | None = None, *, required: bool = False,
+         optional: bool = False) -> str:
+    """An http(s) URL without its trailing slash; `optional`: the empty string is allowed (not set)."""
     v = t.get_str(name, default, required=required)
-    if not re.match(r"^https?://[^\s/?#]+", v):
-        raise ConfigError(t.key(name), f"expected an http(s) URL, got {v!r}")
+    if t.failed(name) or (optional and not v):
+        return v
+    problem = url_problem(v)
+    if problem:
+        t.problem(t.key(name), f"{problem}: {shown_url(v)}")
     return v.rstrip("/")
 
 
 def _rules(t: _Table, provider: Provider) -> Rules:
     goals = t.str_list("goals", required=True)
-    if not goals:
-        raise ConfigError(t.key("goals"), "must name at least one goal")
+    if not goals and not t.failed("goals"):
+        t.problem(t.key("goals"), "must name at least one goal")
     if provider is Provider.KAMELEOON or provider is Provider.CONVERT:
         for i, g in enumerate(goals):
             if not g.isdigit():
-                raise ConfigError(f"{t.key('goals')}[{i}]", f"{provider.slug} goal ids are integers, got {g!r}")
+                t.problem(f"{t.key('goals')}[{i}]", f"{provider.slug} goal ids are integers, got {g!r}")
     channels = t.str_list("channels", [c.value for c in Channel])
     for i, c in enumerate(channels):
         if c.upper() not in Channel.__members__:
-            raise ConfigError(f"{t.key('channels')}[{i}]", f"unknown channel {c!r} (one of {', '.join(Channel)})")
+            t.problem(f"{t.key('channels')}[{i}]", f"unknown channel {c!r} (one of {', '.join(Channel)})")
     currency = t.opt_str("currency")
     if currency is not None and not re.fullmatch(r"[A-Z]{3}", currency):
-        raise ConfigError(t.key("currency"), f"expected an ISO 4217 code like 'EUR', got {currency!r}")
+        t.problem(t.key("currency"), f"expected an ISO 4217 code like 'EUR', got {currency!r}")
     allow, deny = t.str_list("experiments_allow"), t.str_list("experiments_deny")
     if allow and deny:
-        raise ConfigError(t.key("experiments_deny"), "set experiments_allow or experiments_deny, not both")
+        t.problem(t.key("experiments_deny"), "set experiments_allow or experiments_deny, not both")
     return Rules(
         goals=goals,
         attribution_window=t.duration("attribution_window", DEFAULT_WINDOWS[provider], positive=True),
         currency=currency,
-        channels=tuple(Channel(c.upper()) for c in channels),
+        channels=tuple(Channel(c.upper()) for c in channels if c.upper() in Channel.__members__),
         experiments_allow=allow,
         experiments_deny=deny,
         min_revenue=t.decimal("min_revenue"),
@@ -463,11 +666,13 @@ def _rules(t: _Table, provider: Provider) -> Rules:
 
 
 def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
-    return BatchConfig(
+    b = BatchConfig(
         max_events=t.get_int("max_events", default.max_events, minimum=1),
         max_bytes=t.get_int("max_bytes", default.max_bytes, minimum=1024, maximum=3_000_000),
         linger=t.duration("linger", default.linger),
     )
+    t.done()
+    return b
 
 
 def _retry(t: _Table) -> RetryConfig:
@@ -479,7 +684,7 @@ def _retry(t: _Table) -> RetryConfig:
         max_delay=t.duration("max_delay", d.max_delay),
     )
     if r.max_delay < r.base_delay:
-        raise ConfigError(t.key("max_delay"), "must not be below base_delay")
+        t.problem(t.key("max_delay"), "must not be below base_delay")
     t.done()
     return r
 
@@ -511,10 +716,10 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
 
     def project(site_code: str, p: _Table) -> KameleoonProject:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", site_code):
-            raise ConfigError(p.path, "a Kameleoon siteCode is letters and digits")
+            p.problem(p.path, "a Kameleoon siteCode is letters and digits")
         cid, csec = p.secret("client_id"), p.secret("client_secret")
         if bool(cid) != bool(csec):
-            raise ConfigError(p.key("client_secret" if cid else "client_id"), "client_id and client_secret go together")
+            p.problem(p.key("client_secret" if cid else "client_id"), "client_id and client_secret go together")
         kp = KameleoonProject(
             site_code=site_code,
             rules=_rules(p, Provider.KAMELEOON),
@@ -535,8 +740,8 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
     )
-    if not cfg.user_agent.strip():
-        raise ConfigError(t.key("user_agent"), "must not be empty: Kameleoon rejects requests without a User-Agent")
+    if not cfg.user_agent.strip() and not t.failed("user_agent"):
+        t.problem(t.key("user_agent"), "must not be empty: Kameleoon rejects requests without a User-Agent")
     t.done()
     return cfg
 
@@ -549,17 +754,17 @@ def _convert(t: _Table) -> ConvertConfig:
     def project(key: str, p: _Table) -> ConvertProject:
         m = re.fullmatch(r"(\d+)_(\d+)", key)
         if not m:
-            raise ConfigError(p.path, "a Convert project key is the ID NUMBER 'accountid_projectid', e.g. '1111_2222'")
-        account, proj = m.groups()
+            p.problem(p.path, "a Convert project key is the ID NUMBER 'accountid_projectid', e.g. '1111_2222'")
+        account, proj = m.groups() if m else ("0", "0")
         api = p.get_str("api", "track")
         if api not in ("track", "v1"):
-            raise ConfigError(p.key("api"), f"expected 'track' or 'v1', got {api!r}")
-        host = "track" if api == "track" else "metrics"
+            p.problem(p.key("api"), f"expected 'track' or 'v1', got {api!r}")
+        host = "track" if api != "v1" else "metrics"
         rules = _rules(p, Provider.CONVERT)
         tx = p.str_list("transaction_goals")
         for i, g in enumerate(tx):
-            if g not in rules.goals:
-                raise ConfigError(f"{p.key('transaction_goals')}[{i}]", f"goal {g} is not in goals")
+            if g not in rules.goals and not p.failed("goals"):
+                p.problem(f"{p.key('transaction_goals')}[{i}]", f"goal {g} is not in goals")
         cp = ConvertProject(
             key=key,
             account_id=account,
@@ -580,7 +785,7 @@ def _convert(t: _Table) -> ConvertConfig:
         projects=_projects(t, project),
     )
     if any(p.api == "v1" for p in cfg.projects.values()) and not cfg.user_agent.startswith("ConvertAgent/"):
-        raise ConfigError(t.key("user_agent"), "must start with 'ConvertAgent/': Convert silently drops other agents")
+        t.problem(t.key("user_agent"), "must start with 'ConvertAgent/': Convert silently drops other agents")
     t.done()
     return cfg
 
@@ -594,13 +799,11 @@ def _conductrics(t: _Table) -> ConductricsConfig:
         try:
             session.format(vid="v", order_id="o", event_id="e")
         except (KeyError, IndexError, ValueError):
-            raise ConfigError(p.key("session"), "a template using only {vid}, {order_id}, {event_id}") from None
-        api_key = p.secret("api_key", required=True)
-        assert api_key is not None
+            p.problem(p.key("session"), "a template using only {vid}, {order_id}, {event_id}")
         dp = ConductricsProject(
             key=key,
             agent_api_url=_url(p, "agent_api_url", required=True),
-            api_key=api_key,
+            api_key=p.secret("api_key", required=True) or Secret(""),
             rules=_rules(p, Provider.CONDUCTRICS),
             session=session,
             flow=_flow(p.table("flow"), flow),
@@ -621,17 +824,23 @@ def _matcher(t: _Table) -> MatcherConfig:
     d = MatcherConfig()
     rates_t = t.table("rates")
     rates: dict[tuple[str, str], Decimal] = {}
-    for pair, v in rates_t.data.items():
+    for pair in rates_t.data:
         m = re.fullmatch(r"([A-Z]{3})[/_]([A-Z]{3})", pair)
         key = rates_t.key(pair)
+        v = rates_t.raw(pair)  # a string may be ${VAR}, as everywhere
         if not m:
-            raise ConfigError(key, "a rate is named 'FROM/TO' with ISO 4217 codes, e.g. \"USD/EUR\" = 0.92")
-        if isinstance(v, bool) or not isinstance(v, int | float | str):
-            raise ConfigError(key, f"expected a decimal rate, got {v!r}")
-        rate = _to_decimal(v, key)
-        if rate <= 0:
-            raise ConfigError(key, "a rate must be positive")
-        rates[(m.group(1), m.group(2))] = rate
+            rates_t.problem(key, "a rate is named 'FROM/TO' with ISO 4217 codes, e.g. \"USD/EUR\" = 0.92")
+        elif isinstance(v, bool) or not isinstance(v, int | float | str):
+            rates_t.problem(key, f"expected a decimal rate, got {v!r}")
+        else:
+            try:
+                rate = _to_decimal(v, key)
+            except ConfigError as exc:
+                rates_t.problems.add(exc)
+                continue
+            if rate <= 0:
+                rates_t.problem(key, "a rate must be positive")
+            rates[(m.group(1), m.group(2))] = rate
     cfg = MatcherConfig(
         clock_skew=t.duration("clock_skew", d.clock_skew),
         max_age=t.duration("max_age", d.max_age, positive=True),
@@ -641,10 +850,7 @@ def _matcher(t: _Table) -> MatcherConfig:
     return cfg
 
 
-def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None) -> Config:
-    """Validate a parsed TOML document into a Config."""
-    root = _Table(data, "", os.environ if env is None else env)
-    k = root.table("kafka")
+def _kafka(k: _Table) -> KafkaConfig:
     kafka = KafkaConfig(
         bootstrap_servers=k.get_str("bootstrap_servers", required=True),
         topic=k.get_str("topic", required=True),
@@ -655,27 +861,32 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         producer=k.passthrough("producer"),
     )
     if kafka.dlq_topic == kafka.topic:
-        raise ConfigError("kafka.dlq_topic", "must differ from kafka.topic")
+        k.problem(k.key("dlq_topic"), "must differ from kafka.topic")
     for name in ("enable.auto.offset.store", "enable.auto.commit"):
         if name in kafka.consumer:
-            raise ConfigError(f"kafka.consumer.{name}", "is managed by the service (offsets are stored only when done)")
+            k.problem(dotted(k.key("consumer"), name), "is managed by the service (offsets are stored only when done)")
     k.done()
+    return kafka
+
+
+def _parse(root: _Table, base_dir: Path | None) -> Config:
+    kafka = _kafka(root.table("kafka"))
 
     dt = root.table("decoding")
     fmt = dt.get_str("format", "avro")
     if fmt not in ("avro", "confluent"):
-        raise ConfigError("decoding.format", f"expected 'avro' or 'confluent', got {fmt!r}")
+        dt.problem(dt.key("format"), f"expected 'avro' or 'confluent', got {fmt!r}")
     schema = Path(dt.get_str("schema", str(DEFAULT_SCHEMA)))
     if not schema.is_absolute():
         candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
         schema = next((c for c in candidates if c.exists()), candidates[0])
     if not schema.exists():
         schema = DEFAULT_SCHEMA if schema.name == DEFAULT_SCHEMA.name else schema
-    if not schema.exists():
-        raise ConfigError("decoding.schema", f"no such file: {str(schema)!r}")
-    registry = dt.get_str("schema_registry_url", "")
-    if fmt == "confluent" and not registry:
-        raise ConfigError("decoding.schema_registry_url", "is required when format = \"confluent\"")
+    if not schema.exists() and not dt.failed("schema"):
+        dt.problem(dt.key("schema"), f"no such file: {str(schema)!r}")
+    registry = _url(dt, "schema_registry_url", "", optional=True)
+    if fmt == "confluent" and not registry and not dt.failed("schema_registry_url"):
+        dt.problem(dt.key("schema_registry_url"), "is required when format = \"confluent\"")
     decoding = DecodingConfig(
         format=fmt,
         schema=schema,
@@ -704,10 +915,10 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     lt = root.table("logging")
     level = lt.get_str("level", "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("logging.level", f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        lt.problem(lt.key("level"), f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
     log_format = lt.get_str("format", "json")
     if log_format not in ("json", "text"):
-        raise ConfigError("logging.format", f"expected 'json' or 'text', got {log_format!r}")
+        lt.problem(lt.key("format"), f"expected 'json' or 'text', got {log_format!r}")
     lt.done()
 
     cfg = Config(
@@ -723,12 +934,39 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     )
     root.done()
     if not (cfg.kameleoon.projects or cfg.convert.projects or cfg.conductrics.projects):
-        raise ConfigError("kameleoon.projects", "no provider project is configured: nothing would ever be sent")
+        root.problem("kameleoon.projects", "no provider project is configured: nothing would ever be sent")
     return cfg
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a TOML config file."""
+# Builds the Kafka clients from a parsed config without connecting: (errors, warnings), each naming a key.
+ClientCheck = Callable[[Config], tuple[Sequence[ConfigError], Sequence[ConfigError]]]
+
+
+def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_dir: Path | None = None, *,
+          placeholders: bool = False, check: ClientCheck | None = None,
+          warnings: list[ConfigError] | None = None) -> Config:
+    """Validate a parsed TOML document into a Config; raises ConfigErrors naming every bad key at once.
+
+    `placeholders`: `${…}` are not read but replaced by a placeholder, and the values they stand for are
+    not judged (checking a file before its secrets exist). `check` also validates the Kafka clients'
+    settings; its warnings are appended to `warnings`. No message ever shows a value that came from `${…}`.
+    """
+    problems = _Problems(os.environ if env is None else env, placeholders=placeholders)
+    cfg = _parse(_Table(data, "", problems), base_dir)
+    # The clients are built from the librdkafka tables: not on top of an error in one of them.
+    if check is not None and not any(problems.under(f"kafka.{t}") for t in ("common", "consumer", "producer")):
+        errors, notes = check(cfg)
+        for err in errors:
+            problems.add(err)
+        if warnings is not None:
+            warnings.extend(problems.clean(notes))
+    problems.raise_if_any()
+    return cfg
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None, *, placeholders: bool = False,
+         check: ClientCheck | None = None, warnings: list[ConfigError] | None = None) -> Config:
+    """Read and validate a TOML config file (see `parse`)."""
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -736,4 +974,4 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError("(file)", f"cannot read {str(p)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("(file)", f"{str(p)!r} is not valid TOML: {exc}") from None
-    return parse(data, env, base_dir=p.parent)
+    return parse(data, env, base_dir=p.parent, placeholders=placeholders, check=check, warnings=warnings)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from consumer.logs import KafkaLog
+
 log = logging.getLogger(__name__)
 
 HEADER_PREFIX = "dlq."
@@ -94,7 +96,7 @@ class DeadLetterWriter:
     """An idempotent, acks=all producer; `write` resolves only when the broker confirmed the record."""
 
     def __init__(self, topic: str, config: dict[str, str | int | float | bool], timeout: float) -> None:
-        conf: dict[str, str | int | float | bool] = {
+        conf: dict[str, object] = {
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
@@ -104,6 +106,7 @@ class DeadLetterWriter:
         # Idempotence and acks=all are the guarantee the offsets rely on: not overridable.
         conf["enable.idempotence"] = True
         conf["acks"] = "all"
+        conf["logger"] = KafkaLog()  # librdkafka's own lines through the JSON logger, not raw to stderr
         self.topic = topic
         self.producer = Producer(conf)
         self._stop = threading.Event()

@@ -10,6 +10,8 @@ from types import TracebackType
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from consumer.logs import KafkaLog
+
 
 class EmbeddedBrokerError(RuntimeError):
     pass
@@ -69,7 +71,7 @@ class EmbeddedBroker:
         self.proc = None
 
     def create_topics(self, names: Iterable[str], partitions: int = 3) -> None:
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        admin = AdminClient({"bootstrap.servers": self.bootstrap}, logger=KafkaLog())
         futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names], operation_timeout=10)
         for name, f in futures.items():
             try:

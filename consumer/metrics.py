@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -10,6 +12,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from consumer.config import ConfigError
 
 NS = "offline_conversions"
 C = TypeVar("C")
@@ -217,6 +221,21 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
+class MetricsListenError(ConfigError):
+    """The metrics server cannot listen where `[metrics]` says: the port is taken, or the host is not local."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            key, why = "metrics.host", f"{host!r} is not an address of this machine"
+        elif exc.errno == errno.EADDRINUSE:
+            key, why = "metrics.port", f"port {port} is in use by another process"
+        elif exc.errno == errno.EACCES:
+            key, why = "metrics.port", f"port {port} needs privileges this process does not have"
+        else:
+            key, why = "metrics.port", exc.strerror or str(exc)
+        super().__init__(key, f"cannot listen on {host}:{port}: {why}")
+
+
 class HealthServer:
     """Serves /metrics, /healthz and /readyz; readiness is asked of the application each time."""
 
@@ -237,7 +256,12 @@ class HealthServer:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise MetricsListenError(host, port, exc) from None
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port

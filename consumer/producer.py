@@ -9,6 +9,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from consumer.config import DEFAULT_SCHEMA
 from consumer.decoding import SchemaRegistry, encode_confluent, encode_raw, load_schema
+from consumer.logs import KafkaLog
 from consumer.model import Purchase
 from consumer.samples import malformed as malformed_values
 from consumer.samples import purchases
@@ -42,7 +43,7 @@ def produce_values(bootstrap: str, topic: str, values: Iterable[tuple[bytes | No
                    rate: float = 0.0) -> Tally:
     """Produce (key, value) pairs with an idempotent producer; fails if any delivery fails."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 20,
-                         "queue.buffering.max.messages": 1_000_000})
+                         "queue.buffering.max.messages": 1_000_000, "logger": KafkaLog()})
     tally = Tally()
     items = iter(values)
     if rate > 0:

@@ -11,6 +11,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.config import KafkaConfig
+from consumer.logs import KafkaLog
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
     # The at-least-once promise rests on these two: offsets move only when events are done.
     conf["enable.auto.offset.store"] = False
     conf["enable.auto.commit"] = False
+    conf["logger"] = KafkaLog()  # librdkafka's own lines through the JSON logger, not raw to stderr
     return conf
 
 
@@ -60,6 +62,7 @@ class Source:
         conf["stats_cb"] = self._stats
         conf["error_cb"] = self._error
         conf["on_commit"] = self._committed
+        self._kafka_log: KafkaLog = conf["logger"]
         self.consumer = Consumer(conf)
         self.assigned: set[TP] = set()
         self._fresh: list[TopicPartition] = []
@@ -128,7 +131,9 @@ class Source:
             self.broker_up = False
         if err.code() in AUTH_ERRORS and self.auth_failed is None:
             self.auth_failed = err.str()
-        log.warning("kafka: %s", err.str())
+        # A broker's connection failure arrives twice: as librdkafka's own log line and here. Log it once.
+        if not self._kafka_log.logged(err.str()):
+            log.warning("kafka: %s", err.str())
 
     def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
