@@ -169,7 +169,7 @@ class Application:
         if self.install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        transport = Transport()
+        transport = Transport.for_config(cfg)
         tokens = TokenCache(transport, cfg.kameleoon.user_agent,
                             on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
         self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_results)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from consumer.model import Channel, Provider
+from consumer.tls import TlsFileError, client_context
 
 T = TypeVar("T")
 
@@ -255,6 +257,26 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Files of an HTTPS client: a CA bundle trusted instead of the system's, a client certificate and key."""
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None  # None: the key is in client_cert's file
+    client_key_password: Secret | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """[<provider>.http]: how one provider is reached. Without `proxy`, HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply."""
+
+    proxy: str | None = None  # http://host:port, without credentials (they are in proxy_username/password)
+    proxy_username: Secret | None = None
+    proxy_password: Secret | None = None
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
 class DecodingConfig:
     format: str = "avro"
     schema: Path = DEFAULT_SCHEMA
@@ -364,6 +386,7 @@ class KameleoonConfig:
     batch: BatchConfig = BatchConfig()
     retry: RetryConfig = RetryConfig()
     projects: dict[str, KameleoonProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -372,6 +395,7 @@ class ConvertConfig:
     batch: BatchConfig = BatchConfig(max_events=100, max_bytes=1_000_000)
     retry: RetryConfig = RetryConfig()
     projects: dict[str, ConvertProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -379,6 +403,7 @@ class ConductricsConfig:
     user_agent: str = "offline-conversions/1.0"
     retry: RetryConfig = RetryConfig()
     projects: dict[str, ConductricsProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -417,6 +442,9 @@ class Config:
         for kp in self.kameleoon.projects.values():
             out += [s.reveal() for s in (kp.client_id, kp.client_secret) if s]
         out += [dp.api_key.reveal() for dp in self.conductrics.projects.values()]
+        for http in (self.kameleoon.http, self.convert.http, self.conductrics.http):
+            for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
+                out += [s.reveal()] if s else []
         return [s for s in out if s]
 
 
@@ -496,6 +524,56 @@ def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
     return f
 
 
+def _tls(t: _Table) -> TlsConfig:
+    """ca_bundle, client_cert, client_key, client_key_password: each file checked (exists, readable, PEM)."""
+
+    def path(name: str) -> Path | None:
+        v = t.opt_str(name)
+        return None if v is None else Path(v)
+
+    tls = TlsConfig(path("ca_bundle"), path("client_cert"), path("client_key"), t.secret("client_key_password"))
+    if tls == TlsConfig():
+        return tls
+    try:
+        password = tls.client_key_password.reveal() if tls.client_key_password else None
+        client_context(tls.ca_bundle, tls.client_cert, tls.client_key, password)
+    except TlsFileError as exc:
+        raise ConfigError(t.key(exc.field), exc.message) from None
+    return tls
+
+
+def _http(t: _Table) -> HttpConfig:
+    """[<provider>.http]: an explicit egress proxy (its credentials kept secret) and TLS files."""
+    user, password = t.secret("proxy_username"), t.secret("proxy_password")
+    proxy = t.opt_str("proxy")
+    if proxy is None:
+        if user or password:
+            raise ConfigError(t.key("proxy_username" if user else "proxy_password"), "is set without proxy")
+    else:
+        # The value may hold credentials: no message below shows it.
+        try:
+            parts = urllib.parse.urlsplit(proxy)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme != "http" or not parts.hostname or not port or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or re.search(r"\s", proxy):
+            raise ConfigError(t.key("proxy"), "expected http://host:port (an HTTPS target is tunnelled with CONNECT); "
+                                              "the value is not shown as it may hold credentials")
+        if parts.username is not None:
+            if user or password:
+                raise ConfigError(t.key("proxy"), "has credentials and so do proxy_username/proxy_password: use one")
+            user = Secret(urllib.parse.unquote(parts.username))
+            password = Secret(urllib.parse.unquote(parts.password or ""))
+        elif password and not user:
+            raise ConfigError(t.key("proxy_password"), "is set without proxy_username")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        proxy = f"http://{host}:{port}"
+    http = HttpConfig(proxy=proxy, proxy_username=user, proxy_password=password, tls=_tls(t))
+    t.done()
+    return http
+
+
 def _projects(t: _Table, build: Callable[[str, _Table], T]) -> dict[str, T]:
     projects = t.table("projects")
     out: dict[str, T] = {}
@@ -534,6 +612,7 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
         batch=_batch(t.table("batch"), d.batch),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     if not cfg.user_agent.strip():
         raise ConfigError(t.key("user_agent"), "must not be empty: Kameleoon rejects requests without a User-Agent")
@@ -578,6 +657,7 @@ def _convert(t: _Table) -> ConvertConfig:
         batch=_batch(t.table("batch"), d.batch),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     if any(p.api == "v1" for p in cfg.projects.values()) and not cfg.user_agent.startswith("ConvertAgent/"):
         raise ConfigError(t.key("user_agent"), "must start with 'ConvertAgent/': Convert silently drops other agents")
@@ -612,6 +692,7 @@ def _conductrics(t: _Table) -> ConductricsConfig:
         user_agent=t.get_str("user_agent", d.user_agent),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     t.done()
     return cfg

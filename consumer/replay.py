@@ -95,7 +95,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     decoder = make_decoder(cfg.decoding)
     settings = MatchSettings.from_config(cfg)
     stats = ReplayStats()
-    transport = Transport()
+    transport = Transport.for_config(cfg)
     results: asyncio.Queue[tuple[Conversion, Result]] = asyncio.Queue()
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, cfg.kameleoon.user_agent), Metrics(),
                             each(lambda _t, c, r: results.put_nowait((c, r))))
