@@ -277,11 +277,23 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """[decoding.schema_registry]: the registry client's auth, TLS and request timeout."""
+
+    username: Secret | None = None
+    password: Secret | None = None
+    bearer_token: Secret | None = None
+    timeout: float = 5.0
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
 class DecodingConfig:
     format: str = "avro"
     schema: Path = DEFAULT_SCHEMA
     schema_registry_url: str = ""
     max_message_bytes: int = 1_048_576
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
 
 
 @dataclass(frozen=True)
@@ -442,6 +454,9 @@ class Config:
         for kp in self.kameleoon.projects.values():
             out += [s.reveal() for s in (kp.client_id, kp.client_secret) if s]
         out += [dp.api_key.reveal() for dp in self.conductrics.projects.values()]
+        reg = self.decoding.schema_registry
+        for s in (reg.username, reg.password, reg.bearer_token, reg.tls.client_key_password):
+            out += [s.reveal()] if s else []
         for http in (self.kameleoon.http, self.convert.http, self.conductrics.http):
             for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
                 out += [s.reveal()] if s else []
@@ -572,6 +587,25 @@ def _http(t: _Table) -> HttpConfig:
     http = HttpConfig(proxy=proxy, proxy_username=user, proxy_password=password, tls=_tls(t))
     t.done()
     return http
+
+
+def _schema_registry(t: _Table, url: str) -> SchemaRegistryConfig:
+    """[decoding.schema_registry]: basic auth or a bearer token (not both), TLS files, the request timeout."""
+    user, password, token = t.secret("username"), t.secret("password"), t.secret("bearer_token")
+    try:
+        in_url = urllib.parse.urlsplit(url).username is not None
+    except ValueError:  # a malformed URL is reported by the registry client, naming schema_registry_url
+        in_url = False
+    if password and not user:
+        raise ConfigError(t.key("password"), "is set without username")
+    if user and in_url:
+        raise ConfigError(t.key("username"), "the schema_registry_url has credentials too: use one")
+    if token and (user or in_url):
+        raise ConfigError(t.key("bearer_token"), "set a bearer_token or basic auth credentials, not both")
+    cfg = SchemaRegistryConfig(username=user, password=password, bearer_token=token,
+                               timeout=t.duration("timeout", SchemaRegistryConfig.timeout, positive=True), tls=_tls(t))
+    t.done()
+    return cfg
 
 
 def _projects(t: _Table, build: Callable[[str, _Table], T]) -> dict[str, T]:
@@ -762,6 +796,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         schema=schema,
         schema_registry_url=registry.rstrip("/"),
         max_message_bytes=dt.get_int("max_message_bytes", DecodingConfig.max_message_bytes, minimum=64),
+        schema_registry=_schema_registry(dt.table("schema_registry"), registry),
     )
     dt.done()
 

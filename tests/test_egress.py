@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from pki import Pki, make_pki
+from registry_server import RegistryServer
 
 from consumer.config import Config, ConfigError, parse
 from consumer.delivery import Dispatcher, Result, Status, each
@@ -32,6 +33,7 @@ from consumer.providers.kameleoon import nonce
 from consumer.providers.registry import modules
 from consumer.samples import purchases
 from consumer.sandbox import Sandbox
+from consumer.schema_registry import SchemaRegistry
 from consumer.transport import TokenCache, Transport
 from tests.conftest import config_dict, run_until_done
 from tests.test_pipeline import expected_conversions, sandbox_view, view_of
@@ -301,6 +303,20 @@ async def test_a_provider_requiring_a_client_certificate(pki: Pki) -> None:
         assert result.status is Status.FAILED and sb.counts()["kameleoon"] == 4
     finally:
         await sb.stop()
+
+
+async def test_the_schema_registry_honours_the_environment_proxy(
+    open_proxy: Tinyproxy, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with RegistryServer() as reg:
+        schema_id = reg.register("purchases-value", '"string"')
+        monkeypatch.setenv("HTTP_PROXY", open_proxy.url)
+        registry = SchemaRegistry(reg.url)
+        try:
+            assert (await registry.get_schema(schema_id)).text == '"string"'
+        finally:
+            await registry.close()
+        assert open_proxy.requests() == [f"GET {reg.url}/schemas/ids/{schema_id}"]
 
 
 def test_environment_proxies_are_read_once_and_follow_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
