@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +39,7 @@ from consumer.transport import TokenCache, Transport
 from tests.conftest import config_dict, run_until_done
 from tests.test_pipeline import expected_conversions, sandbox_view, view_of
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "config.example.toml"
 PROXY_USER = "egress"
 PROXY_PASSWORD = "pr0xy-s3cret-pw"
 SITE = "f17c21u1ag"
@@ -379,3 +381,24 @@ def test_proxy_keys_are_checked_at_load_and_never_echoed() -> None:
     assert "use one" in _error({"proxy": "http://a:b@proxy.corp:3128", "proxy_username": "c"})
     assert "'kameleoon.http.proxyy'" in _error({"proxyy": "http://proxy.corp:3128"})
 
+
+def test_the_examples_commented_http_and_registry_keys_are_real(pki: Pki) -> None:
+    """Uncommented (with real files), deploy/config.example.toml's [kameleoon.http] and registry keys load."""
+    files = {"ca_bundle": pki.ca, "client_cert": pki.client_cert, "client_key": pki.client_key_encrypted}
+    out, table = [], ""
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("["):
+            table = line.split("]")[0] + "]"
+        m = re.match(r'^# (\w+) = ("[^"]*")', line)
+        if m and table in ("[kameleoon.http]", "[decoding.schema_registry]") and m.group(1) != "bearer_token":
+            value = f'"{files[m.group(1)]}"' if m.group(1) in files else m.group(2)
+            line = f"{m.group(1)} = {value}"
+        out.append(line)
+    env = {"CONDUCTRICS_API_KEY": "k", "PROXY_USER": PROXY_USER, "PROXY_PASSWORD": PROXY_PASSWORD,
+           "SCHEMA_REGISTRY_USER": "svc", "SCHEMA_REGISTRY_PASSWORD": "reg-pw", "TLS_KEY_PASSWORD": pki.passphrase}
+    cfg = parse(tomllib.loads("\n".join(out)), env=env)
+    http, registry = cfg.kameleoon.http, cfg.decoding.schema_registry
+    assert http.proxy == "http://proxy.corp.example:3128" and http.tls.client_key == pki.client_key_encrypted
+    assert http.proxy_password is not None and http.proxy_password.reveal() == PROXY_PASSWORD
+    assert registry.username is not None and registry.tls.ca_bundle == pki.ca and registry.timeout == 5.0
+    assert cfg.convert.http == cfg.conductrics.http == type(http)()  # untouched tables keep the defaults
