@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import KafkaError, Message
 
 from consumer.config import Config
-from consumer.decoding import DecodeError, make_decoder
+from consumer.decoding import DecodeError, SchemaNotLoaded, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
@@ -171,7 +171,7 @@ class Application:
         if self.install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        transport = Transport()
+        transport = Transport.for_config(cfg)
         tokens = TokenCache(transport, cfg.kameleoon.user_agent,
                             on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
         self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_results)
@@ -248,6 +248,7 @@ class Application:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await transport.close()
+        await self.decoder.close()
         if self.dlq is not None:
             self.dlq.close(5.0)
         self._flush_decisions()
@@ -395,7 +396,13 @@ class Application:
         self._committed.pop(tp, None)
 
     def _undecodable(self, ev: InFlight, exc: Exception, first_try: float) -> None:
-        """Retry a registry outage for a while; dead-letter anything else (a decoder bug included)."""
+        """Fetch a missing writer schema, retry a registry outage for a while; dead-letter anything else.
+
+        Both wait in a task of their own: the poll loop goes on with the next message meanwhile.
+        """
+        if isinstance(exc, SchemaNotLoaded):
+            self._spawn(self._decode_later(ev, first_try))
+            return
         if isinstance(exc, DecodeError):
             if exc.transient and time.monotonic() - first_try < _REGISTRY_RETRY_SECONDS:
                 self._spawn(self._decode_later(ev, first_try))
@@ -412,10 +419,13 @@ class Application:
         self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc), event_id=ev.event_id)])
 
     async def _decode_later(self, ev: InFlight, first_try: float) -> None:
-        """The registry was down: the same event again, a second later (it is tracked already)."""
-        await asyncio.sleep(1.0)
+        """The event again once its writer schema is fetched (it is tracked already).
+
+        After a failure the registry client waits out its backoff before the next request, so a
+        retry here never spins.
+        """
         try:
-            purchase = self.decoder.decode(ev.message.value())
+            purchase = await self.decoder.decode_async(ev.message.value())
         except Exception as exc:
             self._undecodable(ev, exc, first_try)
             return

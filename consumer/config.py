@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from consumer.model import Channel, Provider
+from consumer.tls import TlsFileError, client_context
 
 T = TypeVar("T")
 
@@ -408,11 +410,43 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Files of an HTTPS client: a CA bundle trusted instead of the system's, a client certificate and key."""
+
+    ca_bundle: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None  # None: the key is in client_cert's file
+    client_key_password: Secret | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """[<provider>.http]: how one provider is reached. Without `proxy`, HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply."""
+
+    proxy: str | None = None  # http://host:port, without credentials (they are in proxy_username/password)
+    proxy_username: Secret | None = None
+    proxy_password: Secret | None = None
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
+class SchemaRegistryConfig:
+    """[decoding.schema_registry]: the registry client's auth, TLS and request timeout."""
+
+    username: Secret | None = None
+    password: Secret | None = None
+    bearer_token: Secret | None = None
+    timeout: float = 5.0
+    tls: TlsConfig = TlsConfig()
+
+
+@dataclass(frozen=True)
 class DecodingConfig:
     format: str = "avro"
     schema: Path = DEFAULT_SCHEMA
     schema_registry_url: str = ""
     max_message_bytes: int = 1_048_576
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
 
 
 @dataclass(frozen=True)
@@ -517,6 +551,7 @@ class KameleoonConfig:
     batch: BatchConfig = BatchConfig()
     retry: RetryConfig = RetryConfig()
     projects: dict[str, KameleoonProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -525,6 +560,7 @@ class ConvertConfig:
     batch: BatchConfig = BatchConfig(max_events=100, max_bytes=1_000_000)
     retry: RetryConfig = RetryConfig()
     projects: dict[str, ConvertProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -532,6 +568,7 @@ class ConductricsConfig:
     user_agent: str = "offline-conversions/1.0"
     retry: RetryConfig = RetryConfig()
     projects: dict[str, ConductricsProject] = field(default_factory=dict)
+    http: HttpConfig = HttpConfig()
 
 
 @dataclass(frozen=True)
@@ -574,6 +611,12 @@ class Config:
         k = self.kafka
         out += [str(v) for section in (k.common, k.consumer, k.producer) for name, v in section.items()
                 if _KAFKA_SECRET.search(name)]
+        reg = self.decoding.schema_registry
+        for s in (reg.username, reg.password, reg.bearer_token, reg.tls.client_key_password):
+            out += [s.reveal()] if s else []
+        for http in (self.kameleoon.http, self.convert.http, self.conductrics.http):
+            for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
+                out += [s.reveal()] if s else []
         return [s for s in out if s]
 
 
@@ -701,6 +744,75 @@ def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
     return f
 
 
+def _tls(t: _Table) -> TlsConfig:
+    """ca_bundle, client_cert, client_key, client_key_password: each file checked (exists, readable, PEM)."""
+
+    def path(name: str) -> Path | None:
+        v = t.opt_str(name)
+        return None if v is None else Path(v)
+
+    tls = TlsConfig(path("ca_bundle"), path("client_cert"), path("client_key"), t.secret("client_key_password"))
+    if tls == TlsConfig():
+        return tls
+    try:
+        password = tls.client_key_password.reveal() if tls.client_key_password else None
+        client_context(tls.ca_bundle, tls.client_cert, tls.client_key, password)
+    except TlsFileError as exc:
+        raise ConfigError(t.key(exc.field), exc.message) from None
+    return tls
+
+
+def _http(t: _Table) -> HttpConfig:
+    """[<provider>.http]: an explicit egress proxy (its credentials kept secret) and TLS files."""
+    user, password = t.secret("proxy_username"), t.secret("proxy_password")
+    proxy = t.opt_str("proxy")
+    if proxy is None:
+        if user or password:
+            raise ConfigError(t.key("proxy_username" if user else "proxy_password"), "is set without proxy")
+    else:
+        # The value may hold credentials: no message below shows it.
+        try:
+            parts = urllib.parse.urlsplit(proxy)
+            port = parts.port
+        except ValueError:
+            parts, port = None, None
+        if parts is None or parts.scheme != "http" or not parts.hostname or not port or parts.path not in ("", "/") \
+                or parts.query or parts.fragment or re.search(r"\s", proxy):
+            raise ConfigError(t.key("proxy"), "expected http://host:port (an HTTPS target is tunnelled with CONNECT); "
+                                              "the value is not shown as it may hold credentials")
+        if parts.username is not None:
+            if user or password:
+                raise ConfigError(t.key("proxy"), "has credentials and so do proxy_username/proxy_password: use one")
+            user = Secret(urllib.parse.unquote(parts.username))
+            password = Secret(urllib.parse.unquote(parts.password or ""))
+        elif password and not user:
+            raise ConfigError(t.key("proxy_password"), "is set without proxy_username")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        proxy = f"http://{host}:{port}"
+    http = HttpConfig(proxy=proxy, proxy_username=user, proxy_password=password, tls=_tls(t))
+    t.done()
+    return http
+
+
+def _schema_registry(t: _Table, url: str) -> SchemaRegistryConfig:
+    """[decoding.schema_registry]: basic auth or a bearer token (not both), TLS files, the request timeout."""
+    user, password, token = t.secret("username"), t.secret("password"), t.secret("bearer_token")
+    try:
+        in_url = urllib.parse.urlsplit(url).username is not None
+    except ValueError:  # a malformed URL is reported by the registry client, naming schema_registry_url
+        in_url = False
+    if password and not user:
+        raise ConfigError(t.key("password"), "is set without username")
+    if user and in_url:
+        raise ConfigError(t.key("username"), "the schema_registry_url has credentials too: use one")
+    if token and (user or in_url):
+        raise ConfigError(t.key("bearer_token"), "set a bearer_token or basic auth credentials, not both")
+    cfg = SchemaRegistryConfig(username=user, password=password, bearer_token=token,
+                               timeout=t.duration("timeout", SchemaRegistryConfig.timeout, positive=True), tls=_tls(t))
+    t.done()
+    return cfg
+
+
 def _projects(t: _Table, build: Callable[[str, _Table], T]) -> dict[str, T]:
     projects = t.table("projects")
     out: dict[str, T] = {}
@@ -739,6 +851,7 @@ def _kameleoon(t: _Table) -> KameleoonConfig:
         batch=_batch(t.table("batch"), d.batch),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     if not cfg.user_agent.strip() and not t.failed("user_agent"):
         t.problem(t.key("user_agent"), "must not be empty: Kameleoon rejects requests without a User-Agent")
@@ -783,6 +896,7 @@ def _convert(t: _Table) -> ConvertConfig:
         batch=_batch(t.table("batch"), d.batch),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     if any(p.api == "v1" for p in cfg.projects.values()) and not cfg.user_agent.startswith("ConvertAgent/"):
         t.problem(t.key("user_agent"), "must start with 'ConvertAgent/': Convert silently drops other agents")
@@ -815,6 +929,7 @@ def _conductrics(t: _Table) -> ConductricsConfig:
         user_agent=t.get_str("user_agent", d.user_agent),
         retry=_retry(t.table("retry")),
         projects=_projects(t, project),
+        http=_http(t.table("http")),
     )
     t.done()
     return cfg
@@ -892,6 +1007,7 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         schema=schema,
         schema_registry_url=registry.rstrip("/"),
         max_message_bytes=dt.get_int("max_message_bytes", DecodingConfig.max_message_bytes, minimum=64),
+        schema_registry=_schema_registry(dt.table("schema_registry"), registry),
     )
     dt.done()
 

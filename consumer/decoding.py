@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from decimal import Context, Decimal
 from pathlib import Path
@@ -20,6 +14,7 @@ from fastavro.types import Schema
 
 from consumer.config import DecodingConfig
 from consumer.model import Channel, Exposure, Provider, Purchase
+from consumer.schema_registry import RegistryUnavailable, SchemaNotFound, SchemaRegistry
 
 # Every DecodeError.reason is one of these, so the reason can be used as a metric label as it is.
 REASONS: frozenset[str] = frozenset(
@@ -103,10 +98,32 @@ class DecodeError(Exception):
         return f"DecodeError({self.reason!r}, {self.message!r}, transient={self.transient})"
 
 
+class SchemaNotLoaded(Exception):
+    """The message's writer schema is not cached yet: `decode_async` fetches it (nothing is wrong with the message).
+
+    `decode` never waits for the registry, so the poll loop never blocks on it: the caller hands
+    such a message to a task that awaits `decode_async`, and goes on with the next one.
+    """
+
+    def __init__(self, schema_id: int) -> None:
+        super().__init__(f"writer schema {schema_id} is not loaded yet")
+        self.schema_id = schema_id
+
+
 class Decoder(Protocol):
     """Turns one Kafka message value into a Purchase or raises DecodeError."""
 
-    def decode(self, value: bytes | None) -> Purchase: ...
+    def decode(self, value: bytes | None) -> Purchase:
+        """Decode with what is at hand; raises SchemaNotLoaded when the registry must be asked first."""
+        ...
+
+    async def decode_async(self, value: bytes | None) -> Purchase:
+        """Decode, first fetching the writer schema if it is not cached."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections (the registry's)."""
+        ...
 
 
 # --------------------------------------------------------------------------- schemas
@@ -408,109 +425,6 @@ def encode_confluent(purchase: Purchase, schema_id: int, schema: Schema) -> byte
     return bytes([MAGIC_BYTE]) + schema_id.to_bytes(4, "big") + encode_raw(purchase, schema)
 
 
-# --------------------------------------------------------------------------- registry
-
-
-class SchemaRegistry:
-    """A minimal synchronous Confluent Schema Registry client that fetches each schema id once.
-
-    Credentials come from the URL's userinfo (https://user:pass@host) and travel only in the
-    Authorization header: `url` and every error message show the URL without them.
-    """
-
-    def __init__(self, url: str, *, timeout: float = 5.0, negative_ttl: float = 60.0) -> None:
-        parts = urllib.parse.urlsplit(url.rstrip("/"))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("schema registry URL must be http(s)://host[:port][/path]")
-        self._auth: str | None = None
-        if parts.username is not None:
-            user = urllib.parse.unquote(parts.username)
-            password = urllib.parse.unquote(parts.password or "")
-            self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        if ":" in parts.hostname:  # IPv6 literal
-            netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
-        self.url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-        self.timeout = timeout
-        self.negative_ttl = negative_ttl
-        self._schemas: dict[int, str] = {}
-        # An id the registry does not know is remembered a while, so a flood of forged ids cannot hammer it.
-        self._missing: dict[int, float] = {}
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"SchemaRegistry({self.url!r})"
-
-    def _request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
-        req.add_header("Accept", "application/vnd.schemaregistry.v1+json, application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-        if self._auth:
-            req.add_header("Authorization", self._auth)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            error_code = None
-            try:
-                error_code = json.loads(exc.read()).get("error_code")
-            except (ValueError, AttributeError, OSError):
-                pass
-            finally:
-                exc.close()
-            if exc.code == 404 or error_code == 40403:
-                raise DecodeError(
-                    "unknown_schema_id", f"{self.url}{path}: not found (error_code {error_code})"
-                ) from None
-            raise DecodeError(
-                "registry_unavailable", f"{method} {self.url}{path}: HTTP {exc.code}", transient=True
-            ) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise DecodeError(
-                "registry_unavailable", f"{method} {self.url}{path}: {type(exc).__name__}: {reason}", transient=True
-            ) from None
-
-    def get_schema(self, schema_id: int) -> str:
-        """The schema JSON text registered under `schema_id`; raises DecodeError."""
-        cached = self._schemas.get(schema_id)
-        if cached is not None:
-            return cached
-        with self._lock:
-            cached = self._schemas.get(schema_id)
-            if cached is not None:
-                return cached
-            missing_since = self._missing.get(schema_id)
-            if missing_since is not None and time.monotonic() - missing_since < self.negative_ttl:
-                raise DecodeError("unknown_schema_id", f"schema id {schema_id} is not in {self.url}")
-            try:
-                payload = self._request("GET", f"/schemas/ids/{schema_id}")
-            except DecodeError as exc:
-                if exc.reason == "unknown_schema_id":
-                    self._missing[schema_id] = time.monotonic()
-                raise
-            if not isinstance(payload, dict) or not isinstance(payload.get("schema"), str):
-                raise DecodeError(
-                    "registry_unavailable", f"{self.url}: unexpected answer for schema id {schema_id}", transient=True
-                )
-            if payload.get("schemaType", "AVRO") != "AVRO":
-                raise DecodeError("unsupported_schema", f"schema id {schema_id} is {payload['schemaType']}, not AVRO")
-            text: str = payload["schema"]
-            self._missing.pop(schema_id, None)
-            self._schemas[schema_id] = text
-            return text
-
-    def register(self, subject: str, schema_str: str) -> int:
-        """Register (or find) an Avro schema under `subject`; returns its id. For producers and demos."""
-        path = "/subjects/" + urllib.parse.quote(subject, safe="") + "/versions"
-        payload = self._request("POST", path, {"schema": schema_str})
-        if not isinstance(payload, dict) or type(payload.get("id")) is not int:
-            raise DecodeError("registry_unavailable", f"{self.url}: unexpected answer registering {subject}")
-        return int(payload["id"])
-
-
 # --------------------------------------------------------------------------- decoders
 
 
@@ -593,6 +507,12 @@ class RawAvroDecoder(_AvroDecoder):
     def decode(self, value: bytes | None) -> Purchase:
         return self._read(self._check_size(value), 0, self._writer)
 
+    async def decode_async(self, value: bytes | None) -> Purchase:
+        return self.decode(value)
+
+    async def close(self) -> None:
+        pass
+
 
 class ConfluentDecoder(_AvroDecoder):
     """Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body; writer schemas from the registry."""
@@ -605,32 +525,63 @@ class ConfluentDecoder(_AvroDecoder):
         self._rejected: dict[int, DecodeError] = {}
 
     def writer_for(self, schema_id: int) -> _Compiled:
+        """The prepared writer schema from the caches; raises SchemaNotLoaded if the registry must be asked."""
         writer = self._writers.get(schema_id)
         if writer is not None:
             return writer
         rejected = self._rejected.get(schema_id)
         if rejected is not None:
             raise DecodeError(rejected.reason, rejected.message)
-        text = self.registry.get_schema(schema_id)
+        if self.registry.known_missing(schema_id):
+            raise DecodeError("unknown_schema_id", f"schema id {schema_id} is not in {self.registry.url}")
+        raise SchemaNotLoaded(schema_id)
+
+    async def load(self, schema_id: int) -> _Compiled:
+        """The prepared writer schema, fetched from the registry if need be (one attempt; see SchemaRegistry)."""
         try:
+            return self.writer_for(schema_id)
+        except SchemaNotLoaded:
+            pass
+        try:
+            registered = await self.registry.get_schema(schema_id)
+        except SchemaNotFound as exc:
+            raise DecodeError("unknown_schema_id", str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise DecodeError("registry_unavailable", str(exc), transient=True) from None
+        writer = self._writers.get(schema_id)  # prepared by another event's task meanwhile
+        if writer is not None:
+            return writer
+        try:
+            if registered.schema_type != "AVRO":
+                raise DecodeError("unsupported_schema", f"it is {registered.schema_type}, not AVRO")
             try:
-                writer_json = json.loads(text)
+                writer_json = json.loads(registered.text)
             except ValueError:
-                raise DecodeError("unsupported_schema", f"schema id {schema_id} is not JSON") from None
+                raise DecodeError("unsupported_schema", "it is not JSON") from None
             writer = self._compile(writer_json)
         except DecodeError as exc:
-            self._rejected[schema_id] = exc
-            raise DecodeError(exc.reason, f"schema id {schema_id}: {exc.message}") from None
+            rejected = self._rejected[schema_id] = DecodeError(exc.reason, f"schema id {schema_id}: {exc.message}")
+            raise DecodeError(rejected.reason, rejected.message) from None
         self._writers[schema_id] = writer
         return writer
 
-    def decode(self, value: bytes | None) -> Purchase:
-        value = self._check_size(value)
+    def _schema_id(self, value: bytes) -> int:
         if value[0] != MAGIC_BYTE:
             raise DecodeError("bad_magic_byte", f"first byte is {value[0]}, not the Confluent magic byte 0")
         if len(value) < HEADER_SIZE:
             raise DecodeError("truncated", "message is shorter than the Confluent header")
-        return self._read(value, HEADER_SIZE, self.writer_for(int.from_bytes(value[1:HEADER_SIZE], "big")))
+        return int.from_bytes(value[1:HEADER_SIZE], "big")
+
+    def decode(self, value: bytes | None) -> Purchase:
+        value = self._check_size(value)
+        return self._read(value, HEADER_SIZE, self.writer_for(self._schema_id(value)))
+
+    async def decode_async(self, value: bytes | None) -> Purchase:
+        value = self._check_size(value)
+        return self._read(value, HEADER_SIZE, await self.load(self._schema_id(value)))
+
+    async def close(self) -> None:
+        await self.registry.close()
 
 
 def make_decoder(cfg: DecodingConfig) -> Decoder:
@@ -638,5 +589,6 @@ def make_decoder(cfg: DecodingConfig) -> Decoder:
     if cfg.format == "avro":
         return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes)
     if cfg.format == "confluent":
-        return ConfluentDecoder(SchemaRegistry(cfg.schema_registry_url), cfg.schema, cfg.max_message_bytes)
+        registry = SchemaRegistry.from_config(cfg.schema_registry_url, cfg.schema_registry)
+        return ConfluentDecoder(registry, cfg.schema, cfg.max_message_bytes)
     raise ValueError(f"unknown decoding format {cfg.format!r}")

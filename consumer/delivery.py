@@ -247,7 +247,7 @@ class Dispatcher:
         healthy: bool | None = None
         try:
             try:
-                resp = await self.transport.send(request, route.flow.timeout)
+                resp = await self.transport.send(request, route.flow.timeout, provider)
             except TransportError as exc:
                 self.metrics.http_duration.labels(provider.slug, "error").observe(time.perf_counter() - started)
                 healthy = False

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaError, Message, Producer
 
 from consumer.config import DEFAULT_SCHEMA
-from consumer.decoding import SchemaRegistry, encode_confluent, encode_raw, load_schema
+from consumer.decoding import encode_confluent, encode_raw, load_schema
 from consumer.logs import KafkaLog
 from consumer.model import Purchase
 from consumer.samples import malformed as malformed_values
 from consumer.samples import purchases
+from consumer.schema_registry import SchemaRegistry
 
 SUBJECT_SUFFIX = "-value"
 
@@ -76,11 +78,24 @@ def produce_values(bootstrap: str, topic: str, values: Iterable[tuple[bytes | No
     return tally
 
 
+def register_schema(registry_url: str, subject: str, schema_str: str) -> int:
+    """Register a schema from synchronous code (the `produce` command); returns its id."""
+
+    async def register() -> int:
+        registry = SchemaRegistry(registry_url)
+        try:
+            return await registry.register(subject, schema_str)
+        finally:
+            await registry.close()
+
+    return asyncio.run(register())
+
+
 def encoded(items: Iterable[Purchase], fmt: str = "avro", registry_url: str = "",
             topic: str = "") -> Iterable[tuple[bytes | None, bytes]]:
     schema = load_schema(DEFAULT_SCHEMA)
     if fmt == "confluent":
-        schema_id = SchemaRegistry(registry_url).register(topic + SUBJECT_SUFFIX, DEFAULT_SCHEMA.read_text())
+        schema_id = register_schema(registry_url, topic + SUBJECT_SUFFIX, DEFAULT_SCHEMA.read_text())
         for p in items:
             yield p.order_id.encode(), encode_confluent(p, schema_id, schema)
     else:

@@ -95,7 +95,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     decoder = make_decoder(cfg.decoding)
     settings = MatchSettings.from_config(cfg)
     stats = ReplayStats()
-    transport = Transport()
+    transport = Transport.for_config(cfg)
     results: asyncio.Queue[tuple[Conversion, Result]] = asyncio.Queue()
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, cfg.kameleoon.user_agent), Metrics(),
                             each(lambda _t, c, r: results.put_nowait((c, r))))
@@ -131,6 +131,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     finally:
         await dispatcher.close()
         await transport.close()
+        await decoder.close()
         consumer.close()
     return stats
 
@@ -142,7 +143,7 @@ async def _replay_one(msg: Message, flt: ReplayFilter, decoder: Decoder, setting
         stats.skipped += 1
         return
     try:
-        purchase = decoder.decode(msg.value())
+        purchase = await decoder.decode_async(msg.value())
     except DecodeError as exc:
         stats.undecodable += 1
         print(f"  offset {msg.offset()}: still undecodable ({exc.reason})", file=stream)

@@ -1,4 +1,4 @@
-"""HTTP I/O to the providers: one keep-alive session, OAuth client-credentials tokens."""
+"""HTTP I/O to the providers: one keep-alive session, each provider's proxy and TLS, OAuth client-credentials tokens."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from consumer.config import Config
+from consumer.egress import Egress, EnvProxies
+from consumer.model import Provider
 from consumer.providers.base import HttpRequest, TokenSpec, token_request
 
 
@@ -29,12 +32,29 @@ class TransportError(Exception):
 
 
 class Transport:
-    """Sends provider requests over one pooled aiohttp session (keep-alive, TLS verified by default)."""
+    """Sends provider requests over one pooled aiohttp session (keep-alive, TLS verified by default).
 
-    def __init__(self, *, limit: int = 256, verify_tls: bool = True) -> None:
+    Each provider's requests use its Egress (proxy, CA bundle, client certificate); without an
+    explicit proxy the standard HTTPS_PROXY / HTTP_PROXY / NO_PROXY variables apply.
+    """
+
+    def __init__(self, *, limit: int = 256, verify_tls: bool = True,
+                 egress: Mapping[Provider, Egress] | None = None) -> None:
         self._limit = limit
         self._verify = verify_tls
+        self._egress = dict(egress or {})
+        self._default = Egress(ssl=verify_tls, env=EnvProxies())
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> Transport:
+        """A transport with every provider's [<provider>.http] settings."""
+        env = EnvProxies()
+        return cls(egress={
+            Provider.KAMELEOON: Egress.from_config(cfg.kameleoon.http, env),
+            Provider.CONVERT: Egress.from_config(cfg.convert.http, env),
+            Provider.CONDUCTRICS: Egress.from_config(cfg.conductrics.http, env),
+        })
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -45,18 +65,24 @@ class Transport:
                                                   skip_auto_headers=("User-Agent",))
         return self._session
 
-    async def send(self, request: HttpRequest, timeout: float) -> HttpResponse:
+    async def send(self, request: HttpRequest, timeout: float, provider: Provider | None = None) -> HttpResponse:
         session = self._open()
+        egress = self._egress.get(provider, self._default) if provider is not None else self._default
+        proxy, proxy_headers = egress.proxy_for(request.url)
         safe_url = request.redacted_url or request.url.split("?", 1)[0]
         try:
             async with session.request(
                 request.method, request.url, data=request.body, headers=dict(request.headers),
                 timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                ssl=egress.ssl, proxy=proxy, proxy_headers=proxy_headers,
             ) as resp:
                 body = await resp.read()
                 return HttpResponse(resp.status, resp.headers, body)
         except TimeoutError:
             raise TransportError("timeout", safe_url) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            # The proxy refused the tunnel (407: its credentials; 403: its policy): say so, not just the class.
+            raise TransportError(f"proxy answered {exc.status}", safe_url) from None
         except aiohttp.ClientError as exc:
             # aiohttp's own messages can include the full URL, query string and all: keep the class only.
             raise TransportError(type(exc).__name__, safe_url) from None
@@ -110,7 +136,7 @@ class TokenCache:
     async def _grant(self, spec: TokenSpec, timeout: float) -> tuple[str, float]:
         request = token_request(spec, self.user_agent)
         try:
-            resp = await self.transport.send(request, timeout)
+            resp = await self.transport.send(request, timeout, spec.provider)
         except TransportError as exc:
             self._count("error")
             raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=False) from None

@@ -1,10 +1,17 @@
-"""An in-process Confluent Schema Registry (the few endpoints producers and the decoder use) for tests."""
+"""An in-process Confluent Schema Registry (the few endpoints producers and the decoder use) for tests.
+
+It can serve TLS (any ssl.SSLContext, e.g. one demanding a client certificate), demand basic auth
+or a bearer token, answer every request with an error status, or hang: accept, read the request,
+and never answer until released.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,25 +39,53 @@ class _State:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path), for assertions
     fail_status: int | None = None  # answer every request with this status, to simulate an outage
     credentials: tuple[str, str] | None = None
+    token: str | None = None  # a bearer token every request must carry
+    answering: threading.Event = field(default_factory=threading.Event)  # cleared: hang every request
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Server(ThreadingHTTPServer):
+    """Each connection in its own thread, TLS included: the handshake happens there, not in the accept loop."""
+
+    daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a refused handshake or a client gone mid-request is what some tests are about
 
 
 class RegistryServer:
     """`with RegistryServer() as reg:` serves on reg.url until the block ends.
 
-    Runs in its own thread so synchronous clients (the decoder's urllib calls) work from async tests.
+    Runs in its own threads, so it answers while a test's event loop is busy or blocked.
     """
 
-    def __init__(self, *, username: str | None = None, password: str | None = None) -> None:
-        self.state = _State(credentials=(username, password or "") if username is not None else None)
-        self._server: ThreadingHTTPServer | None = None
+    def __init__(self, *, username: str | None = None, password: str | None = None, token: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.state = _State(credentials=(username, password or "") if username is not None else None, token=token)
+        self.state.answering.set()
+        self.tls = tls
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host!s}:{port}"
+
+    def hang(self, hanging: bool = True) -> None:
+        """Read every following request and never answer it (until `hang(False)` or stop)."""
+        if hanging:
+            self.state.answering.clear()
+        else:
+            self.state.answering.set()
 
     @property
     def requests(self) -> list[tuple[str, str]]:
@@ -77,13 +112,16 @@ class RegistryServer:
             return schema_id
 
     def start(self) -> RegistryServer:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="registry-server", daemon=True)
+        self._server = _Server(("127.0.0.1", 0), _handler(self))
+        self._server.tls = self.tls
+        # Polled every 50 ms: stop() waits for the next poll.
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="registry-server",
+                                        daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        self.state.answering.set()  # release hung requests
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -114,6 +152,12 @@ def _handler(registry: RegistryServer) -> type[BaseHTTPRequestHandler]:
         def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
             pass
 
+        def setup(self) -> None:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.settimeout(10)
+                self.request.do_handshake()  # a refused client certificate ends the connection here
+            super().setup()
+
         def _send(self, status: int, body: Any) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
@@ -126,10 +170,13 @@ def _handler(registry: RegistryServer) -> type[BaseHTTPRequestHandler]:
             self._send(status, {"error_code": code, "message": message})
 
         def _authorised(self) -> bool:
-            if st.credentials is None:
+            if st.credentials is None and st.token is None:
                 return True
-            user, password = st.credentials
-            expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            if st.credentials is not None:
+                user, password = st.credentials
+                expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            else:
+                expected = f"Bearer {st.token}"
             if self.headers.get("Authorization") == expected:
                 return True
             self._error(401, 40101, "Unauthorized")
@@ -139,6 +186,7 @@ def _handler(registry: RegistryServer) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             with st.lock:
                 st.requests.append((self.command, path))
+            st.answering.wait()  # hanging: the request was read, the answer never comes
             if st.fail_status is not None:
                 self._error(st.fail_status, st.fail_status * 100, "simulated failure")
                 return None

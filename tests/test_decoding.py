@@ -9,7 +9,7 @@ import json
 import time
 import tracemalloc
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from consumer.decoding import (
     ConfluentDecoder,
     DecodeError,
     RawAvroDecoder,
-    SchemaRegistry,
+    SchemaNotLoaded,
     encode_confluent,
     encode_raw,
     load_schema,
@@ -40,6 +40,7 @@ from consumer.decoding import (
     strip_logical_types,
 )
 from consumer.model import Channel, Exposure, Provider, Purchase
+from consumer.schema_registry import Backoff, RegistryUnavailable, SchemaRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "purchase_completed.avsc"
@@ -89,8 +90,10 @@ def registry() -> Iterator[RegistryServer]:
 
 
 @pytest.fixture
-def confluent(registry: RegistryServer) -> ConfluentDecoder:
-    return ConfluentDecoder(SchemaRegistry(registry.url, timeout=2.0), SCHEMA, CAP)
+async def confluent(registry: RegistryServer) -> AsyncIterator[ConfluentDecoder]:
+    decoder = ConfluentDecoder(SchemaRegistry(registry.url, timeout=2.0), SCHEMA, CAP)
+    yield decoder
+    await decoder.close()
 
 
 def schema_text(path: Path) -> str:
@@ -128,6 +131,13 @@ def zigzag(n: int) -> bytes:
 def reason_of(fn: Callable[[], object]) -> str:
     with pytest.raises(DecodeError) as info:
         fn()
+    assert info.value.reason in REASONS
+    return info.value.reason
+
+
+async def reason_of_async(decoding: Awaitable[object]) -> str:
+    with pytest.raises(DecodeError) as info:
+        await decoding
     assert info.value.reason in REASONS
     return info.value.reason
 
@@ -179,22 +189,28 @@ def test_raw_round_trip(raw: RawAvroDecoder, schema: Any, purchase: Purchase) ->
     assert isinstance(decoded.occurred_at, int)
 
 
-def test_confluent_round_trip_fetches_each_schema_once(
+async def test_confluent_round_trip_fetches_each_schema_once(
     registry: RegistryServer, confluent: ConfluentDecoder, schema: Any
 ) -> None:
     schema_id = registry.register(SUBJECT, schema_text(SCHEMA))
     for i in range(3):
         p = Purchase(f"e{i}", "o", 1, Channel.WEB, "EUR", Decimal("-0.01"), i)
+        assert await confluent.decode_async(encode_confluent(p, schema_id, schema)) == p
         assert confluent.decode(encode_confluent(p, schema_id, schema)) == p
     assert registry.requests.count(("GET", f"/schemas/ids/{schema_id}")) == 1
 
 
-async def test_confluent_decode_from_inside_the_event_loop(
+async def test_synchronous_decode_never_asks_the_registry(
     registry: RegistryServer, confluent: ConfluentDecoder, schema: Any
 ) -> None:
-    # The service decodes synchronously from its poll loop; the registry runs on its own thread, so no deadlock.
+    # The service decodes from its poll loop: an id not cached yet is handed back, never fetched there.
     schema_id = registry.register(SUBJECT, schema_text(SCHEMA))
-    assert confluent.decode(encode_confluent(PURCHASE, schema_id, schema)) == PURCHASE
+    msg = encode_confluent(PURCHASE, schema_id, schema)
+    with pytest.raises(SchemaNotLoaded) as info:
+        confluent.decode(msg)
+    assert info.value.schema_id == schema_id and registry.requests == []
+    assert await confluent.decode_async(msg) == PURCHASE
+    assert confluent.decode(msg) == PURCHASE
 
 
 def test_decoder_agrees_with_fastavro_logical_types(raw: RawAvroDecoder, schema: Any) -> None:
@@ -209,14 +225,16 @@ def test_record_round_trip_through_dicts() -> None:
     assert purchase_from_record(purchase_to_record(PURCHASE)) == PURCHASE
 
 
-def test_make_decoder_picks_the_format(registry: RegistryServer, schema: Any) -> None:
+async def test_make_decoder_picks_the_format(registry: RegistryServer, schema: Any) -> None:
     avro = make_decoder(DecodingConfig(format="avro", schema=SCHEMA, max_message_bytes=CAP))
     assert isinstance(avro, RawAvroDecoder)
     assert avro.decode(encode_raw(PURCHASE, schema)) == PURCHASE
+    assert await avro.decode_async(encode_raw(PURCHASE, schema)) == PURCHASE
     conf = make_decoder(DecodingConfig(format="confluent", schema=SCHEMA, schema_registry_url=registry.url))
     assert isinstance(conf, ConfluentDecoder)
     schema_id = registry.register(SUBJECT, schema_text(SCHEMA))
-    assert conf.decode(encode_confluent(PURCHASE, schema_id, schema)) == PURCHASE
+    assert await conf.decode_async(encode_confluent(PURCHASE, schema_id, schema)) == PURCHASE
+    await conf.close()
     with pytest.raises(ValueError, match="protobuf"):
         make_decoder(DecodingConfig(format="protobuf"))
 
@@ -254,13 +272,13 @@ def test_raw_newer_writer_is_read_by_current_reader() -> None:
     assert decoded == Purchase(**{**_fields(PURCHASE), "channel": Channel.OTHER})
 
 
-def test_confluent_older_and_newer_writers(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_confluent_older_and_newer_writers(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     old_id = registry.register(SUBJECT, schema_text(V0))
     new_id = registry.register(SUBJECT, schema_text(V2))
     assert old_id != new_id
-    old = confluent.decode(b"\x00" + old_id.to_bytes(4, "big") + write(load_schema(V0), _old_record()))
+    old = await confluent.decode_async(b"\x00" + old_id.to_bytes(4, "big") + write(load_schema(V0), _old_record()))
     assert old.customer_id is None and old.attributes == {} and old.order_id == PURCHASE.order_id
-    new = confluent.decode(b"\x00" + new_id.to_bytes(4, "big") + write(load_schema(V2), _new_record()))
+    new = await confluent.decode_async(b"\x00" + new_id.to_bytes(4, "big") + write(load_schema(V2), _new_record()))
     assert new.channel is Channel.OTHER and new.revenue == Decimal("1234.50") and new.exposures == PURCHASE.exposures
 
 
@@ -268,24 +286,27 @@ def _fields(p: Purchase) -> dict[str, Any]:
     return {name: getattr(p, name) for name in Purchase.__dataclass_fields__}
 
 
-def test_newer_writer_reusing_a_named_type_by_short_name(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_newer_writer_reusing_a_named_type_by_short_name(
+    registry: RegistryServer, confluent: ConfluentDecoder
+) -> None:
     s = read_schema_json(SCHEMA)
     s["fields"].append({"name": "earlier", "type": {"type": "array", "items": "Exposure"}, "default": []})
     schema_id = registry.register(SUBJECT, json.dumps(s))
     body = write(
         fastavro.parse_schema(s), {**purchase_to_record(PURCHASE), "earlier": purchase_to_record(PURCHASE)["exposures"]}
     )
-    assert confluent.decode(b"\x00" + schema_id.to_bytes(4, "big") + body) == PURCHASE
+    assert await confluent.decode_async(b"\x00" + schema_id.to_bytes(4, "big") + body) == PURCHASE
 
 
-def test_incompatible_writer_is_rejected(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_incompatible_writer_is_rejected(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     s = read_schema_json(SCHEMA)
     s["fields"] = [f for f in s["fields"] if f["name"] != "currency"]  # required by the reader, no default
     schema_id = registry.register(SUBJECT, json.dumps(s))
     rec = purchase_to_record(PURCHASE)
     del rec["currency"]
     body = write(fastavro.parse_schema(s), rec)
-    assert reason_of(lambda: confluent.decode(b"\x00" + schema_id.to_bytes(4, "big") + body)) == "incompatible_schema"
+    msg = b"\x00" + schema_id.to_bytes(4, "big") + body
+    assert await reason_of_async(confluent.decode_async(msg)) == "incompatible_schema"
 
 
 def _variant(mutate: Callable[[dict[str, Any]], None]) -> str:
@@ -310,110 +331,119 @@ def _field(s: dict[str, Any], name: str) -> dict[str, Any]:
     ],
     ids=["micros", "scale3", "plain_bytes", "exposure_micros", "recursive", "zero_size_items"],
 )
-def test_unsafe_writer_schemas_are_refused_once(
+async def test_unsafe_writer_schemas_are_refused_once(
     registry: RegistryServer, confluent: ConfluentDecoder, mutate: Callable[[dict[str, Any]], None]
 ) -> None:
     schema_id = registry.register(SUBJECT, _variant(mutate))
     msg = b"\x00" + schema_id.to_bytes(4, "big") + b"\x00" * 20
-    assert reason_of(lambda: confluent.decode(msg)) == "unsupported_schema"
-    assert reason_of(lambda: confluent.decode(msg)) == "unsupported_schema"
+    assert await reason_of_async(confluent.decode_async(msg)) == "unsupported_schema"
+    assert await reason_of_async(confluent.decode_async(msg)) == "unsupported_schema"
+    assert reason_of(lambda: confluent.decode(msg)) == "unsupported_schema"  # the verdict is remembered
     assert registry.requests.count(("GET", f"/schemas/ids/{schema_id}")) == 1
 
 
-def test_zero_size_array_cannot_spin(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_zero_size_array_cannot_spin(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     """Why zero-size items are refused: a block count of 2**62 would loop without reading a byte."""
     schema_id = registry.register(
         SUBJECT, _variant(lambda s: s["fields"].append({"name": "n", "type": {"type": "array", "items": "null"}}))
     )
     msg = b"\x00" + schema_id.to_bytes(4, "big") + zigzag(2**62)
     started = time.monotonic()
-    assert reason_of(lambda: confluent.decode(msg)) == "unsupported_schema"
+    assert await reason_of_async(confluent.decode_async(msg)) == "unsupported_schema"
     assert time.monotonic() - started < 2
 
 
-def test_writer_schema_that_does_not_parse(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_writer_schema_that_does_not_parse(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     bad_json = registry.register(SUBJECT, "{not json")
     bad_avro = registry.register(SUBJECT, json.dumps({"type": "record", "name": "X", "fields": [{"name": "a"}]}))
     for schema_id in (bad_json, bad_avro):
-        assert reason_of(lambda i=schema_id: confluent.decode(b"\x00" + i.to_bytes(4, "big") + b"\x00")) == (
-            "unsupported_schema"
-        )
+        msg = b"\x00" + schema_id.to_bytes(4, "big") + b"\x00"
+        assert await reason_of_async(confluent.decode_async(msg)) == "unsupported_schema"
 
 
-def test_non_avro_schema_type(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_non_avro_schema_type(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     schema_id = registry.register(SUBJECT, 'syntax = "proto3";', schema_type="PROTOBUF")
-    assert reason_of(lambda: confluent.decode(b"\x00" + schema_id.to_bytes(4, "big") + b"\x00")) == (
-        "unsupported_schema"
-    )
+    msg = b"\x00" + schema_id.to_bytes(4, "big") + b"\x00"
+    assert await reason_of_async(confluent.decode_async(msg)) == "unsupported_schema"
 
 
 # --------------------------------------------------------------------------- registry client
 
 
-def test_unknown_schema_id_is_permanent_and_remembered(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_unknown_schema_id_is_permanent_and_remembered(
+    registry: RegistryServer, confluent: ConfluentDecoder
+) -> None:
     msg = b"\x00" + (4242).to_bytes(4, "big") + encode_raw(PURCHASE, load_schema(SCHEMA))
     with pytest.raises(DecodeError) as info:
-        confluent.decode(msg)
+        await confluent.decode_async(msg)
     assert info.value.reason == "unknown_schema_id" and not info.value.transient
-    assert reason_of(lambda: confluent.decode(msg)) == "unknown_schema_id"
+    assert await reason_of_async(confluent.decode_async(msg)) == "unknown_schema_id"
+    assert reason_of(lambda: confluent.decode(msg)) == "unknown_schema_id"  # known missing: no task needed
     # A flood of messages with a forged id reaches the registry once per negative_ttl, not once per message.
     assert registry.requests.count(("GET", "/schemas/ids/4242")) == 1
 
 
-def test_unknown_id_is_retried_after_the_negative_ttl(registry: RegistryServer, schema: Any) -> None:
+async def test_unknown_id_is_retried_after_the_negative_ttl(registry: RegistryServer, schema: Any) -> None:
     reg = SchemaRegistry(registry.url, negative_ttl=0.0)
     decoder = ConfluentDecoder(reg, SCHEMA, CAP)
     msg = encode_confluent(PURCHASE, 1, schema)
-    assert reason_of(lambda: decoder.decode(msg)) == "unknown_schema_id"
+    assert await reason_of_async(decoder.decode_async(msg)) == "unknown_schema_id"
     assert registry.register(SUBJECT, schema_text(SCHEMA)) == 1
-    assert decoder.decode(msg) == PURCHASE
+    assert await decoder.decode_async(msg) == PURCHASE
+    await decoder.close()
 
 
-def test_registry_outage_is_transient_and_not_cached(
-    registry: RegistryServer, confluent: ConfluentDecoder, schema: Any
-) -> None:
+async def test_registry_outage_is_transient_and_not_cached(registry: RegistryServer, schema: Any) -> None:
+    decoder = ConfluentDecoder(SchemaRegistry(registry.url, backoff=Backoff(base=0.01)), SCHEMA, CAP)
     schema_id = registry.register(SUBJECT, schema_text(SCHEMA))
     msg = encode_confluent(PURCHASE, schema_id, schema)
     registry.fail_with(503)
     with pytest.raises(DecodeError) as info:
-        confluent.decode(msg)
+        await decoder.decode_async(msg)
     assert info.value.reason == "registry_unavailable" and info.value.transient
+    with pytest.raises(SchemaNotLoaded):  # not remembered as missing: the next try asks again
+        decoder.decode(msg)
     registry.fail_with(None)
-    assert confluent.decode(msg) == PURCHASE
+    assert await decoder.decode_async(msg) == PURCHASE
+    await decoder.close()
 
 
-def test_registry_unreachable() -> None:
+async def test_registry_unreachable() -> None:
     with RegistryServer() as reg:
         url = reg.url  # the port is free again once the server stops
     decoder = ConfluentDecoder(SchemaRegistry(url, timeout=1.0), SCHEMA, CAP)
     with pytest.raises(DecodeError) as info:
-        decoder.decode(b"\x00\x00\x00\x00\x01\x00")
+        await decoder.decode_async(b"\x00\x00\x00\x00\x01\x00")
     assert info.value.reason == "registry_unavailable" and info.value.transient
+    await decoder.close()
 
 
-def test_basic_auth_from_url_never_shows_the_password(schema: Any) -> None:
+async def test_basic_auth_from_url_never_shows_the_password(schema: Any) -> None:
     with RegistryServer(username="svc", password="s3cr=t/pw") as reg:
         host = reg.url.removeprefix("http://")
         good = SchemaRegistry(f"http://svc:s3cr%3Dt%2Fpw@{host}")
-        schema_id = good.register(SUBJECT, schema_text(SCHEMA))
-        assert ConfluentDecoder(good, SCHEMA, CAP).decode(encode_confluent(PURCHASE, schema_id, schema)) == PURCHASE
+        schema_id = await good.register(SUBJECT, schema_text(SCHEMA))
+        decoder = ConfluentDecoder(good, SCHEMA, CAP)
+        assert await decoder.decode_async(encode_confluent(PURCHASE, schema_id, schema)) == PURCHASE
         assert "s3cr" not in repr(good) and "s3cr" not in good.url
         bad = SchemaRegistry(f"http://svc:wrong-pa55@{host}")
-        with pytest.raises(DecodeError) as info:
-            bad.get_schema(schema_id)
-        assert info.value.reason == "registry_unavailable"
+        with pytest.raises(RegistryUnavailable) as info:
+            await bad.get_schema(schema_id)
         assert "wrong-pa55" not in str(info.value) and "wrong-pa55" not in repr(info.value)
         assert "401" in str(info.value)
+        await decoder.close()
+        await bad.close()
 
 
-def test_register_same_schema_same_id(registry: RegistryServer) -> None:
+async def test_register_same_schema_same_id(registry: RegistryServer) -> None:
     client = SchemaRegistry(registry.url)
-    first = client.register(SUBJECT, schema_text(SCHEMA))
-    again = client.register(SUBJECT, json.dumps(read_schema_json(SCHEMA)))  # same schema, other whitespace
-    other = client.register("other-value", schema_text(V2))
+    first = await client.register(SUBJECT, schema_text(SCHEMA))
+    again = await client.register(SUBJECT, json.dumps(read_schema_json(SCHEMA)))  # same schema, other whitespace
+    other = await client.register("other-value", schema_text(V2))
     assert first == again != other
-    assert json.loads(client.get_schema(first)) == read_schema_json(SCHEMA)
+    assert json.loads((await client.get_schema(first)).text) == read_schema_json(SCHEMA)
     assert registry_get(registry.url + "/subjects") == sorted([SUBJECT, "other-value"])
+    await client.close()
 
 
 def registry_get(url: str) -> Any:
@@ -432,7 +462,7 @@ def test_encode_confluent_rejects_ids_beyond_four_bytes(schema: Any) -> None:
     assert encode_confluent(PURCHASE, 2**32 - 1, schema)[:5] == b"\x00\xff\xff\xff\xff"
 
 
-def test_confluent_serializer_interoperates(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_confluent_serializer_interoperates(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     """An independent producer-side client (confluent-kafka's AvroSerializer) against our server and decoder."""
     from confluent_kafka.schema_registry import SchemaRegistryClient, avro
     from confluent_kafka.serialization import MessageField, SerializationContext
@@ -441,7 +471,7 @@ def test_confluent_serializer_interoperates(registry: RegistryServer, confluent:
     serializer = avro.AvroSerializer(client, schema_text(SCHEMA))
     value = serializer(purchase_to_record(PURCHASE), SerializationContext("purchases", MessageField.VALUE))
     assert value is not None and value[0] == 0
-    assert confluent.decode(value) == PURCHASE
+    assert await confluent.decode_async(value) == PURCHASE
     assert SUBJECT in client.get_subjects()
 
 
@@ -477,12 +507,12 @@ def test_every_truncation_is_an_error(raw: RawAvroDecoder, confluent: ConfluentD
     assert reason_of(lambda: raw.decode(body[:-1])) == "truncated"
 
 
-def test_trailing_garbage(raw: RawAvroDecoder, registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_trailing_garbage(raw: RawAvroDecoder, registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     body = encode_raw(PURCHASE, load_schema(SCHEMA))
     assert reason_of(lambda: raw.decode(body + b"\x00")) == "trailing_bytes"
     schema_id = registry.register(SUBJECT, schema_text(SCHEMA))
     framed = b"\x00" + schema_id.to_bytes(4, "big") + body
-    assert confluent.decode(framed) == PURCHASE
+    assert await confluent.decode_async(framed) == PURCHASE
     assert reason_of(lambda: confluent.decode(framed + b"garbage")) == "trailing_bytes"
 
 
@@ -678,8 +708,9 @@ def test_mutated_messages_stay_small(data: bytes) -> None:
     assert _peak_bytes(lambda: _RAW.decode(data)) < 1_000_000
 
 
-def test_mutated_confluent_messages(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
+async def test_mutated_confluent_messages(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
     schema_id = registry.register(SUBJECT, schema_text(V2))
+    await confluent.load(schema_id)
     body = write(load_schema(V2), _new_record())
     header = b"\x00" + schema_id.to_bytes(4, "big")
     decoder_v2 = confluent

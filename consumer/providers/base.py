@@ -61,6 +61,7 @@ class TokenSpec:
     client_id: Secret
     client_secret: Secret
     refresh_margin: float = 60.0
+    provider: Provider | None = None  # whose proxy and TLS settings the token request uses
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,7 +108,8 @@ class KameleoonModule:
         p = self._project(site_code)
         token = None
         if p.client_id and p.client_secret:
-            token = TokenSpec(self._cfg.token_url, p.client_id, p.client_secret, self._cfg.token_refresh_margin)
+            token = TokenSpec(self._cfg.token_url, p.client_id, p.client_secret, self._cfg.token_refresh_margin,
+                              Provider.KAMELEOON)
         return Route(
             key=(p.base_url, p.site_code),
             project=p.site_code,

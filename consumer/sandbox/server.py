@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -56,18 +57,18 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             self._app = app
         return self._app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve on host:port (0: any free port); returns the base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve on host:port (0: any free port), over TLS with `ssl_context`; returns the base URL."""
         self._closing = asyncio.Event()
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         sock_port = port
         for address in self._runner.addresses:
             if isinstance(address, tuple) and address[0] == host:
                 sock_port = address[1]
-        self.url = f"http://{host}:{sock_port}"
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{sock_port}"
         return self.url
 
     async def stop(self) -> None:
