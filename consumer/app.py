@@ -29,7 +29,7 @@ from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.registry import modules
-from consumer.source import TP, Source
+from consumer.source import TP, Source, choose_group_protocol
 from consumer.transport import TokenCache, Transport
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,9 @@ class Application:
         self.dlq.start()
         self.health = HealthServer(self.metrics, self.readiness)
         await self.health.start(cfg.metrics.host, cfg.metrics.port)
-        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke, self._on_lost)
+        protocol = await loop.run_in_executor(None, choose_group_protocol, cfg.kafka)
+        log.info("group protocol", extra={"protocol": protocol.protocol, "reason": protocol.reason})
+        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke, self._on_lost, protocol)
         self.source.subscribe()
         log.info("started", extra={"topic": cfg.kafka.topic, "group": cfg.kafka.group_id,
                                    "metrics_port": self.health.port})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from consumer import group_protocol
 from consumer.model import Channel, Provider
 from consumer.tls import TlsFileError, client_context
 
@@ -407,6 +408,8 @@ class KafkaConfig:
     common: dict[str, str | int | float | bool] = field(default_factory=dict)
     consumer: dict[str, str | int | float | bool] = field(default_factory=dict)
     producer: dict[str, str | int | float | bool] = field(default_factory=dict)
+    # auto | consumer (KIP-848) | cooperative-sticky | eager: consumer/group_protocol.py
+    group_protocol: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -974,7 +977,16 @@ def _kafka(k: _Table) -> KafkaConfig:
         common=k.passthrough("common"),
         consumer=k.passthrough("consumer"),
         producer=k.passthrough("producer"),
+        group_protocol=k.get_str("group_protocol", "auto"),
     )
+    if kafka.group_protocol not in group_protocol.CHOICES:
+        k.problem(k.key("group_protocol"), f"expected one of {', '.join(group_protocol.CHOICES)}, "
+                                           f"got {kafka.group_protocol!r}")
+    else:
+        try:
+            group_protocol.check(kafka.group_protocol, kafka.consumer)
+        except group_protocol.GroupProtocolError as exc:
+            k.problem(dotted(k.key("consumer"), exc.key), str(exc))
     if kafka.dlq_topic == kafka.topic:
         k.problem(k.key("dlq_topic"), "must differ from kafka.topic")
     for name in ("enable.auto.offset.store", "enable.auto.commit"):

@@ -28,8 +28,9 @@ EMBEDDED_CONSUMER = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "
 def sample_config(bootstrap: str, topic: str, dlq_topic: str, group: str, sandbox_url: str) -> dict[str, Any]:
     """A config for the sample projects with every provider pointed at the sandbox."""
     return {
+        # The embedded Tansu broker speaks only the classic protocol, and cooperative rebalances stall on it.
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "dlq_topic": dlq_topic,
-                  "consumer": dict(EMBEDDED_CONSUMER)},
+                  "group_protocol": "eager", "consumer": dict(EMBEDDED_CONSUMER)},
         "metrics": {"host": "127.0.0.1", "port": 0},
         "pipeline": {"commit_interval": "1s"},
         "logging": {"level": "WARNING"},

@@ -9,7 +9,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
+from consumer import group_protocol
 from consumer.config import KafkaConfig
 from consumer.logs import KafkaLog
 from consumer.metrics import Metrics
@@ -23,7 +25,8 @@ TP = tuple[str, int]
 AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
-def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
+def consumer_config(kafka: KafkaConfig, protocol: group_protocol.Resolved | None = None) -> dict[str, Any]:
+    """The consumer's librdkafka settings; `protocol` as chosen at start-up (None: resolved without the broker)."""
     conf: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": kafka.group_id,
@@ -35,11 +38,56 @@ def consumer_config(kafka: KafkaConfig) -> dict[str, Any]:
     }
     conf.update(kafka.common)
     conf.update(kafka.consumer)
+    chosen = protocol or group_protocol.resolve(kafka.group_protocol, kafka.consumer, None)
+    conf.update(chosen.properties)
     # The at-least-once promise rests on these two: offsets move only when events are done.
     conf["enable.auto.offset.store"] = False
     conf["enable.auto.commit"] = False
     conf["logger"] = KafkaLog()  # librdkafka's own lines through the JSON logger, not raw to stderr
     return conf
+
+
+class BrokerUnreachable(RuntimeError):
+    """The broker did not answer the group-protocol question."""
+
+
+def broker_group_protocols(kafka: KafkaConfig, timeout: float = 5.0) -> frozenset[str] | None:
+    """The group protocols the broker offers (its group.coordinator.rebalance.protocols), None when it has no
+    such setting (Kafka before 3.7, Tansu) or does not let us read it. Blocking: run it in an executor."""
+    conf: dict[str, Any] = {**kafka.common, "bootstrap.servers": kafka.bootstrap_servers, "logger": KafkaLog()}
+    for key in ("sasl.mechanisms", "sasl.mechanism", "sasl.username", "sasl.password", "security.protocol"):
+        if key in kafka.consumer:  # the consumer's own credentials, where they differ from [kafka.common]
+            conf[key] = kafka.consumer[key]
+    admin = AdminClient(conf)
+    try:
+        brokers = admin.list_topics(timeout=timeout).brokers
+    except KafkaException as exc:
+        raise BrokerUnreachable(str(exc)) from None
+    if not brokers:
+        raise BrokerUnreachable("no broker in the cluster's metadata")
+    resource = ConfigResource(ResourceType.BROKER, str(next(iter(brokers))))
+    try:
+        described = admin.describe_configs([resource], request_timeout=timeout)[resource].result(timeout * 2)
+    except Exception as exc:  # DescribeConfigs refused (ACLs) or unsupported: the answer is "unknown"
+        log.info("cannot read the broker's group protocols: %s", exc)
+        return None
+    entry = described.get(group_protocol.BROKER_SETTING)
+    return group_protocol.parse_broker_setting(entry.value if entry is not None else None)
+
+
+def choose_group_protocol(kafka: KafkaConfig, attempts: int = 6, timeout: float = 5.0) -> group_protocol.Resolved:
+    """[kafka] group_protocol resolved, asking the broker only when "auto" needs it. Blocking."""
+    offered: frozenset[str] | None = None
+    if group_protocol.needs_broker(kafka.group_protocol, kafka.consumer):
+        for attempt in range(attempts):
+            try:
+                offered = broker_group_protocols(kafka, timeout)
+                break
+            except BrokerUnreachable as exc:
+                # A broker down at start-up is not a broker without KIP-848: ask again before falling back.
+                log.warning("broker unreachable while choosing the group protocol (attempt %d of %d): %s",
+                            attempt + 1, attempts, exc)
+    return group_protocol.resolve(kafka.group_protocol, kafka.consumer, offered)
 
 
 class Source:
@@ -52,13 +100,16 @@ class Source:
         on_assign: Callable[[list[TP]], None],
         on_revoke: Callable[[list[TP]], None],
         on_lost: Callable[[list[TP]], None] | None = None,
+        protocol: group_protocol.Resolved | None = None,
     ) -> None:
         self.kafka = kafka
         self.metrics = metrics
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
-        conf = consumer_config(kafka)
+        chosen = protocol or group_protocol.resolve(kafka.group_protocol, kafka.consumer, None)
+        self.consumer_protocol = chosen.protocol
+        conf = consumer_config(kafka, chosen)
         conf["stats_cb"] = self._stats
         conf["error_cb"] = self._error
         conf["on_commit"] = self._committed

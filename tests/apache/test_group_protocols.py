@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from consumer.apache_kafka import ApacheKafka
+from consumer.group_protocol import CLASSIC_ONLY
 from consumer.sandbox import Sandbox
 from tests.conftest import Broker
 from tests.reliability.harness import (
@@ -39,25 +40,19 @@ from tests.reliability.harness import (
 
 PARTITIONS = 6
 RATE = 500.0  # events/s, the issue's steady stream
-# The classic protocol's client-side timing keys are refused under KIP-848 (the broker owns them there).
-CLASSIC_ONLY = ("session.timeout.ms", "heartbeat.interval.ms", "partition.assignment.strategy")
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "eager": {"partition.assignment.strategy": "range,roundrobin"},
-    "cooperative-sticky": {"partition.assignment.strategy": "cooperative-sticky"},
-    "consumer": {"group.protocol": "consumer"},
-}
+PROTOCOLS = ("eager", "cooperative-sticky", "consumer")  # [kafka] group_protocol
 
 
 def protocol_config(broker: Broker, topics: dict[str, str], sandbox: Sandbox, protocol: str) -> dict[str, Any]:
     data = config_dict(broker.bootstrap, topics, sandbox.url)
     data["logging"] = {"level": "WARNING"}
     consumer = dict(data["kafka"]["consumer"])
-    if protocol == "consumer":
-        for key in CLASSIC_ONLY:
+    if protocol in ("consumer", "auto"):
+        for key in CLASSIC_ONLY:  # the broker owns these under KIP-848 (500 ms heartbeats in the test cluster)
             consumer.pop(key, None)
-    consumer.update(PROTOCOLS[protocol])
     consumer["fetch.wait.max.ms"] = 20
     data["kafka"]["consumer"] = consumer
+    data["kafka"]["group_protocol"] = protocol
     return data
 
 
@@ -94,7 +89,7 @@ async def group_settled(bootstrap: str, group: str, topic: str, members: int, ti
     raise AssertionError(f"the group did not settle with {members} members within {timeout}s: {last}")
 
 
-@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_group_grows_and_shrinks_under_a_steady_stream(apache: ApacheKafka, sandbox: Sandbox, protocol: str,
                                                              tmp_path: Path) -> None:
     """Members are processes (as in production): one member's shutdown cannot stall another's event loop."""
@@ -161,7 +156,7 @@ async def test_static_member_restarted_within_session_timeout_causes_no_rebalanc
     broker = apache
     topics = new_topics(broker, partitions=PARTITIONS)
     data = protocol_config(broker, topics, sandbox, "cooperative-sticky")
-    data["kafka"]["consumer"]["session.timeout.ms"] = 30000
+    data["kafka"]["consumer"]["session.timeout.ms"] = 30000  # a static member's partitions wait this long
 
     def member_config(instance: str) -> Any:
         d = {**data, "kafka": {**data["kafka"], "consumer": {**data["kafka"]["consumer"],
@@ -200,3 +195,61 @@ def callbacks(m: Member) -> dict[str, float]:
     r = m.app.metrics.registry
     return {e: r.get_sample_value("offline_conversions_rebalance_callbacks_total", {"event": e}) or 0.0
             for e in ("assigned", "revoked", "lost")}
+
+
+def group_type(bootstrap: str, group: str) -> str:
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until its future resolves
+    desc = admin.describe_consumer_groups([group])[group].result(10)
+    return str(desc.type).rsplit(".", 1)[-1]
+
+
+async def test_auto_joins_with_kip848_where_the_broker_offers_it(apache: ApacheKafka, sandbox: Sandbox) -> None:
+    topics = new_topics(apache, partitions=PARTITIONS)
+    data = protocol_config(apache, topics, sandbox, "auto")
+    member = Member(to_config(data), "auto")
+    try:
+        await member.assigned()
+        assert member.app.source is not None
+        assert member.app.source.consumer_protocol == "consumer"
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, group_type, apache.bootstrap, topics["group"]) == "CONSUMER"
+    finally:
+        assert await member.leave() == 0, member.app.fatal
+
+
+async def test_rolling_upgrade_from_eager_to_kip848(apache: ApacheKafka, sandbox: Sandbox, tmp_path: Path) -> None:
+    """An eager group (every earlier release) upgraded member by member to `auto` (KIP-848 on Kafka 4): the
+    upgraded members join the running group, nothing stalls, nothing is lost."""
+    topics = new_topics(apache, partitions=PARTITIONS)
+    old, new = protocol_config(apache, topics, sandbox, "eager"), protocol_config(apache, topics, sandbox, "auto")
+    bootstrap, group, topic = apache.bootstrap, topics["group"], topics["topic"]
+    steady = SteadyStream(bootstrap, topic, 300.0, seed=77).start()
+    procs: list[Service] = []
+    try:
+        for i in range(2):
+            procs.append(Service(old, tmp_path, name=f"old-{i}"))
+            await procs[-1].start()
+        await group_settled(bootstrap, group, topic, 2)
+        await wait_flowing(sandbox)
+        for i in range(2):  # replace one pod at a time, as the Deployment's rollout does
+            procs[i].terminate()
+            assert await procs[i].wait(40) == 0, procs[i].tail()
+            procs.append(Service(new, tmp_path, name=f"new-{i}"))
+            await procs[-1].start()
+            await group_settled(bootstrap, group, topic, 2)
+            await wait_flowing(sandbox)
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, group_type, bootstrap, group) == "CONSUMER"
+    finally:
+        stream = steady.stop()
+    try:
+        want = expected_view(conversions_of(to_config(new), stream.items))
+        await sandbox.wait_until(lambda s: all_present(s, want), timeout=60)
+        await wait_committed(bootstrap, group, topic, stream.ends(), timeout=30)
+    finally:
+        for p in procs:
+            await p.stop()
+    acc = account(sandbox, want)
+    assert acc.lost == 0 and acc.unexpected == 0, acc
+    result_line("rolling-upgrade eager->kip848", events=stream.total, lost=0, duplicates=acc.duplicates,
+                group_type="CONSUMER")
