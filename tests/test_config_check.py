@@ -311,4 +311,5 @@ def test_the_shipped_configs_pass_the_full_check(where: str) -> None:
     warnings: list[ConfigError] = []
     parse(tomllib.loads(text), env={r: "x" for r in refs}, base_dir=ROOT, check=check, warnings=warnings)
     assert warnings == []
-    assert load(EXAMPLE, env={"CONDUCTRICS_API_KEY": "x"}, check=check).kafka.consumer == {"session.timeout.ms": 6000}
+    example = load(EXAMPLE, env={"CONDUCTRICS_API_KEY": "x"}, check=check).kafka
+    assert example.consumer == {} and example.group_protocol == "auto"
