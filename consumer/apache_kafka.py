@@ -24,7 +24,7 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from consumer.embedded import free_port
+from consumer.embedded import await_created, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 POM = REPO / "scripts" / "kafka" / "pom.xml"
@@ -367,12 +367,7 @@ class ApacheKafka:
         else:
             new = [NewTopic(n, partitions, rf, config=conf) for n in names]
         futures = admin.create_topics(new, operation_timeout=30)
-        for name, f in futures.items():
-            try:
-                f.result(60)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise ApacheKafkaError(f"cannot create topic {name}: {exc}") from None
+        await_created(futures, 60, ApacheKafkaError)
         self._wait_leaders(list(futures), partitions)
 
     def _wait_leaders(self, topics: list[str], partitions: int, timeout: float = 30.0) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 from types import TracebackType
 
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -15,6 +16,16 @@ from consumer.logs import KafkaLog
 
 class EmbeddedBrokerError(RuntimeError):
     pass
+
+
+def await_created(futures: Mapping[str, Future[None]], timeout: float, error: type[Exception]) -> None:
+    """Wait for CreateTopics answers; a topic that exists already is as good as a created one."""
+    for name, f in futures.items():
+        try:
+            f.result(timeout)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise error(f"cannot create topic {name}: {exc}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,12 +84,7 @@ class EmbeddedBroker:
     def create_topics(self, names: Iterable[str], partitions: int = 3) -> None:
         admin = AdminClient({"bootstrap.servers": self.bootstrap}, logger=KafkaLog())
         futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names], operation_timeout=10)
-        for name, f in futures.items():
-            try:
-                f.result(15)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise EmbeddedBrokerError(f"cannot create topic {name}: {exc}") from None
+        await_created(futures, 15, EmbeddedBrokerError)
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
