@@ -46,3 +46,30 @@ def test_reconverged_is_the_first_clean_window_at_90_percent_of_the_new_bound() 
     s = series([(10, 100, 0), (3, 50, 30), (10, 47, 0), (10, 40, 0)])
     assert bench.reconverged(s, 10.0, 50.0, until=23.0) == 3.0
     assert bench.reconverged(s, 23.0, 50.0, until=33.0) is None
+
+
+def test_realistic_mode_runs_end_to_end_at_a_small_size(tmp_path: Path) -> None:
+    """One provider, short runs: every run and the capacity change are reported (no timing assertions)."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "run.py"), "--latency", "realistic", "--events", "3000",
+         "--realistic-providers", "conductrics", "--capacity", "conductrics=8", "--median-ms", "20",
+         "--p99-ms", "60", "--realistic-seconds", "4", "--change-seconds", "3", "--warmup-seconds", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "realistic.json").read_text())
+    runs = res["providers"]["conductrics"]["runs"]
+    assert set(runs) == {"adaptive", "fixed 4 (C/2)", "fixed 8 (C)", "fixed 16 (2C)"}
+    for name, r in runs.items():
+        assert "error" not in r, (name, r)
+        assert r["steady"]["requests_per_s"] > 0 and r["limit"] is not None, name
+    assert runs["fixed 16 (2C)"]["steady"]["requests_429"] > 0  # above the capacity: 429s
+    change = res["providers"]["conductrics"]["change"]
+    assert change["capacity"] == [8, 4, 8] and change["exit_code"] == 0
+    assert "| conductrics | C → C/2 (8 → 4)" in (out / "realistic.md").read_text()
