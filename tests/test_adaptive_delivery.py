@@ -55,14 +55,18 @@ async def deliver(broker: EmbeddedBroker, sandbox: Sandbox, flow: dict[str, Any]
     sandbox.set_profile(PROFILE)
     metrics = Metrics()
     limits: list[tuple[float, float]] = []
-    gauge = metrics.concurrency_limit.labels("conductrics", "ac-xxx")
 
     def done(a: Application) -> bool:
-        limits.append((time.monotonic(), gauge._value.get()))
+        # Called on every poll loop: the Conductrics project's limit as it goes.
+        lanes = a.dispatcher.lanes if a.dispatcher is not None else {}
+        limits.extend((time.monotonic(), lane.gate.limit) for lane in lanes.values())
         return a.consumed >= stream.total and a.live == 0
 
     app = Application(cfg, metrics=metrics, install_signals=False, stop_when=done)
     assert await app.run() == 0, app.fatal
+    exported = metrics.registry.get_sample_value("offline_conversions_concurrency_limit",
+                                                 {"provider": "conductrics", "project": "ac-xxx"})
+    assert exported == limits[-1][1], "the metric is the limit in force"
     accepted = sorted(r.time for r in sandbox.requests if r.provider == "conductrics" and r.status == 200)
     # The steady part: past the first 4 s (slow start) and before the last second (the backlog runs out).
     steady = [t for t in accepted if accepted[0] + 4 <= t <= accepted[-1] - 1]
