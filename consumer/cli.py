@@ -130,11 +130,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from consumer.sandbox import load_options, serve
+    from consumer.sandbox import load_options, parse_profile, profiles_of, serve
 
     try:
         options = load_options(args.options) if args.options else {}
-    except (OSError, ValueError) as exc:
+        if args.profile:
+            options["profiles"] = [*options.get("profiles", ()), *(s for t in args.profile for s in parse_profile(t))]
+        for spec in options.get("profiles", ()):
+            profiles_of(spec)  # a bad profile fails here, naming its setting, not once the server runs
+    except (OSError, TypeError, ValueError) as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     serve(args.host, args.port, **options)
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--host", default="127.0.0.1")
     sb.add_argument("--port", type=int, default=8080)
     sb.add_argument("--options", help="JSON file of sandbox options (API keys, OAuth clients, limits)")
+    sb.add_argument("--profile", action="append", metavar="PROVIDER:SETTINGS",
+                    help="a latency profile, e.g. 'convert:median=120ms,p99=800ms,capacity=64,over=reject,"
+                         "retry_after=1,errors=0.002,seed=1' ('*' for every provider; repeatable)")
     sb.set_defaults(func=cmd_sandbox)
 
     pr = sub.add_parser("produce", help="produce sample purchases to a topic")

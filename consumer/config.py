@@ -492,11 +492,17 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class FlowConfig:
-    concurrency: int = 16
+    concurrency: int = 16  # the fixed limit, or the initial one when adaptive
     rate_limit: float | None = None  # requests per second
     timeout: float = 10.0
     breaker_failures: int = 5
     breaker_cooldown: float = 10.0
+    adaptive: bool = False  # concurrency = "adaptive": the limit follows the provider (consumer/concurrency.py)
+    min_concurrency: int = 1
+    max_concurrency: int = 200
+
+
+ADAPTIVE_INITIAL = 8  # where an adaptive limit starts unless initial_concurrency says otherwise
 
 
 @dataclass(frozen=True)
@@ -736,12 +742,38 @@ def _retry(t: _Table) -> RetryConfig:
 
 
 def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
+    adaptive, concurrency, low, high = default.adaptive, default.concurrency, default.min_concurrency, \
+        default.max_concurrency
+    value = t.data.get("concurrency")
+    if value == "adaptive":
+        t.raw("concurrency")
+        if not adaptive:  # a fixed default says nothing about the bounds
+            adaptive, concurrency, low, high = True, ADAPTIVE_INITIAL, FlowConfig.min_concurrency, \
+                FlowConfig.max_concurrency
+    elif isinstance(value, str):
+        raise ConfigError(t.key("concurrency"), f'expected an integer or "adaptive", got {value!r}')
+    elif value is not None:
+        adaptive = False
+        concurrency = t.get_int("concurrency", concurrency, minimum=1)
+    if not adaptive:
+        for name in ("min_concurrency", "max_concurrency", "initial_concurrency"):
+            if t.has(name):
+                raise ConfigError(t.key(name), 'applies only with concurrency = "adaptive"')
+    else:
+        low = t.get_int("min_concurrency", low, minimum=1)
+        if not t.has("max_concurrency") and low > high:
+            raise ConfigError(t.key("min_concurrency"), f"must be at most max_concurrency ({high}), got {low}")
+        high = t.get_int("max_concurrency", high, minimum=low)
+        concurrency = t.get_int("initial_concurrency", min(max(concurrency, low), high), minimum=low, maximum=high)
     f = FlowConfig(
-        concurrency=t.get_int("concurrency", default.concurrency, minimum=1),
+        concurrency=concurrency,
         rate_limit=t.get_float("rate_limit", default.rate_limit, minimum=0.001),
         timeout=t.duration("timeout", default.timeout, positive=True),
         breaker_failures=t.get_int("breaker_failures", default.breaker_failures, minimum=1),
         breaker_cooldown=t.duration("breaker_cooldown", default.breaker_cooldown, positive=True),
+        adaptive=adaptive,
+        min_concurrency=low,
+        max_concurrency=high,
     )
     t.done()
     return f

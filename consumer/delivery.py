@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumer.batching import Batch, Batcher
+from consumer.concurrency import Signal
 from consumer.flow import BreakerState, Gate
 from consumer.metrics import Metrics, status_class
 from consumer.model import Conversion, Provider
@@ -62,22 +63,33 @@ def each(on_result: Callable[[Any, Conversion, Result], None]) -> ResultCallback
     return callback
 
 
+def load_signal(status: int, verdict: Verdict) -> Signal:
+    """What an answer tells the adaptive limit: 429 is too much at once; other retryable answers (5xx,
+    Conductrics' JSON 500) are errors; anything else is a processed request whose RTT is a sample."""
+    if status == 429:
+        return Signal.OVERLOAD
+    return Signal.ERROR if verdict is Verdict.RETRY else Signal.OK
+
+
 class Lane:
     """One provider project's flow control and its queue of batches waiting for a sender.
 
-    At most `2 * concurrency` batches have a task at a time (half may be in a retry backoff while
-    the rest keep the connection slots busy); the others wait here as plain lists. A task per
-    conversion would cost kilobytes each for Convert and Conductrics, whose batches are single
-    conversions, and a backlog of them is exactly what the in-flight bound lets through.
+    At most twice the concurrency limit of batches have a task at a time (half may be in a retry
+    backoff while the rest keep the connection slots busy); the others wait here as plain lists. A
+    task per conversion would cost kilobytes each for Convert and Conductrics, whose batches are
+    single conversions, and a backlog of them is exactly what the in-flight bound lets through.
     """
 
-    __slots__ = ("backlog", "gate", "limit", "running")
+    __slots__ = ("backlog", "gate", "running")
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.limit = 2 * gate.cfg.concurrency
         self.running = 0
         self.backlog: deque[tuple[Sequence[Pending], Route, float]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return 2 * self.gate.limit  # follows an adaptive limit as it changes
 
 
 class Dispatcher:
@@ -171,7 +183,8 @@ class Dispatcher:
     def _sent(self, task: asyncio.Task[None], lane: Lane) -> None:
         self.tasks.discard(task)
         lane.running -= 1
-        if lane.backlog and not task.cancelled():
+        # More than one when an adaptive limit has grown since.
+        while lane.backlog and lane.running < lane.limit and not task.cancelled():
             self._send(*lane.backlog.popleft())
 
     def _lane(self, provider: Provider, route: Route) -> Lane:
@@ -184,7 +197,8 @@ class Dispatcher:
                 state.set(int(s))
                 log.warning("circuit %s", s.name.lower(), extra={"provider": provider.slug, "project": route.project})
 
-            lane = self.lanes[(provider, route.project)] = Lane(Gate(route.flow, publish, self.clock))
+            limit = self.metrics.concurrency_limit.labels(provider.slug, route.project)
+            lane = self.lanes[(provider, route.project)] = Lane(Gate(route.flow, publish, self.clock, limit.set))
         return lane
 
     async def _deliver(self, items: Sequence[Pending], route: Route, started: float, gate: Gate) -> None:
@@ -245,23 +259,29 @@ class Dispatcher:
         await gate.enter()
         started = time.perf_counter()
         healthy: bool | None = None
+        signal, rtt = Signal.IGNORE, None
         try:
             try:
                 resp = await self.transport.send(request, route.flow.timeout, provider)
             except TransportError as exc:
-                self.metrics.http_duration.labels(provider.slug, "error").observe(time.perf_counter() - started)
+                rtt = time.perf_counter() - started
+                self.metrics.http_duration.labels(provider.slug, "error").observe(rtt)
                 healthy = False
+                signal = Signal.OVERLOAD if exc.kind == "timeout" else Signal.ERROR
                 return Outcome(Verdict.RETRY, exc.kind), token
-            self.metrics.http_duration.labels(provider.slug, status_class(resp.status)).observe(
-                time.perf_counter() - started)
+            rtt = time.perf_counter() - started
+            self.metrics.http_duration.labels(provider.slug, status_class(resp.status)).observe(rtt)
             self.metrics.batch_conversions.labels(provider.slug).observe(len(conversions))
             self.metrics.batch_bytes.labels(provider.slug).observe(len(request.body or b""))
             outcome = module.classify(request, resp.status, resp.headers, resp.body)
             # Only answers that say the provider is struggling count against its breaker.
             healthy = outcome.verdict is not Verdict.RETRY
+            signal = load_signal(resp.status, outcome.verdict)
+            if signal is Signal.OVERLOAD and gate.adaptive is not None:
+                healthy = None  # a 429 is the adaptive limit's to answer: it says "fewer", not "down"
             return outcome, token
         finally:
-            gate.leave(healthy)
+            gate.leave(healthy, signal, rtt)
 
     def _finish(self, items: Sequence[Pending], result: Result) -> None:
         self.outstanding -= len(items)

@@ -78,6 +78,11 @@ class Metrics:
             f"{NS}_circuit_state", "Circuit breaker per provider project: 0 closed, 1 half-open, 2 open.",
             ["provider", "project"], registry=r,
         )
+        self.concurrency_limit = Gauge(
+            f"{NS}_concurrency_limit",
+            "Requests allowed at once per provider project: the fixed concurrency, or the adaptive limit now.",
+            ["provider", "project"], registry=r,
+        )
         self.token_grants = Counter(
             f"{NS}_token_grants_total", "OAuth tokens obtained, by result.", ["provider", "result"], registry=r
         )

@@ -261,6 +261,7 @@ def test_dashboard_covers_the_required_views() -> None:
         "offline_conversions_in_flight_events",
         "offline_conversions_paused_partitions",
         "offline_conversions_circuit_state",
+        "sum by (provider, project) (offline_conversions_concurrency_limit",  # the (adaptive) limit
         "histogram_quantile(0.5, sum by (provider, le) (rate(offline_conversions_delivery_delay_seconds_bucket",
         "histogram_quantile(0.99, sum by (provider, le) (rate(offline_conversions_delivery_delay_seconds_bucket",
     ]:
@@ -305,6 +306,7 @@ def populate(m: Metrics) -> None:
         m.batch_conversions.labels(provider).observe(10)
         m.batch_bytes.labels(provider).observe(2048)
         m.circuit_state.labels(provider, "p1").set(0)
+        m.concurrency_limit.labels(provider, "p1").set(64)
         m.delivery_delay.labels(provider).observe(120)
         m.dlq_produced.labels("dispatch", provider).inc()
     m.token_grants.labels("kameleoon", "ok").inc()

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -16,10 +16,13 @@ from aiohttp import web
 from consumer.sandbox.common import (
     _REASONS,
     ANY,
+    PROVIDERS,
     Fault,
+    Profile,
     Record,
     RequestEntry,
     _ActiveFault,
+    _ActiveProfile,
     _digest,
     _dumps,
     _Invalid,
@@ -43,6 +46,7 @@ class SandboxState:
         hang_seconds: float = 3600.0,
         request_log: bool = True,
         records: bool = True,
+        profiles: Iterable[Profile | Mapping[str, Any]] = (),
     ) -> None:
         """
         kameleoon_auth_sites: siteCodes whose /visit endpoints need `Authorization: Bearer <token>`.
@@ -52,6 +56,8 @@ class SandboxState:
         request_log: keep every RequestEntry in `requests` (False for long benchmarks: statuses are still counted).
         records: keep every accepted conversion in `records` (False for long benchmarks: every request is still
             validated in full, and counts and duplicate keys are still tallied).
+        profiles: latency profiles (`Profile`, or its fields as a mapping; provider '*' for all) in force from
+            the start; `clear_faults()` returns to these.
         """
         self.auth_sites = frozenset(kameleoon_auth_sites)
         self._clients = {cid: _digest(sec) for cid, sec in (kameleoon_clients or {}).items()}
@@ -90,6 +96,12 @@ class SandboxState:
         self._reject_goals: dict[str, set[str]] = {}
         self._no_selection: set[str] = set(self._base_no_selection)  # clear_faults() returns to these
         self._no_selection_all = self._base_no_selection_all
+        self._base_profiles = tuple(p for spec in profiles for p in profiles_of(spec))
+        self._profiles: dict[str, _ActiveProfile] = {p.provider: _ActiveProfile(p) for p in self._base_profiles}
+        self._busy: Counter[str] = Counter()  # requests being served (inside their latency) per provider
+        self._peak_busy: Counter[str] = Counter()
+        self._over_capacity: Counter[str] = Counter()  # answered 429 for being beyond the capacity
+        self._queued: dict[str, deque[asyncio.Future[None]]] = {}
 
     def _take_fault(self, provider: str) -> Fault | None:
         for af in self._faults:
@@ -112,7 +124,13 @@ class SandboxState:
             await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _enter(self, request: web.Request, provider: str) -> web.StreamResponse | None:
-        """Latency, then any fault due: the response to send instead of handling the request, or None."""
+        """The profile (capacity, drawn latency, random 5xx), then the fixed latency, then any fault due:
+        the response to send instead of handling the request, or None."""
+        active = self._profiles.get(provider)
+        if active is not None:
+            early = await self._serve(request, provider, active)
+            if early is not None:
+                return early
         latency = self._latency.get(provider)
         if latency:
             await self._pause(latency)
@@ -139,6 +157,69 @@ class SandboxState:
             self._log(request, provider, 0, "fault:reset")
         self._abort(request)
         raise asyncio.CancelledError  # nothing more to write on this connection
+
+    async def _serve(self, request: web.Request, provider: str, active: _ActiveProfile) -> web.StreamResponse | None:
+        """Take a place within the capacity (or answer 429, or queue), hold it for a drawn latency."""
+        p = active.profile
+        if p.capacity is not None and (self._busy[provider] >= p.capacity or self._queued.get(provider)):
+            if p.over_capacity == "reject":
+                self._over_capacity[provider] += 1
+                self._log(request, provider, 429, "capacity")
+                headers = {"Retry-After": p.retry_after} if p.retry_after is not None else None
+                body = {"status": 429, "error": f"over capacity: {p.capacity} requests at once (sandbox profile)"}
+                return web.Response(status=429, body=_dumps(body), content_type="application/json", headers=headers)
+            await self._queue_for_place(provider)  # counted as busy when it returns
+        else:
+            self._busy[provider] += 1
+        if self._busy[provider] > self._peak_busy[provider]:
+            self._peak_busy[provider] = self._busy[provider]
+        try:
+            await self._pause(p.draw(active.rng))
+        finally:
+            self._busy[provider] -= 1
+            self._hand_on(provider)
+        if p.error_rate and active.rng.random() < p.error_rate:
+            self._log(request, provider, p.error_status, "profile:error")
+            body = {"status": p.error_status, "error": "random error (sandbox profile)"}
+            return web.Response(status=p.error_status, body=_dumps(body), content_type="application/json")
+        return None
+
+    async def _queue_for_place(self, provider: str) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._queued.setdefault(provider, deque())
+        queue.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._busy[provider] -= 1  # handed a place, then cancelled: hand it on
+                self._hand_on(provider)
+            elif fut in queue:
+                queue.remove(fut)
+            raise
+
+    def _hand_on(self, provider: str) -> None:
+        """Give free places to queued requests in arrival order (counted busy on their behalf)."""
+        queue = self._queued.get(provider)
+        if not queue:
+            return
+        active = self._profiles.get(provider)
+        capacity = active.profile.capacity if active is not None else None
+        while queue and (capacity is None or self._busy[provider] < capacity):
+            fut = queue.popleft()
+            if not fut.done():
+                self._busy[provider] += 1
+                fut.set_result(None)
+
+    def set_profile(self, profile: Profile) -> None:
+        """Put `profile` in force for its provider (the requests being served keep their places)."""
+        self._profiles[profile.provider] = _ActiveProfile(profile)
+        self._hand_on(profile.provider)  # a larger capacity frees queued requests at once
+
+    def _clear_profiles(self) -> None:
+        self._profiles = {p.provider: _ActiveProfile(p) for p in self._base_profiles}
+        for provider in list(self._queued):
+            self._hand_on(provider)
 
     @staticmethod
     def _abort(request: web.Request) -> None:
@@ -206,3 +287,21 @@ class SandboxState:
         for pred, fut in list(self._waiters):
             if not fut.done() and pred(self):
                 fut.set_result(None)
+
+
+def profiles_of(spec: Profile | Mapping[str, Any]) -> list[Profile]:
+    """One profile per provider it applies to ('*': every provider, each with its own generator)."""
+    if isinstance(spec, Profile):
+        return [spec]
+    fields = dict(spec)
+    fields.pop("kind", None)
+    provider = fields.pop("provider", None)
+    if not isinstance(provider, str):
+        raise ValueError("a profile needs a 'provider'")
+    ra = fields.get("retry_after", "1")
+    if isinstance(ra, int | float) and not isinstance(ra, bool):
+        fields["retry_after"] = str(int(ra))  # Retry-After is whole seconds
+    unknown = sorted(set(fields) - set(Profile.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown profile setting {unknown[0]!r}")
+    return [Profile(p, **fields) for p in (PROVIDERS if provider == ANY else (provider,))]

@@ -173,6 +173,117 @@ class SpecError(ValueError):
     """A fault spec sent to the sandbox is invalid."""
 
 
+# --------------------------------------------------------------------------- latency profiles
+
+OVER_CAPACITY = frozenset({"reject", "queue"})
+_Z99 = 2.3263478740408408  # the standard normal's 99th percentile
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How one provider answers under load: log-normal latency, a capacity, and a random 5xx rate.
+
+    Latency is drawn from the log-normal distribution with this `median` and `p99` (seconds; p99 None or
+    equal to the median: always the median). At most `capacity` requests are served at once (None: no
+    limit); a request beyond it is answered 429 with `Retry-After: retry_after` at once
+    (`over_capacity="reject"`) or waits for a free place (`"queue"`: the provider slows down). A served
+    request fails with `error_status` with probability `error_rate`. Draws come from a generator seeded
+    with `seed`, so a run sees the same sequence of latencies and errors each time.
+    """
+
+    provider: str
+    median: float = 0.12
+    p99: float | None = None
+    capacity: int | None = None
+    over_capacity: str = "reject"
+    retry_after: str | None = "1"
+    error_rate: float = 0.0
+    error_status: int = 503
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"profile provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        if not (math.isfinite(self.median) and self.median >= 0):
+            raise ValueError(f"profile median must be a non-negative number of seconds, got {self.median}")
+        if self.p99 is not None and not (math.isfinite(self.p99) and self.p99 >= self.median):
+            raise ValueError(f"profile p99 must be at least the median ({self.median}), got {self.p99}")
+        if self.p99 is not None and self.p99 > self.median and self.median == 0:
+            raise ValueError("a profile with a p99 needs a median above 0")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"profile capacity must be at least 1, got {self.capacity}")
+        if self.over_capacity not in OVER_CAPACITY:
+            raise ValueError(f"profile over_capacity must be 'reject' or 'queue', got {self.over_capacity!r}")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError(f"profile error_rate must be between 0 and 1, got {self.error_rate}")
+        if not 500 <= self.error_status <= 599:
+            raise ValueError(f"profile error_status must be a 5xx status, got {self.error_status}")
+
+    @property
+    def sigma(self) -> float:
+        """The log-normal's shape: ln(p99 / median) / z(0.99)."""
+        return 0.0 if self.p99 is None or self.median == 0 else math.log(self.p99 / self.median) / _Z99
+
+    @property
+    def mean(self) -> float:
+        """The mean latency, median * exp(sigma^2 / 2): capacity / mean is the most requests per second."""
+        return self.median * math.exp(self.sigma**2 / 2)
+
+    def draw(self, rng: random.Random) -> float:
+        sigma = self.sigma
+        return self.median if sigma == 0 else self.median * math.exp(sigma * rng.gauss(0.0, 1.0))
+
+
+class _ActiveProfile:
+    __slots__ = ("profile", "rng")
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.rng = random.Random(f"{profile.seed}:{profile.provider}")
+
+
+_DURATION = re.compile(r"(?P<n>[0-9]*\.?[0-9]+)(?P<unit>ms|s)?")
+
+
+def _seconds(value: str, name: str) -> float:
+    m = _DURATION.fullmatch(value.strip())
+    if m is None:
+        raise SpecError(f"profile {name}: expected seconds or a duration like 120ms, got {value!r}")
+    n = float(m["n"])
+    return n / 1000 if m["unit"] == "ms" else n
+
+
+def parse_profile(text: str) -> list[dict[str, Any]]:
+    """`PROVIDER:key=value,...` (the CLI's --profile) as profile specs for `apply_spec`.
+
+    Keys: median, p99 (seconds, or 120ms), capacity, over (reject|queue), retry_after, errors (a rate
+    from 0 to 1), error_status, seed. PROVIDER may be '*' for every provider.
+    """
+    provider, sep, rest = text.partition(":")
+    if not sep or not provider:
+        raise SpecError(f"a profile is PROVIDER:key=value,..., got {text!r}")
+    spec: dict[str, Any] = {"kind": "profile", "provider": provider.strip()}
+    names = {"median": "median", "p99": "p99", "capacity": "capacity", "over": "over_capacity",
+             "retry_after": "retry_after", "errors": "error_rate", "error_status": "error_status", "seed": "seed"}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key.strip() not in names:
+            raise SpecError(f"profile: unknown setting {part!r} (one of {', '.join(names)})")
+        key, value = key.strip(), value.strip()
+        try:
+            if key in ("median", "p99"):
+                spec[names[key]] = _seconds(value, key)
+            elif key in ("capacity", "error_status", "seed"):
+                spec[names[key]] = int(value)
+            elif key == "errors":
+                spec[names[key]] = float(value)
+            else:
+                spec[names[key]] = value
+        except ValueError:
+            raise SpecError(f"profile {key}: not a number: {value!r}") from None
+    return [spec]
+
+
 def _spec_str_list(spec: Mapping[str, Any], name: str) -> list[str]:
     v = spec.get(name, [])
     if not isinstance(v, list) or not all(isinstance(i, str | int) and not isinstance(i, bool) for i in v):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import ssl
@@ -13,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from consumer.sandbox.base import profiles_of
 from consumer.sandbox.common import (
     ANY,
     CONDUCTRICS,
@@ -149,7 +151,9 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         self._no_selection_all = self._no_selection_all or all_vids
 
     def clear_faults(self) -> None:
-        """Remove every fault, latency, reject rule and runtime no-selection rule."""
+        """Remove every fault, latency, reject rule and runtime no-selection rule; profiles return to the
+        ones given at construction."""
+        self._clear_profiles()
         self._faults = []
         self._latency = {}
         self._reject_visitors = {}
@@ -163,6 +167,8 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         {"kind": "status", "provider": "kameleoon", "status": 503, "times": 2, "retry_after": "1",
          "probability": 1.0, "seed": 0}          # also "hang" (+ "seconds"), "reset", "json_status"
         {"kind": "latency", "provider": "convert", "seconds": 0.05}
+        {"kind": "profile", "provider": "convert", "median": 0.12, "p99": 0.8, "capacity": 64,
+         "over_capacity": "reject", "retry_after": "1", "error_rate": 0.002, "error_status": 503, "seed": 1}
         {"kind": "reject", "provider": "kameleoon", "visitors": ["v1"], "goals": [36151]}
         {"kind": "no_selection", "vids": ["lana-123"]}  or  {"kind": "no_selection", "all": true}
         """
@@ -181,6 +187,17 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         provider = item.get("provider", CONDUCTRICS if kind in ("json_status", "no_selection") else None)
         if not isinstance(provider, str):
             raise SpecError("'provider' is required")
+        if kind == "profile":
+            try:
+                profiles = profiles_of(item)
+            except (TypeError, ValueError) as exc:
+                raise SpecError(str(exc)) from None
+
+            def apply_profiles() -> None:
+                for p in profiles:
+                    self.set_profile(p)
+
+            return apply_profiles
         known = {"kind", "provider", "status", "times", "probability", "retry_after", "seconds", "seed",
                  "visitors", "goals", "vids", "all"}
         unknown = sorted(set(item) - known)
@@ -260,7 +277,18 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             "dropped": len(self.dropped),
             "unrewarded": len(self.unrewarded),
             "token_grants": self.token_grants,
+            "profiles": {p: self.profile_state(p) for p in sorted(self._profiles)},
         }
+
+    def profile_state(self, provider: str) -> dict[str, Any]:
+        """The provider's profile in force (if any), and its load: requests being served now, the most at
+        once since the last reset, and how many were answered 429 for being beyond the capacity (`rejected`)."""
+        active = self._profiles.get(provider)
+        out: dict[str, Any] = {}
+        if active is not None:
+            out = {**dataclasses.asdict(active.profile), "mean": round(active.profile.mean, 6)}
+        return {**out, "busy": self._busy[provider], "peak_busy": self._peak_busy[provider],
+                "queued": len(self._queued.get(provider) or ()), "rejected": self._over_capacity[provider]}
 
     def reset(self) -> None:
         """Forget records, the request log, tokens, counters and every fault."""
@@ -274,6 +302,8 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         self._counts.clear()
         self._tokens.clear()
         self.token_grants = 0
+        self._peak_busy = Counter(self._busy)
+        self._over_capacity.clear()
         self.clear_faults()
 
     async def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 10.0) -> None:
@@ -337,6 +367,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 OPTION_NAMES = (
     "kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body", "conductrics_keys",
     "conductrics_no_selection", "conductrics_no_selection_all", "hang_seconds", "request_log", "records",
+    "profiles",
 )
 
 
