@@ -23,7 +23,7 @@ from consumer.config import Config
 from consumer.decoding import DecodeError, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
-from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
+from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef, producer_config
 from consumer.matcher import Counts, MatchSettings, count, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
@@ -160,8 +160,8 @@ class Application:
 
     @staticmethod
     def producer_config(cfg: Config) -> dict[str, str | int | float | bool]:
-        """The DLQ producer's librdkafka settings: the shared ones (TLS, SASL), then its own."""
-        return {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.producer}
+        """The DLQ producer's librdkafka settings (consumer.dlq.producer_config)."""
+        return producer_config(cfg)
 
     async def run(self) -> int:
         cfg = self.config
@@ -582,7 +582,7 @@ class Application:
     async def _write_dead_letters(self, ev: InFlight, letters: list[DeadLetter]) -> None:
         assert self.dlq is not None
         try:
-            await asyncio.gather(*(self.dlq.write(dl) for dl in letters))
+            omissions = await asyncio.gather(*(self.dlq.write(dl) for dl in letters))
         except DeadLetterError as exc:
             self.metrics.dlq_failures.inc()
             if self.fatal is None:
@@ -590,6 +590,9 @@ class Application:
                              "stopped consuming, offsets committed only up to the last finished event"
                 log.error(self.fatal)
             return  # never finished: its offset stays uncommitted
+        for omission in omissions:
+            if omission is not None:
+                self.tally.inc(self.metrics.dlq_values_omitted, omission.code)
         for dl in letters:
             self.tally.inc(self.metrics.dlq_produced, dl.stage, dl.provider or "none")
             if dl.provider:
