@@ -124,6 +124,7 @@ class Application:
         self.live = 0
         self.consumed = 0
         self.fatal: str | None = None
+        self._ready = False  # what offline_conversions_ready says, kept by the service itself
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -141,6 +142,7 @@ class Application:
     def stop(self) -> None:
         """Ask for a graceful stop (SIGTERM, SIGINT, or a test)."""
         self._stopping.set()
+        self._set_ready(False)
 
     @property
     def stopping(self) -> bool:
@@ -155,8 +157,20 @@ class Application:
             "stopping": self.stopping,
         }
         ok = bool(detail["assigned"]) and bool(detail["broker"]) and bool(detail["dlq"]) and not self.stopping
-        self.metrics.ready.set(1 if ok else 0)
+        self._set_ready(ok)
         return ok, detail
+
+    def _is_ready(self) -> bool:
+        """`readiness()` without the detail: cheap enough for every turn of the poll loop."""
+        src, dlq = self.source, self.dlq
+        return bool(src and src.assigned and src.broker_up and dlq and dlq.failed is None) and not self.stopping
+
+    def _set_ready(self, ok: bool) -> None:
+        # The gauge follows assignment, revocation, broker and DLQ state as the loop sees them change;
+        # nobody has to call /readyz for it to be right (extra --workers processes are never probed).
+        if ok is not self._ready:
+            self._ready = ok
+            self.metrics.ready.set(1 if ok else 0)
 
     @staticmethod
     def producer_config(cfg: Config) -> dict[str, str | int | float | bool]:
@@ -208,6 +222,7 @@ class Application:
             self.metrics.in_flight.set(self.live)
             self._flush_decisions()
             self.tally.flush()
+            self._set_ready(self._is_ready())
             now = time.monotonic()
             if now >= next_commit:
                 self._commit(asynchronous=True)
@@ -245,6 +260,7 @@ class Application:
             self.dlq.close(5.0)
         self._flush_decisions()
         self.tally.flush()
+        self._set_ready(False)
         if self.health is not None:
             await self.health.stop()
         if self.fatal is not None:
@@ -589,6 +605,7 @@ class Application:
                 self.fatal = f"dead-letter topic '{self.config.kafka.dlq_topic}' is not writable ({exc}); " \
                              "stopped consuming, offsets committed only up to the last finished event"
                 log.error(self.fatal)
+                self._set_ready(False)
             return  # never finished: its offset stays uncommitted
         for omission in omissions:
             if omission is not None:

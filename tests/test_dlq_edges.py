@@ -1,9 +1,15 @@
-"""Production edges on the real broker: oversized dead letters."""
+"""Production edges on the real broker: oversized dead letters, the ready gauge without probes."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import signal
+import socket
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from dataclasses import replace
@@ -16,12 +22,12 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from consumer.app import Application
 from consumer.config import Config, parse
 from consumer.dlq import BATCH_BYTES, LETTER_OVERHEAD_BYTES, parse_headers, producer_config
-from consumer.embedded import EmbeddedBroker
+from consumer.embedded import EmbeddedBroker, free_port
 from consumer.metrics import Metrics
 from consumer.producer import encoded, produce_values
 from consumer.samples import malformed, purchases
 from consumer.sandbox import Sandbox
-from tests.conftest import committed, config_dict, read_all, run_until_done
+from tests.conftest import committed, config_dict, read_all, run_until_done, to_toml
 from tests.test_pipeline import expected_conversions, sandbox_view, view_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,3 +189,117 @@ async def test_a_letter_the_dlq_topic_refuses_is_cut_alone_and_its_neighbours_st
         assert whole == sorted(small)
     else:  # a broker that does not enforce the topic's limit (Tansu) takes every letter whole
         assert not cut and len(whole) == len(records)
+
+
+# --------------------------------------------------------------------------- item 3: the ready gauge
+
+
+def ready_value(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("offline_conversions_ready")
+
+
+async def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)  # a poll interval, bounded by the deadline
+
+
+async def test_the_ready_gauge_follows_assignment_without_any_readyz_probe(
+    broker: EmbeddedBroker, sandbox: Sandbox,
+) -> None:
+    names = new_names()
+    broker.create_topics([names["topic"], names["dlq"]], partitions=1)
+    cfg = cfg_for(broker, names, sandbox)
+    first, second = Metrics(), Metrics()
+    a = Application(cfg, metrics=first, install_signals=False)
+    b = Application(cfg, metrics=second, install_signals=False)
+    b_assignments: list[list[Any]] = []
+    on_assign = b._on_assign
+
+    def observed(tps: list[Any]) -> None:  # the group's answer to B's join, even an empty one
+        b_assignments.append(tps)
+        on_assign(tps)
+
+    b._on_assign = observed  # type: ignore[method-assign]
+    runs = {a: asyncio.create_task(a.run())}
+    try:
+        await wait_until(lambda: ready_value(first) == 1, 30, "the first member to report ready")
+        runs[b] = asyncio.create_task(b.run())
+        # B joins; the group settles with the one partition at one member: that one is ready, the other not.
+        await wait_until(lambda: bool(b_assignments) and sorted([ready_value(first), ready_value(second)]) == [0, 1]
+                         and len(a.source.assigned if a.source else ()) + len(b.source.assigned if b.source else ())
+                         == 1, 30, "the group to settle with exactly one member ready")
+        holder, other = (a, b) if ready_value(first) == 1 else (b, a)
+        # The holder leaves: the partition is revoked there and assigned to the other member, whose
+        # gauge turns 1 by itself (nothing calls /readyz in this test).
+        holder.stop()
+        assert await asyncio.wait_for(runs[holder], 30) == 0
+        assert ready_value(holder.metrics) == 0
+        await wait_until(lambda: ready_value(other.metrics) == 1, 30, "the other member to take over, ready")
+        other.stop()
+        assert await asyncio.wait_for(runs[other], 30) == 0
+        assert ready_value(other.metrics) == 0
+    finally:
+        for app, task in runs.items():
+            app.stop()
+            await asyncio.wait_for(task, 30)
+
+
+async def scrape_ready(port: int) -> float | None:
+    def get() -> float | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("offline_conversions_ready "):
+                return float(line.split()[1])
+        return None
+    return await asyncio.get_running_loop().run_in_executor(None, get)
+
+
+def two_free_ports() -> int:
+    """A port P with P+1 free too (the workers serve metrics on P + index)."""
+    for _ in range(50):
+        port = free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise AssertionError("no two consecutive free ports")
+
+
+async def test_every_worker_process_reports_ready_by_itself(
+    broker: EmbeddedBroker, sandbox: Sandbox, tmp_path: Path,
+) -> None:
+    names = new_names()
+    broker.create_topics([names["topic"], names["dlq"]], partitions=3)
+    port = two_free_ports()
+    data = config_dict(broker.bootstrap, names, sandbox.url)
+    data["metrics"] = {"host": "127.0.0.1", "port": port}
+    path = tmp_path / "workers.toml"
+    path.write_text(to_toml(data))
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = (tmp_path / "workers.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "consumer", "run", "--config", str(path), "--workers", "2",
+        cwd=str(REPO), env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        seen: list[float | None] = [None, None]
+        while time.monotonic() < deadline and seen != [1.0, 1.0]:
+            seen = [await scrape_ready(port), await scrape_ready(port + 1)]  # /metrics only, never /readyz
+            await asyncio.sleep(0.2)  # a poll interval, bounded by the deadline
+        assert seen == [1.0, 1.0], f"ready per worker: {seen}\n{(tmp_path / 'workers.log').read_text()[-3000:]}"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 40) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log.close()
