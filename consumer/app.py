@@ -23,6 +23,7 @@ from consumer.config import Config
 from consumer.decoding import DecodeError, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
+from consumer.digest import FailureDigest
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef, producer_config
 from consumer.matcher import Counts, MatchSettings, count, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
@@ -40,6 +41,8 @@ EXIT_DLQ = 3
 
 # How long to keep retrying a registry that is down before the event is dead-lettered instead.
 _REGISTRY_RETRY_SECONDS = 60.0
+# Decode failures are logged as one summary per this many seconds (with every reason), not one line each.
+_DECODE_LOG_INTERVAL = 10.0
 
 
 class InFlight:
@@ -125,6 +128,7 @@ class Application:
         self.consumed = 0
         self.fatal: str | None = None
         self._ready = False  # what offline_conversions_ready says, kept by the service itself
+        self._decode_log = FailureDigest(_DECODE_LOG_INTERVAL)
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -224,6 +228,8 @@ class Application:
             self.tally.flush()
             self._set_ready(self._is_ready())
             now = time.monotonic()
+            if self._decode_log.count:
+                self._log_decode_failures(now)
             if now >= next_commit:
                 self._commit(asynchronous=True)
                 next_commit = now + pipe.commit_interval
@@ -260,6 +266,7 @@ class Application:
             self.dlq.close(5.0)
         self._flush_decisions()
         self.tally.flush()
+        self._log_decode_failures(time.monotonic(), force=True)
         self._set_ready(False)
         if self.health is not None:
             await self.health.stop()
@@ -410,11 +417,23 @@ class Application:
                 self._spawn(self._decode_later(ev, first_try))
                 return
             self.tally.inc(self.metrics.decode_failures, exc.reason)
+            self._decode_log.add(exc.reason, f"{ev.tp[0]}[{ev.tp[1]}]@{ev.offset}: {exc}", time.monotonic())
             self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, f"{exc.reason}: {exc}")])
             return
         # A decoder bug must not lose the event or kill the service.
         self.tally.inc(self.metrics.decode_failures, "internal")
+        self._decode_log.add("internal", f"{ev.tp[0]}[{ev.tp[1]}]@{ev.offset}: {type(exc).__name__}: {exc}",
+                             time.monotonic())
         self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
+
+    def _log_decode_failures(self, now: float, *, force: bool = False) -> None:
+        """The decode failures since the last summary, as one warning (at most one per _DECODE_LOG_INTERVAL)."""
+        summary = self._decode_log.take(now, force=force)
+        if summary is not None:
+            log.warning("%d message(s) could not be decoded in the last %.0f s and were sent to the dead-letter "
+                        "topic: %s", summary.count, summary.seconds, summary.text(), extra={
+                            "decode_failures": summary.count, "reasons": summary.reasons,
+                            "examples": summary.examples})
 
     def _unmatchable(self, ev: InFlight, exc: Exception) -> None:
         log.error("matcher failed", exc_info=exc, extra={"correlation_id": ev.correlation_id})

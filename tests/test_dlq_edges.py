@@ -1,9 +1,10 @@
-"""Production edges on the real broker: oversized dead letters, the ready gauge without probes."""
+"""Production edges on the real broker: oversized dead letters, the ready gauge without probes, decode-failure logs."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import signal
 import socket
@@ -16,11 +17,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumer.app import Application
 from consumer.config import Config, parse
+from consumer.decoding import REASONS
+from consumer.digest import FailureDigest
 from consumer.dlq import BATCH_BYTES, LETTER_OVERHEAD_BYTES, parse_headers, producer_config
 from consumer.embedded import EmbeddedBroker, free_port
 from consumer.metrics import Metrics
@@ -303,3 +307,49 @@ async def test_every_worker_process_reports_ready_by_itself(
             proc.kill()
             await proc.wait()
         log.close()
+
+
+# --------------------------------------------------------------------------- item 8: decode failures in the log
+
+
+def test_the_digest_reports_at_once_then_once_per_interval() -> None:
+    d = FailureDigest(interval=10.0, max_examples=2)
+    assert d.take(0.0) is None
+    d.add("invalid_avro", "t[0]@1: x", 100.0)
+    first = d.take(100.0)
+    assert first is not None and first.count == 1 and first.examples == ["t[0]@1: x"]
+    for i in range(500):
+        d.add("invalid_avro" if i % 5 else "truncated", f"t[1]@{i}: y", 100.0 + i / 100)
+    d.add("too_large", "t[2]@9: z", 105.0)
+    assert d.take(105.0) is None and d.take(109.9) is None  # within the interval: still one line so far
+    summary = d.take(110.0)
+    assert summary is not None and summary.count == 501
+    assert summary.reasons == {"invalid_avro": 400, "truncated": 100, "too_large": 1}
+    assert summary.examples == ["t[1]@0: y", "t[1]@1: y"]  # the first of each reason, up to max_examples
+    assert summary.text() == "invalid_avro 400, truncated 100, too_large 1"
+    assert summary.seconds == pytest.approx(10.0)
+    d.add("truncated", "t[0]@7", 111.0)
+    assert d.take(111.0) is None
+    forced = d.take(111.0, force=True)  # shutdown: what is pending is logged
+    assert forced is not None and forced.count == 1
+
+
+async def test_decode_failures_are_logged_as_a_summary_with_reasons(
+    broker: EmbeddedBroker, topics: dict[str, str], sandbox: Sandbox, caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = parse(config_dict(broker.bootstrap, topics, sandbox.url), env={})
+    bad = list(malformed(200, seed=8))
+    values = list(encoded(purchases(40, now_ms=int(time.time() * 1000), seed=8))) + [(b"bad", v) for v in bad]
+    produce_values(broker.bootstrap, topics["topic"], values)
+    with caplog.at_level(logging.WARNING, logger="consumer.app"):
+        await run_until_done(cfg, len(values))
+    lines = [r for r in caplog.records if r.name == "consumer.app" and "could not be decoded" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, [r.getMessage() for r in lines]  # a summary, not a line per record
+    assert sum(r.decode_failures for r in lines) == len(bad)  # type: ignore[attr-defined]
+    reasons: dict[str, int] = {}
+    for r in lines:
+        for reason, n in r.reasons.items():  # type: ignore[attr-defined]
+            reasons[reason] = reasons.get(reason, 0) + n
+        assert all(reason in r.getMessage() for reason in r.reasons)  # type: ignore[attr-defined]
+        assert all(f"{topics['topic']}[" in e and "]@" in e for e in r.examples)  # type: ignore[attr-defined]
+    assert set(reasons) <= REASONS and sum(reasons.values()) == len(bad) and len(reasons) > 1
