@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 HEADER_PREFIX = "dlq."
 MAX_MESSAGE_CHARS = 512
+# Where processing stopped; `dlq replay --stage` accepts exactly these.
+STAGES = ("decode", "match", "dispatch")
 # librdkafka's own default for message.max.bytes: the DLQ producer never goes below it.
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 # A letter is the original value plus its key, its headers and ~1 KiB of ours: room for those above
@@ -72,7 +74,7 @@ class Omission:
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     source: SourceRef
-    stage: str  # decode, match, dispatch
+    stage: str  # one of STAGES
     error_class: str
     error_message: str
     provider: str | None = None
@@ -81,6 +83,9 @@ class DeadLetter:
     http_status: int | None = None
     keys: Sequence[str] = ()  # idempotency keys of the conversions that failed (replay sends these only)
     event_id: str | None = None
+    replays: int = 0  # replays that failed this letter again (it was re-queued each time)
+    requeued_from: str | None = None  # the letter this one replaces: "<dlq topic>[<partition>]@<offset>"
+    requeued_by: str | None = None  # the replay run that re-queued it (that run stops when it reads it back)
 
 
 def dead_letter_headers(dl: DeadLetter, now_ms: int, omission: Omission | None = None) -> Headers:
@@ -112,6 +117,12 @@ def dead_letter_headers(dl: DeadLetter, now_ms: int, omission: Omission | None =
         ours["conversion.keys"] = ",".join(dl.keys)
     if dl.event_id:
         ours["event_id"] = dl.event_id
+    if dl.replays:
+        ours["replay.attempts"] = str(dl.replays)
+    if dl.requeued_from:
+        ours["requeued.from"] = dl.requeued_from
+    if dl.requeued_by:
+        ours["requeued.by"] = dl.requeued_by
     if omission is not None:
         value = src.value or b""
         ours["omitted"] = ",".join(omission.parts)
