@@ -23,7 +23,8 @@ from consumer.config import Config
 from consumer.decoding import DecodeError, SchemaNotLoaded, make_decoder
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
-from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef
+from consumer.digest import FailureDigest
+from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef, producer_config
 from consumer.matcher import Counts, MatchSettings, count, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
@@ -41,6 +42,8 @@ EXIT_KAFKA_AUTH = 4
 
 # How long to keep retrying a registry that is down before the event is dead-lettered instead.
 _REGISTRY_RETRY_SECONDS = 60.0
+# Decode failures are logged as one summary per this many seconds (with every reason), not one line each.
+_DECODE_LOG_INTERVAL = 10.0
 
 
 class InFlight:
@@ -126,6 +129,8 @@ class Application:
         self.consumed = 0
         self.fatal: str | None = None
         self.fatal_exit = EXIT_DLQ  # the exit code when `fatal` is set
+        self._ready = False  # what offline_conversions_ready says, kept by the service itself
+        self._decode_log = FailureDigest(_DECODE_LOG_INTERVAL)
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
@@ -143,6 +148,7 @@ class Application:
     def stop(self) -> None:
         """Ask for a graceful stop (SIGTERM, SIGINT, or a test)."""
         self._stopping.set()
+        self._set_ready(False)
 
     @property
     def stopping(self) -> bool:
@@ -157,13 +163,25 @@ class Application:
             "stopping": self.stopping,
         }
         ok = bool(detail["assigned"]) and bool(detail["broker"]) and bool(detail["dlq"]) and not self.stopping
-        self.metrics.ready.set(1 if ok else 0)
+        self._set_ready(ok)
         return ok, detail
+
+    def _is_ready(self) -> bool:
+        """`readiness()` without the detail: cheap enough for every turn of the poll loop."""
+        src, dlq = self.source, self.dlq
+        return bool(src and src.assigned and src.broker_up and dlq and dlq.failed is None) and not self.stopping
+
+    def _set_ready(self, ok: bool) -> None:
+        # The gauge follows assignment, revocation, broker and DLQ state as the loop sees them change;
+        # nobody has to call /readyz for it to be right (extra --workers processes are never probed).
+        if ok is not self._ready:
+            self._ready = ok
+            self.metrics.ready.set(1 if ok else 0)
 
     @staticmethod
     def producer_config(cfg: Config) -> dict[str, str | int | float | bool]:
-        """The DLQ producer's librdkafka settings: the shared ones (TLS, SASL), then its own."""
-        return {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers, **cfg.kafka.producer}
+        """The DLQ producer's librdkafka settings (consumer.dlq.producer_config)."""
+        return producer_config(cfg)
 
     async def run(self) -> int:
         cfg = self.config
@@ -217,7 +235,10 @@ class Application:
             self.metrics.in_flight.set(self.live)
             self._flush_decisions()
             self.tally.flush()
+            self._set_ready(self._is_ready())
             now = time.monotonic()
+            if self._decode_log.count:
+                self._log_decode_failures(now)
             if now >= next_commit:
                 self._commit(asynchronous=True)
                 next_commit = now + pipe.commit_interval
@@ -255,6 +276,8 @@ class Application:
             self.dlq.close(5.0)
         self._flush_decisions()
         self.tally.flush()
+        self._log_decode_failures(time.monotonic(), force=True)
+        self._set_ready(False)
         if self.health is not None:
             await self.health.stop()
         if self.fatal is not None:
@@ -410,11 +433,23 @@ class Application:
                 self._spawn(self._decode_later(ev, first_try))
                 return
             self.tally.inc(self.metrics.decode_failures, exc.reason)
+            self._decode_log.add(exc.reason, f"{ev.tp[0]}[{ev.tp[1]}]@{ev.offset}: {exc}", time.monotonic())
             self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, f"{exc.reason}: {exc}")])
             return
         # A decoder bug must not lose the event or kill the service.
         self.tally.inc(self.metrics.decode_failures, "internal")
+        self._decode_log.add("internal", f"{ev.tp[0]}[{ev.tp[1]}]@{ev.offset}: {type(exc).__name__}: {exc}",
+                             time.monotonic())
         self._dead_letter(ev, [DeadLetter(ev.source, "decode", type(exc).__name__, str(exc))])
+
+    def _log_decode_failures(self, now: float, *, force: bool = False) -> None:
+        """The decode failures since the last summary, as one warning (at most one per _DECODE_LOG_INTERVAL)."""
+        summary = self._decode_log.take(now, force=force)
+        if summary is not None:
+            log.warning("%d message(s) could not be decoded in the last %.0f s and were sent to the dead-letter "
+                        "topic: %s", summary.count, summary.seconds, summary.text(), extra={
+                            "decode_failures": summary.count, "reasons": summary.reasons,
+                            "examples": summary.examples})
 
     def _unmatchable(self, ev: InFlight, exc: Exception) -> None:
         log.error("matcher failed", exc_info=exc, extra={"correlation_id": ev.correlation_id})
@@ -601,14 +636,18 @@ class Application:
     async def _write_dead_letters(self, ev: InFlight, letters: list[DeadLetter]) -> None:
         assert self.dlq is not None
         try:
-            await asyncio.gather(*(self.dlq.write(dl) for dl in letters))
+            omissions = await asyncio.gather(*(self.dlq.write(dl) for dl in letters))
         except DeadLetterError as exc:
             self.metrics.dlq_failures.inc()
             if self.fatal is None:
                 self.fatal = f"dead-letter topic '{self.config.kafka.dlq_topic}' is not writable ({exc}); " \
                              "stopped consuming, offsets committed only up to the last finished event"
                 log.error(self.fatal)
+                self._set_ready(False)
             return  # never finished: its offset stays uncommitted
+        for omission in omissions:
+            if omission is not None:
+                self.tally.inc(self.metrics.dlq_values_omitted, omission.code)
         for dl in letters:
             self.tally.inc(self.metrics.dlq_produced, dl.stage, dl.provider or "none")
             if dl.provider:

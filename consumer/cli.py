@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     replay = dlq_sub.add_parser("replay", help="re-drive dead-lettered events to the provider(s) that failed")
     replay.add_argument("--config", required=True)
-    replay.add_argument("--provider", action="append", help="only this provider (repeatable)")
-    replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch")
+    replay.add_argument("--provider", action="append",
+                        help="only this provider: kameleoon, convert, conductrics (repeatable)")
+    replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch (repeatable)")
     replay.add_argument("--error-class", action="append")
     replay.add_argument("--since", type=int, help="dead-lettered at or after this epoch ms")
     replay.add_argument("--until", type=int, help="dead-lettered before this epoch ms")

@@ -3,20 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from consumer.config import Config
 from consumer.logs import KafkaLog
 
 log = logging.getLogger(__name__)
 
 HEADER_PREFIX = "dlq."
 MAX_MESSAGE_CHARS = 512
+# Where processing stopped; `dlq replay --stage` accepts exactly these.
+STAGES = ("decode", "match", "dispatch")
+# librdkafka's own default for message.max.bytes: the DLQ producer never goes below it.
+LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
+# A letter is the original value plus its key, its headers and ~1 KiB of ours: room for those above
+# [decoding] max_message_bytes, so every record the service decodes fits in its dead letter whole.
+LETTER_OVERHEAD_BYTES = 65_536
+# The DLQ producer's batch.size: a batch of letters stays below any DLQ topic's max.message.bytes of
+# 64 KiB or more, so a topic that refuses one oversized letter refuses it alone, never its neighbours
+# (librdkafka's default, 1,000,000, would have small letters refused with a big one and cut as well).
+BATCH_BYTES = 65_536
+# A key longer than this is left out of a letter written without its value (it may be the cause).
+MAX_REDUCED_KEY_BYTES = 1024
+# Errors that refuse one record for what it is (its size, its content), not the topic for what it is:
+# the letter is written again without the value. Anything else (a timeout, authorisation, an unknown
+# topic) would refuse every letter, so it stops the service.
+PER_RECORD_REFUSALS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,      # the producer's message.max.bytes (locally) or the topic's max.message.bytes
+    KafkaError.RECORD_LIST_TOO_LARGE,   # a batch of one record above the broker's limit
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.INVALID_MSG,             # CORRUPT_MESSAGE: the broker could not read the record
+    KafkaError.INVALID_RECORD,          # refused by the broker's record validation
+})
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -39,9 +64,18 @@ class SourceRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Omission:
+    """Why a letter was written without the original value, and what else it left out."""
+
+    code: str  # the librdkafka error name (MSG_SIZE_TOO_LARGE, ...): a metric label
+    reason: str  # the producer's or the broker's words
+    parts: tuple[str, ...] = ("value", "headers")
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     source: SourceRef
-    stage: str  # decode, match, dispatch
+    stage: str  # one of STAGES
     error_class: str
     error_message: str
     provider: str | None = None
@@ -50,10 +84,17 @@ class DeadLetter:
     http_status: int | None = None
     keys: Sequence[str] = ()  # idempotency keys of the conversions that failed (replay sends these only)
     event_id: str | None = None
+    replays: int = 0  # replays that failed this letter again (it was re-queued each time)
+    requeued_from: str | None = None  # the letter this one replaces: "<dlq topic>[<partition>]@<offset>"
+    requeued_by: str | None = None  # the replay run that re-queued it (that run stops when it reads it back)
 
 
-def dead_letter_headers(dl: DeadLetter, now_ms: int) -> Headers:
-    """The original headers, then ours (Kafka Connect's error headers are the model)."""
+def dead_letter_headers(dl: DeadLetter, now_ms: int, omission: Omission | None = None) -> Headers:
+    """The original headers, then ours (Kafka Connect's error headers are the model).
+
+    With an `omission` the letter carries no value and no original headers (either may be what the
+    topic refused), and says why, with the original value's size and digest to find it by.
+    """
     src = dl.source
     ours: dict[str, str] = {
         "original.topic": src.topic,
@@ -77,8 +118,34 @@ def dead_letter_headers(dl: DeadLetter, now_ms: int) -> Headers:
         ours["conversion.keys"] = ",".join(dl.keys)
     if dl.event_id:
         ours["event_id"] = dl.event_id
-    own = [(k, v) for k, v in src.headers if not k.startswith(HEADER_PREFIX)]
+    if dl.replays:
+        ours["replay.attempts"] = str(dl.replays)
+    if dl.requeued_from:
+        ours["requeued.from"] = dl.requeued_from
+    if dl.requeued_by:
+        ours["requeued.by"] = dl.requeued_by
+    if omission is not None:
+        value = src.value or b""
+        ours["omitted"] = ",".join(omission.parts)
+        ours["omitted.reason"] = f"{omission.code}: {omission.reason}"[:MAX_MESSAGE_CHARS]
+        ours["original.size"] = str(len(value))
+        ours["original.sha256"] = hashlib.sha256(value).hexdigest()
+        if src.key is not None:
+            ours["original.key.size"] = str(len(src.key))
+        ours["original.headers"] = str(len(src.headers))
+        own: Headers = []
+    else:
+        own = [(k, v) for k, v in src.headers if not k.startswith(HEADER_PREFIX)]
     return own + [(HEADER_PREFIX + k, v.encode()) for k, v in ours.items()]
+
+
+def reduced(dl: DeadLetter, code: str, reason: str) -> tuple[bytes | None, Omission]:
+    """The key and omission of the letter written in place of one the topic refused: no value, no headers."""
+    key = dl.source.key
+    parts: tuple[str, ...] = ("value", "headers")
+    if key is not None and len(key) > MAX_REDUCED_KEY_BYTES:
+        key, parts = None, (*parts, "key")
+    return key, Omission(code, reason, parts)
 
 
 def parse_headers(headers: Sequence[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None,
@@ -90,6 +157,27 @@ def parse_headers(headers: Sequence[tuple[str, str | bytes | None]] | dict[str, 
         if k.startswith(HEADER_PREFIX) and v is not None:
             out[k[len(HEADER_PREFIX):]] = v.decode("utf-8", "replace") if isinstance(v, bytes) else v
     return out
+
+
+def message_max_bytes(max_message_bytes: int) -> int:
+    """The DLQ producer's message.max.bytes: a letter of the largest record the service decodes fits whole."""
+    return max(LIBRDKAFKA_MESSAGE_MAX_BYTES, max_message_bytes + LETTER_OVERHEAD_BYTES)
+
+
+def producer_config(cfg: Config) -> dict[str, str | int | float | bool]:
+    """The DLQ producer's librdkafka settings: the shared ones (TLS, SASL), the size limits, then its own."""
+    return {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers,
+            "message.max.bytes": message_max_bytes(cfg.decoding.max_message_bytes), "batch.size": BATCH_BYTES,
+            **cfg.kafka.producer}
+
+
+class _Refused(Exception):
+    """One record refused for what it is (a PER_RECORD_REFUSALS error)."""
+
+    def __init__(self, err: KafkaError) -> None:
+        super().__init__(err.str())
+        self.code = err.name()
+        self.reason = err.str()
 
 
 class DeadLetterWriter:
@@ -124,7 +212,37 @@ class DeadLetterWriter:
         while not self._stop.is_set():
             self.producer.poll(0.05)
 
-    async def write(self, dl: DeadLetter) -> None:
+    async def write(self, dl: DeadLetter) -> Omission | None:
+        """Write `dl` whole, or, if the topic refuses that record, without its value (the Omission says why).
+
+        One record can never stop the service: only an error that would refuse any letter raises
+        DeadLetterError.
+        """
+        self.pending += 1
+        try:
+            try:
+                await self._produce(dl.source.key, dl.source.value, dead_letter_headers(dl, _now_ms()))
+                return None
+            except _Refused as whole:
+                key, omission = reduced(dl, whole.code, whole.reason)
+            src = dl.source
+            log.warning("dead letter written without its value: the topic refused it whole", extra={
+                "partition": f"{src.topic}[{src.partition}]", "offset": src.offset, "stage": dl.stage,
+                "bytes": len(src.value or b""), "reason": f"{omission.code}: {omission.reason}",
+            })
+            try:
+                await self._produce(key, None, dead_letter_headers(dl, _now_ms(), omission))
+            except _Refused as again:
+                raise DeadLetterError(f"dead-letter write failed even without the value: {again.reason}") from None
+            return omission
+        except DeadLetterError as exc:
+            self.failed = str(exc)
+            raise
+        finally:
+            self.pending -= 1
+
+    async def _produce(self, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        """One record, confirmed by the broker; _Refused for a per-record refusal, DeadLetterError otherwise."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
@@ -134,29 +252,26 @@ class DeadLetterWriter:
                     return
                 if err is None:
                     future.set_result(None)
+                elif err.code() in PER_RECORD_REFUSALS:
+                    future.set_exception(_Refused(err))
                 else:
                     future.set_exception(DeadLetterError(f"dead-letter write failed: {err.str()}"))
             loop.call_soon_threadsafe(settle)
 
-        self.pending += 1
-        try:
-            while True:
-                try:
-                    self.producer.produce(
-                        self.topic, value=dl.source.value, key=dl.source.key,
-                        headers=dead_letter_headers(dl, int(time.time() * 1000)), on_delivery=report,
-                    )
-                    break
-                except BufferError:
-                    await asyncio.sleep(0.01)  # the local queue is full: let the poll thread drain it
-                except Exception as exc:
-                    raise DeadLetterError(f"dead-letter write failed: {exc}") from None
-            await future
-        except DeadLetterError as exc:
-            self.failed = str(exc)
-            raise
-        finally:
-            self.pending -= 1
+        while True:
+            try:
+                self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=report)
+                break
+            except BufferError:
+                await asyncio.sleep(0.01)  # the local queue is full: let the poll thread drain it
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is not None and err.code() in PER_RECORD_REFUSALS:
+                    raise _Refused(err) from None  # refused before it left: larger than message.max.bytes
+                raise DeadLetterError(f"dead-letter write failed: {exc}") from None
+            except Exception as exc:
+                raise DeadLetterError(f"dead-letter write failed: {exc}") from None
+        await future
 
     def close(self, timeout: float = 10.0) -> int:
         remaining = self.producer.flush(timeout)
@@ -164,3 +279,7 @@ class DeadLetterWriter:
         if self._thread is not None:
             self._thread.join(timeout=1.0)
         return remaining
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -102,6 +102,11 @@ class Metrics:
             ["stage", "provider"], registry=r,
         )
         self.dlq_failures = Counter(f"{NS}_dlq_failures_total", "Dead-letter writes that failed.", registry=r)
+        self.dlq_values_omitted = Counter(
+            f"{NS}_dlq_values_omitted_total",
+            "Dead letters written without the original value because the topic refused them whole, by error.",
+            ["reason"], registry=r,
+        )
         self.commits = Counter(f"{NS}_commits_total", "Offset commits, by result (ok, failed).", ["result"], registry=r)
         self.consumer_lag = Gauge(
             f"{NS}_consumer_lag_messages", "Consumer lag per partition, from librdkafka statistics.",
