@@ -2,8 +2,9 @@
 
 Per message: decode → match → dispatch each conversion → when every delivery of the event is done
 (delivered, not accepted, or dead-lettered and confirmed by the broker), its offset is finished.
-The offset tracker turns finished offsets into committable ones; commits happen on an interval,
-before partitions are revoked, and before close. Nothing is committed that is not done.
+The offset tracker turns finished offsets into committable ones; the checkpoint (consumer/checkpoint.py)
+commits them on an interval, before partitions are revoked, and before close, and counts an offset as
+committed only when the broker confirmed it. Nothing is committed that is not done.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, Message
 
+from consumer.checkpoint import Checkpoint, CommitFailed
 from consumer.config import Config
 from consumer.decoding import DecodeError, SchemaNotLoaded, make_decoder
 from consumer.dedup import RecentKeys
@@ -125,6 +127,7 @@ class Application:
         self.settings = MatchSettings.from_config(config)
         self.recent = RecentKeys(config.pipeline.dedup_cache_size)
         self.tracker = OffsetTracker()
+        self.checkpoint = Checkpoint(self.tracker)
         self.live = 0
         self.consumed = 0
         self.fatal: str | None = None
@@ -134,7 +137,6 @@ class Application:
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
-        self._committed: dict[TP, int] = {}
         # Key being delivered -> later events waiting on it (None while there are none).
         self._in_flight_keys: dict[str, list[InFlight] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -199,7 +201,8 @@ class Application:
         await self.health.start(cfg.metrics.host, cfg.metrics.port)
         protocol = await loop.run_in_executor(None, choose_group_protocol, cfg.kafka)
         log.info("group protocol", extra={"protocol": protocol.protocol, "reason": protocol.reason})
-        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke, self._on_lost, protocol)
+        self.source = Source(cfg.kafka, self.metrics, self._on_assign, self._on_revoke, self._on_lost, protocol,
+                             on_commit=self._on_commit)
         self.source.subscribe()
         log.info("started", extra={"topic": cfg.kafka.topic, "group": cfg.kafka.group_id,
                                    "metrics_port": self.health.port})
@@ -263,6 +266,9 @@ class Application:
                         extra={"in_flight": self.live})
         if self.source is not None:
             self._commit(asynchronous=False)
+            if unconfirmed := self.checkpoint.due(final=True):
+                log.warning("the final commit failed; these partitions will be re-read from their last committed "
+                            "offsets", extra={"partitions": {f"{t}[{p}]": o for (t, p), o in unconfirmed.items()}})
             self.source.close()
         if self.dispatcher is not None:
             await self.dispatcher.close()
@@ -306,31 +312,38 @@ class Application:
 
     # ------------------------------------------------------------------ offsets
 
+    # The commit protocol's steps are numbered in consumer/checkpoint.py; the numbers below are those.
+
     def _on_assign(self, tps: list[TP]) -> None:
-        # A partition newly ours starts from its committed offset: whatever we knew of it is stale.
-        self.tracker.forget(tps)
-        for tp in tps:
-            self._committed.pop(tp, None)
+        # 1. A partition newly ours starts from its committed offset: whatever we knew of it is stale.
+        self.checkpoint.assign(tps)
 
     def _on_lost(self, tps: list[TP]) -> None:
-        # Lost (the group or the broker is gone): another member may own them, so nothing is committed.
-        self.tracker.forget(tps)
-        for tp in tps:
-            self._committed.pop(tp, None)
+        # 5. Lost (the group or the broker is gone): another member may own them, so nothing is committed.
+        self.checkpoint.drop(tps)
+        self.metrics.commit_failing_partitions.set(self.checkpoint.failing)
 
     def _on_revoke(self, tps: list[TP]) -> None:
-        # Commit what is done before another member takes over; unfinished events will be re-read there.
+        # 2-4 as a final commit of what is done, then 5: unfinished events will be re-read by the next owner.
         self._commit(asynchronous=False, only=tps)
-        self.tracker.forget(tps)
-        for tp in tps:
-            self._committed.pop(tp, None)
+        self.checkpoint.drop(tps)
+        self.metrics.commit_failing_partitions.set(self.checkpoint.failing)
 
     def _commit(self, *, asynchronous: bool, only: list[TP] | None = None) -> None:
         if self.source is None:
             return
-        todo = {tp: off for tp, off in self.tracker.committable(only).items() if self._committed.get(tp) != off}
-        if todo and self.source.commit(todo, asynchronous=asynchronous):
-            self._committed.update(todo)
+        # 2. Due: done, and not confirmed by the broker (a failed commit is due again).
+        offsets = self.checkpoint.due(only, final=not asynchronous)
+        if not offsets:
+            return
+        # 3. Requested, then sent; 4 comes to _on_commit (before commit returns when synchronous).
+        self.checkpoint.requested(offsets)
+        self.source.commit(offsets, asynchronous=asynchronous)
+
+    def _on_commit(self, offsets: dict[TP, int], failures: dict[TP, CommitFailed]) -> None:
+        # 4. Answered: confirmed offsets count as committed; failed ones are due at the next commit.
+        self.checkpoint.answered(offsets, failures)
+        self.metrics.commit_failing_partitions.set(self.checkpoint.failing)
 
     # ------------------------------------------------------------------ events
 
@@ -417,8 +430,7 @@ class Application:
         # message is read again, never skipped.
         log.warning("partition rewound; tracking it afresh", extra={"partition": f"{tp[0]}[{tp[1]}]",
                                                                      "offset": offset})
-        self.tracker.forget([tp])
-        self._committed.pop(tp, None)
+        self.checkpoint.restart([tp])
 
     def _undecodable(self, ev: InFlight, exc: Exception, first_try: float) -> None:
         """Fetch a missing writer schema, retry a registry outage for a while; dead-letter anything else.

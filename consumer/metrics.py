@@ -108,6 +108,10 @@ class Metrics:
             ["reason"], registry=r,
         )
         self.commits = Counter(f"{NS}_commits_total", "Offset commits, by result (ok, failed).", ["result"], registry=r)
+        self.commit_failing_partitions = Gauge(
+            f"{NS}_commit_failing_partitions",
+            "Assigned partitions whose last offset commit failed and is not yet confirmed by a retry.", registry=r,
+        )
         self.consumer_lag = Gauge(
             f"{NS}_consumer_lag_messages", "Consumer lag per partition, from librdkafka statistics.",
             ["topic", "partition"], registry=r,

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 
 from consumer import group_protocol
+from consumer.checkpoint import CommitFailed
 from consumer.config import KafkaConfig
 from consumer.logs import KafkaLog
 from consumer.metrics import Metrics
@@ -19,6 +20,8 @@ from consumer.metrics import Metrics
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
+# The answer to a commit: the offsets it carried, and the partitions the broker did not commit.
+CommitAnswer = Callable[[dict[TP, int], dict[TP, CommitFailed]], None]
 
 # The broker refused the credentials: retrying with the same ones cannot succeed, so the service stops
 # and says so rather than running unready for ever.
@@ -101,12 +104,14 @@ class Source:
         on_revoke: Callable[[list[TP]], None],
         on_lost: Callable[[list[TP]], None] | None = None,
         protocol: group_protocol.Resolved | None = None,
+        on_commit: CommitAnswer | None = None,
     ) -> None:
         self.kafka = kafka
         self.metrics = metrics
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
+        self._on_commit = on_commit
         chosen = protocol or group_protocol.resolve(kafka.group_protocol, kafka.consumer, None)
         self.consumer_protocol = chosen.protocol
         conf = consumer_config(kafka, chosen)
@@ -187,11 +192,21 @@ class Source:
             log.warning("kafka: %s", err.str())
 
     def _committed(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        if err is not None and err.code() != KafkaError._NO_OFFSET:
-            self.metrics.commits.labels("failed").inc()
-            log.warning("offset commit failed: %s", err.str())
-        elif err is None:
-            self.metrics.commits.labels("ok").inc()
+        """librdkafka's on_commit: the broker's answer to an asynchronous commit (step 4, consumer/checkpoint.py)."""
+        self._answer({(p.topic, p.partition): p.offset for p in partitions},
+                     {(p.topic, p.partition): e for p in partitions if (e := p.error or err) is not None})
+
+    def _answer(self, offsets: dict[TP, int], errors: Mapping[TP, KafkaError]) -> None:
+        failures = {tp: CommitFailed(e.name(), e.str(), retriable=e.retriable()) for tp, e in errors.items()}
+        self.metrics.commits.labels("failed" if failures else "ok").inc()
+        if failures:
+            first = next(iter(failures.values()))
+            log.warning("offset commit failed: %s", first.reason, extra={
+                "code": first.code,
+                "partitions": {f"{t}[{p}]": offsets[(t, p)] for t, p in sorted(failures)},
+                "retry": "at the next commit"})
+        if self._on_commit is not None:
+            self._on_commit(offsets, failures)
 
     # ------------------------------------------------------------------ I/O
 
@@ -222,22 +237,24 @@ class Source:
                 self.consumer.resume(parts)
             self.metrics.paused_partitions.set(0)
 
-    def commit(self, offsets: Mapping[TP, int], *, asynchronous: bool) -> bool:
-        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assigned]
-        if not parts:
-            return True
+    def commit(self, offsets: Mapping[TP, int], *, asynchronous: bool) -> None:
+        """Send a commit of `offsets`. Its answer goes to `on_commit`: from librdkafka's on_commit callback when
+        asynchronous, before this returns when synchronous or when the client refuses to send it at all."""
+        if not offsets:
+            return
+        parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
             if asynchronous:
                 self.consumer.commit(offsets=parts, asynchronous=True)
-            else:
-                self.consumer.commit(offsets=parts, asynchronous=False)
+                return
+            answered = self.consumer.commit(offsets=parts, asynchronous=False)
         except KafkaException as exc:
-            self.metrics.commits.labels("failed").inc()
-            log.warning("offset commit failed: %s", exc)
-            return False
-        if not asynchronous:
-            self.metrics.commits.labels("ok").inc()
-        return True
+            err: KafkaError = exc.args[0]
+            self._answer(dict(offsets), dict.fromkeys(offsets, err))
+            return
+        # A synchronous commit's per-partition errors are in its result (librdkafka does not call on_commit).
+        self._answer({(p.topic, p.partition): p.offset for p in answered or parts},
+                     {(p.topic, p.partition): p.error for p in answered or [] if p.error is not None})
 
     def close(self) -> None:
         self.consumer.close()
