@@ -171,6 +171,11 @@ class Source:
             stats = json.loads(raw)
         except ValueError:
             return
+        # A broker back after an outage: the statistics say so even when no message arrives (an idle topic),
+        # so readiness recovers without waiting for traffic.
+        if not self.broker_up and any(b.get("state") == "UP" and b.get("nodeid", -1) >= 0
+                                      for b in stats.get("brokers", {}).values()):
+            self.broker_up = True
         for topic, t in stats.get("topics", {}).items():
             for pid, p in t.get("partitions", {}).items():
                 if pid == "-1" or (topic, int(pid)) not in self.assigned:

@@ -180,3 +180,24 @@ async def test_leader_of_source_and_dlq_sigkilled_in_a_three_node_cluster(sandbo
                     dead_letters=len(sources), lost=0, duplicates=acc.duplicates,
                     dlq_duplicates=sum(n - 1 for n in sources.values()), dlq_copies=dict(repeats),
                     commit_samples=audit.samples, commits_past_unfinished=0)
+
+
+async def test_readiness_recovers_on_an_idle_topic_after_a_broker_restart(sandbox: Sandbox, tmp_path: Path) -> None:
+    """No traffic at all: readiness must come back from the client's view of the broker, not from a message."""
+    topics = {"topic": "idle.purchases", "dlq": "idle.purchases.dlq", "group": "idle"}
+    with ApacheKafka(directory=tmp_path / "kafka") as k:
+        k.create_topics([topics["topic"], topics["dlq"]], partitions=3)
+        data = service_config(k, topics, sandbox)
+        data["kafka"]["consumer"]["statistics.interval.ms"] = 500
+        app = Application(to_config(data), metrics=Metrics(), install_signals=False)
+        task = asyncio.get_running_loop().create_task(app.run())
+        try:
+            await wait_for(lambda: app.readiness()[0], 30, "the service to be ready")
+            k.kill(1)
+            await wait_for(lambda: not app.readiness()[0], 30, "readiness to drop with the broker gone", every=0.05)
+            await asyncio.get_running_loop().run_in_executor(None, k.restart, 1)
+            await wait_for(lambda: app.readiness()[0], 30, "readiness to recover with no message flowing")
+            assert app.consumed == 0
+        finally:
+            app.stop()
+            assert await asyncio.wait_for(task, 40) == 0, app.fatal
