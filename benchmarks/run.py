@@ -109,6 +109,8 @@ def make_config(spec: dict[str, Any]) -> dict[str, Any]:
         elif "flow" in spec:  # the realistic-latency runs: this run's concurrency, the service's own retry defaults
             cfg[p]["flow"] = dict(spec["flow"])
             cfg[p]["retry"] = {}
+            if p == "kameleoon" and spec.get("kameleoon_batch"):
+                cfg[p]["batch"] = {**cfg[p].get("batch", {}), "max_events": int(spec["kameleoon_batch"])}
     cfg["pipeline"].update(spec.get("pipeline") or {})
     cfg["logging"] = {"level": "ERROR", "format": "json"}
     return cfg
@@ -1030,7 +1032,7 @@ def run_realistic(args: argparse.Namespace) -> int:
     mean = Profile("convert", median=base_profile["median"], p99=base_profile["p99"]).mean
     res: dict[str, Any] = {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "params": {"events": args.events, "profile": base_profile, "mean_latency_s": round(mean, 4),
+        "params": {"events": args.events, "profile": base_profile, "kameleoon_batch": args.kameleoon_batch, "mean_latency_s": round(mean, 4),
                    "capacities": capacities, "seconds": args.realistic_seconds,
                    "change_seconds": args.change_seconds, "warmup_seconds": args.warmup_seconds},
         "providers": {},
@@ -1058,7 +1060,8 @@ def run_realistic(args: argparse.Namespace) -> int:
                     "ends": {str(k): v for k, v in ends.items()}, "expect": args.events, "events": args.events,
                     "now_ms": now_ms, "kind": "service", "providers": [provider],
                     "group": f"bench-real-{provider}-{uuid.uuid4().hex[:6]}", "flow": flow, "duration": seconds,
-                    "pipeline": {"shutdown_deadline": "2s"}, "announce": on_ready is not None}
+                    "pipeline": {"shutdown_deadline": "2s"}, "announce": on_ready is not None,
+                    "kameleoon_batch": args.kameleoon_batch}
             series: list[dict[str, Any]] = []
             stop = threading.Event()
             poller = threading.Thread(target=sandbox_series, args=(sandbox, provider, stop, series), daemon=True)
@@ -1089,7 +1092,7 @@ def run_realistic(args: argparse.Namespace) -> int:
                 runs[label] = summarize_run(r, bound, args.warmup_seconds if provider != "kameleoon" else 3.0)
                 log(f"{provider} {label}: {json.dumps({k: runs[label].get(k) for k in ('steady', 'of_bound', 'limit', 'dead_lettered')})}")
             change: dict[str, Any] = {"status": "skipped"}
-            if provider != "kameleoon" and args.change_seconds > 0:
+            if (provider != "kameleoon" or args.kameleoon_batch) and args.change_seconds > 0:
                 t = args.change_seconds
                 marks: dict[str, float] = {}
 
@@ -1264,6 +1267,9 @@ def main(argv: Iterable[str] | None = None) -> int:
                     help="realistic: length of each phase of the C, C/2, C run (0: skip it)")
     ap.add_argument("--warmup-seconds", type=float, default=10.0, help="realistic: left out of the steady figures")
     ap.add_argument("--realistic-providers", default="convert,conductrics,kameleoon")
+    ap.add_argument("--kameleoon-batch", type=int, default=0,
+                    help="realistic: Kameleoon events per request (0: the service's 1,000); smaller batches make a "
+                         "capacity above 2 the bound instead of the CPU")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
 
