@@ -50,6 +50,7 @@ class DeadLetter:
     http_status: int | None = None
     keys: Sequence[str] = ()  # idempotency keys of the conversions that failed (replay sends these only)
     event_id: str | None = None
+    reason: str | None = None  # a short code where the stage has one (match: too_many_exposures)
 
 
 def dead_letter_headers(dl: DeadLetter, now_ms: int) -> Headers:
@@ -77,6 +78,8 @@ def dead_letter_headers(dl: DeadLetter, now_ms: int) -> Headers:
         ours["conversion.keys"] = ",".join(dl.keys)
     if dl.event_id:
         ours["event_id"] = dl.event_id
+    if dl.reason:
+        ours["reason"] = dl.reason
     own = [(k, v) for k, v in src.headers if not k.startswith(HEADER_PREFIX)]
     return own + [(HEADER_PREFIX + k, v.encode()) for k, v in ours.items()]
 

@@ -25,7 +25,7 @@ from consumer.config import Config, ConfigError, load
 from consumer.decoding import DecodeError, Decoder, make_decoder
 from consumer.delivery import Dispatcher, Result, Status, each
 from consumer.dlq import parse_headers
-from consumer.matcher import MatchSettings, match
+from consumer.matcher import MatchSettings, TooManyExposures, match
 from consumer.metrics import Metrics
 from consumer.model import Conversion
 from consumer.providers.registry import modules
@@ -71,12 +71,14 @@ class ReplayStats:
     selected: int = 0
     skipped: int = 0
     undecodable: int = 0
+    over_cap: int = 0  # still more exposures than [matcher] max_exposures
     outcomes: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) or "nothing sent"
+        over = f", {self.over_cap} still over max_exposures" if self.over_cap else ""
         return (f"read {self.read} dead letters, {self.selected} selected, {self.skipped} filtered out, "
-                f"{self.undecodable} still undecodable; conversions: {parts}")
+                f"{self.undecodable} still undecodable{over}; conversions: {parts}")
 
 
 async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str | None = None,
@@ -148,7 +150,12 @@ async def _replay_one(msg: Message, flt: ReplayFilter, decoder: Decoder, setting
         stats.undecodable += 1
         print(f"  offset {msg.offset()}: still undecodable ({exc.reason})", file=stream)
         return
-    decision = match(purchase, settings, int(time.time() * 1000))
+    try:
+        decision = match(purchase, settings, int(time.time() * 1000))
+    except TooManyExposures as exc:  # still over the cap: raise [matcher] max_exposures to replay it
+        stats.over_cap += 1
+        print(f"  offset {msg.offset()}: still {exc.reason.value} ({exc})", file=stream)
+        return
     chosen = select(decision.conversions, headers)
     stats.selected += 1
     for c in chosen:
