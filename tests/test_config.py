@@ -51,6 +51,10 @@ def test_the_annotated_example_loads_with_its_secrets_from_the_environment() -> 
     assert cfg.convert.projects["1111_2222"].project_id == "2222"
     assert cfg.conductrics.projects["ac-xxx"].api_key.reveal() == "s3cret-value"
     assert "s3cret-value" not in repr(cfg)
+    assert cfg.matcher.max_exposures == 100
+    kameleoon = cfg.kameleoon.projects["f17c21u1ag"].rules
+    assert (kameleoon.attribution, kameleoon.revenue_share, kameleoon.require_consent) == ("all", "split", False)
+    assert cfg.convert.projects["1111_2222"].rules.attribution == "last_touch"
     assert cfg.decoding.schema.exists()
 
 
