@@ -1038,8 +1038,9 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
     if not schema.is_absolute():
         candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
         schema = next((c for c in candidates if c.exists()), candidates[0])
-    if not schema.exists():
-        schema = DEFAULT_SCHEMA if schema.name == DEFAULT_SCHEMA.name else schema
+    if not schema.exists() and (DEFAULT_SCHEMA.parent / schema.name).exists():
+        # A contract the package ships (the current one, or an earlier one to pin for raw Avro producers).
+        schema = DEFAULT_SCHEMA.parent / schema.name
     if not schema.exists() and not dt.failed("schema"):
         dt.problem(dt.key("schema"), f"no such file: {str(schema)!r}")
     registry = _url(dt, "schema_registry_url", "", optional=True)

@@ -45,7 +45,7 @@ from consumer.schema_registry import Backoff, RegistryUnavailable, SchemaRegistr
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "purchase_completed.avsc"
 V0 = Path(__file__).resolve().parent / "schemas" / "purchase_completed_v0.avsc"
-V1 = Path(__file__).resolve().parent / "schemas" / "purchase_completed_v1.avsc"
+V1 = ROOT / "schemas" / "purchase_completed.v1.avsc"  # the contract before consent, shipped to pin (raw Avro)
 V2 = Path(__file__).resolve().parent / "schemas" / "purchase_completed_v2.avsc"
 CAP = 64 * 1024
 SUBJECT = "purchases-value"
@@ -383,6 +383,37 @@ async def test_confluent_consent_and_unknown_provider_both_ways(registry: Regist
     finally:
         await current.close()
         await v1_reader.close()
+
+
+def test_the_shipped_v1_is_the_contract_without_consent_and_the_enum_default() -> None:
+    now, v1 = read_schema_json(SCHEMA), read_schema_json(V1)
+    same = [f for f in v1["fields"] if f["name"] != "exposures"]
+    assert same == [f for f in now["fields"] if f["name"] not in ("exposures", "consent")]
+    assert [f["name"] for f in v1["fields"]] == [f["name"] for f in now["fields"] if f["name"] != "consent"]
+    provider_v1 = next(f for f in v1["fields"] if f["name"] == "exposures")["type"]["items"]["fields"][0]["type"]
+    assert provider_v1["symbols"] == [p.value for p in Provider] and "default" not in provider_v1
+
+
+def test_a_raw_avro_deployment_pins_the_previous_contract_until_its_producers_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Raw Avro carries no writer schema: [decoding] schema is the writer's too. Producers still on v1 are
+    # read with the shipped v1 (found in the package even where no checkout is at hand).
+    import consumer.config as config_module
+
+    monkeypatch.setattr(config_module, "PACKAGE_ROOT", tmp_path / "site-packages" / "consumer")
+    monkeypatch.chdir(tmp_path)
+    cfg = config_module.parse({
+        "kafka": {"bootstrap_servers": "b:9092", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
+        "decoding": {"format": "avro", "schema": "schemas/purchase_completed.v1.avsc"},
+        "kameleoon": {"projects": {"site1": {"goals": [1]}}},
+    }, env={}, base_dir=tmp_path)
+    assert cfg.decoding.schema == V1
+    decoded = make_decoder(cfg.decoding).decode(write(load_schema(V1), _v1_record()))
+    assert decoded == PURCHASE and decoded.consent == {}
+    # Read with the new contract instead, the same bytes end where the consent array should begin.
+    assert reason_of(lambda: RawAvroDecoder(SCHEMA, SCHEMA, CAP).decode(write(load_schema(V1), _v1_record()))) \
+        == "truncated"
 
 
 def test_a_denial_wins_over_a_grant_for_the_same_provider() -> None:
