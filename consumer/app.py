@@ -27,7 +27,7 @@ from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.digest import FailureDigest
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef, producer_config
-from consumer.matcher import Counts, MatchSettings, count, match
+from consumer.matcher import Counts, MatchSettings, TooManyExposures, count, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
@@ -464,6 +464,15 @@ class Application:
                             "examples": summary.examples})
 
     def _unmatchable(self, ev: InFlight, exc: Exception) -> None:
+        if isinstance(exc, TooManyExposures):
+            # Bad input, not a matcher bug: the whole event goes to the DLQ before anything of it is sent.
+            key = (None, exc.reason)
+            self._decisions[key] = self._decisions.get(key, 0) + 1
+            log.warning("event over max_exposures dead-lettered", extra={
+                "correlation_id": ev.correlation_id, "exposures": exc.exposures, "max_exposures": exc.limit})
+            self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc),
+                                              event_id=ev.event_id, reason=exc.reason.value)])
+            return
         log.error("matcher failed", exc_info=exc, extra={"correlation_id": ev.correlation_id})
         self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc), event_id=ev.event_id)])
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from consumer import group_protocol
-from consumer.model import Channel, Provider
+from consumer.model import Attribution, Channel, Provider, RevenueShare
 from consumer.tls import TlsFileError, client_context
 
 T = TypeVar("T")
@@ -517,6 +517,9 @@ class Rules:
     experiments_deny: tuple[str, ...] = ()
     min_revenue: Decimal | None = None
     send_revenue: bool = True
+    attribution: Attribution = Attribution.ALL  # the provider's default: DEFAULT_MODELS
+    revenue_share: RevenueShare = RevenueShare.FULL
+    require_consent: bool = False  # send only when the event says the buyer consented to this provider
 
 
 @dataclass(frozen=True)
@@ -585,6 +588,7 @@ class MatcherConfig:
     clock_skew: float = 300.0
     max_age: float = 90 * 86400.0
     rates: dict[tuple[str, str], Decimal] = field(default_factory=dict)  # (from, to) -> rate
+    max_exposures: int = 100  # an event with more is dead-lettered whole (too_many_exposures)
 
 
 @dataclass(frozen=True)
@@ -635,6 +639,14 @@ _KAFKA_SECRET = re.compile(r"password|secret|ssl\.key\.pem|ssl_key|private\.key|
 # --------------------------------------------------------------------------- parsing
 
 DEFAULT_WINDOWS = {Provider.KAMELEOON: 7 * 86400.0, Provider.CONVERT: 30 * 86400.0, Provider.CONDUCTRICS: 72 * 3600.0}
+# From how each provider counts conversions (docs/operations.md, "Attribution models"): Kameleoon and
+# Conductrics attribute through the visitor, so every identity keeps its experiments and shares the
+# revenue; a Convert conversion names its experiment, so one identity per experiment gets all of it.
+DEFAULT_MODELS = {
+    Provider.KAMELEOON: (Attribution.ALL, RevenueShare.SPLIT),
+    Provider.CONVERT: (Attribution.LAST_TOUCH, RevenueShare.FULL),
+    Provider.CONDUCTRICS: (Attribution.ALL, RevenueShare.SPLIT),
+}
 
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
@@ -705,6 +717,7 @@ def _rules(t: _Table, provider: Provider) -> Rules:
     allow, deny = t.str_list("experiments_allow"), t.str_list("experiments_deny")
     if allow and deny:
         t.problem(t.key("experiments_deny"), "set experiments_allow or experiments_deny, not both")
+    attribution, revenue_share = DEFAULT_MODELS[provider]
     return Rules(
         goals=goals,
         attribution_window=t.duration("attribution_window", DEFAULT_WINDOWS[provider], positive=True),
@@ -714,7 +727,24 @@ def _rules(t: _Table, provider: Provider) -> Rules:
         experiments_deny=deny,
         min_revenue=t.decimal("min_revenue"),
         send_revenue=t.get_bool("send_revenue", True),
+        attribution=_choice(t, "attribution", Attribution, attribution),
+        revenue_share=_choice(t, "revenue_share", RevenueShare, revenue_share),
+        require_consent=t.get_bool("require_consent", False),
     )
+
+
+E = TypeVar("E", Attribution, RevenueShare)
+
+
+def _choice(t: _Table, name: str, kind: type[E], default: E) -> E:
+    """One of a string enum's values, exactly as written (`"last_touch"`)."""
+    v = t.get_str(name, default.value)
+    try:
+        return kind(v)
+    except ValueError:
+        if not t.failed(name):
+            t.problem(t.key(name), f"expected one of {', '.join(repr(c.value) for c in kind)}, got {v!r}")
+        return default
 
 
 def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
@@ -995,6 +1025,7 @@ def _matcher(t: _Table) -> MatcherConfig:
         clock_skew=t.duration("clock_skew", d.clock_skew),
         max_age=t.duration("max_age", d.max_age, positive=True),
         rates=rates,
+        max_exposures=t.get_int("max_exposures", d.max_exposures, minimum=1),
     )
     t.done()
     return cfg
@@ -1039,8 +1070,9 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
     if not schema.is_absolute():
         candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
         schema = next((c for c in candidates if c.exists()), candidates[0])
-    if not schema.exists():
-        schema = DEFAULT_SCHEMA if schema.name == DEFAULT_SCHEMA.name else schema
+    if not schema.exists() and (DEFAULT_SCHEMA.parent / schema.name).exists():
+        # A contract the package ships (the current one, or an earlier one to pin for raw Avro producers).
+        schema = DEFAULT_SCHEMA.parent / schema.name
     if not schema.exists() and not dt.failed("schema"):
         dt.problem(dt.key("schema"), f"no such file: {str(schema)!r}")
     registry = _url(dt, "schema_registry_url", "", optional=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ import fastavro
 from fastavro.types import Schema
 
 from consumer.config import DecodingConfig
-from consumer.model import Channel, Exposure, Provider, Purchase
+from consumer.model import NO_CONSENT_STATED, Channel, Exposure, Provider, Purchase
 from consumer.schema_registry import RegistryUnavailable, SchemaNotFound, SchemaRegistry
 
 # Every DecodeError.reason is one of these, so the reason can be used as a metric label as it is.
@@ -78,6 +79,8 @@ def contract_revenue(value: Decimal) -> Decimal:
 
 _CHANNELS: dict[str, Channel] = {c.value: c for c in Channel}
 _PROVIDERS: dict[str, Provider] = {p.value: p for p in Provider}
+# The reader schema's Provider enum default: what Avro resolution gives for a newer writer's provider symbol.
+UNKNOWN_PROVIDER = "UNKNOWN"
 
 
 class DecodeError(Exception):
@@ -316,10 +319,16 @@ _EXPOSURE_STRS = (
 )
 
 
+class _UnknownProvider(Exception):
+    """An exposure whose provider resolved to the enum default UNKNOWN: skipped (and counted), not an error."""
+
+
 def _exposure(e: Mapping[str, Any]) -> Exposure:
     # The checks are inlined with a slow path for the message: this runs for every exposure of every event.
     provider = _PROVIDERS.get(e["provider"])
     if provider is None:
+        if e["provider"] == UNKNOWN_PROVIDER:
+            raise _UnknownProvider
         raise DecodeError("invalid_field", "exposures[].provider is not a known provider")
     project, experiment_id, variation_id, visitor_id = (
         e["project"],
@@ -333,6 +342,31 @@ def _exposure(e: Mapping[str, Any]) -> Exposure:
     if type(exposed_at) is not int or not MIN_TIMESTAMP_MS <= exposed_at <= MAX_TIMESTAMP_MS:
         exposed_at = _timestamp(exposed_at, "exposures[].exposed_at")
     return Exposure(provider, project, experiment_id, variation_id, visitor_id, exposed_at)
+
+
+def _known_exposures(exposures: Any) -> tuple[tuple[Exposure, ...], int]:
+    """The exposures of known providers, and how many named a provider this reader does not know."""
+    known: list[Exposure] = []
+    for e in exposures:
+        with contextlib.suppress(_UnknownProvider):
+            known.append(_exposure(e))
+    return tuple(known), len(exposures) - len(known)
+
+
+def _consent(entries: Any) -> dict[Provider, bool]:
+    """Per provider, granted or declined; a denial wins over a grant for the same provider (never send in doubt)."""
+    out: dict[Provider, bool] = {}
+    for entry in entries:
+        name, granted = entry["provider"], entry["granted"]
+        if type(granted) is not bool:
+            raise DecodeError("invalid_field", "consent[].granted is not a boolean")
+        provider = _PROVIDERS.get(name)
+        if provider is None:
+            if name == UNKNOWN_PROVIDER:
+                continue  # consent for a provider this reader does not know: nothing here is sent to it
+            raise DecodeError("invalid_field", "consent[].provider is not a known provider")
+        out[provider] = out.get(provider, True) and granted
+    return out
 
 
 def purchase_from_record(record: Mapping[str, Any]) -> Purchase:
@@ -364,6 +398,12 @@ def purchase_from_record(record: Mapping[str, Any]) -> Purchase:
             if type(k) is not str or type(v) is not str:
                 raise DecodeError("invalid_field", "attributes is not a map of strings")
         exposures = record.get("exposures") or ()
+        try:
+            known = tuple([_exposure(e) for e in exposures]) if exposures else ()
+            unknown = 0
+        except _UnknownProvider:  # rare: a newer writer's provider; the fast path above stays as it was
+            known, unknown = _known_exposures(exposures)
+        consent = record.get("consent")
         return Purchase(
             event_id,
             order_id,
@@ -373,8 +413,10 @@ def purchase_from_record(record: Mapping[str, Any]) -> Purchase:
             _decimal(record["revenue"]),
             item_count,
             customer_id,
-            tuple([_exposure(e) for e in exposures]) if exposures else (),
+            known,
             attributes,
+            _consent(consent) if consent else NO_CONSENT_STATED,
+            unknown,
         )
     except DecodeError:
         raise
@@ -408,6 +450,7 @@ def purchase_to_record(p: Purchase) -> dict[str, Any]:
             for e in p.exposures
         ],
         "attributes": dict(p.attributes),
+        "consent": [{"provider": provider.value, "granted": granted} for provider, granted in p.consent.items()],
     }
 
 

@@ -87,6 +87,7 @@ class DeadLetter:
     replays: int = 0  # replays that failed this letter again (it was re-queued each time)
     requeued_from: str | None = None  # the letter this one replaces: "<dlq topic>[<partition>]@<offset>"
     requeued_by: str | None = None  # the replay run that re-queued it (that run stops when it reads it back)
+    reason: str | None = None  # a short code where the stage has one (match: too_many_exposures)
 
 
 def dead_letter_headers(dl: DeadLetter, now_ms: int, omission: Omission | None = None) -> Headers:
@@ -118,6 +119,8 @@ def dead_letter_headers(dl: DeadLetter, now_ms: int, omission: Omission | None =
         ours["conversion.keys"] = ",".join(dl.keys)
     if dl.event_id:
         ours["event_id"] = dl.event_id
+    if dl.reason:
+        ours["reason"] = dl.reason
     if dl.replays:
         ours["replay.attempts"] = str(dl.replays)
     if dl.requeued_from:

@@ -20,8 +20,8 @@ from consumer.batching import Batch, Batcher
 from consumer.config import Config, Secret
 from consumer.decoding import RevenueError, contract_revenue
 from consumer.durations import human
-from consumer.matcher import MatchSettings, match
-from consumer.model import Channel, Conversion, Exposure, Provider, Purchase, Rejection
+from consumer.matcher import MatchSettings, TooManyExposures, match
+from consumer.model import Channel, Conversion, Credit, Decision, Exposure, Provider, Purchase, Rejection
 from consumer.providers.base import HttpRequest, ProviderModule, json_string, token_request
 from consumer.providers.registry import modules
 
@@ -39,8 +39,10 @@ PURCHASE_FIELDS = (
     "customer_id",
     "exposures",
     "attributes",
+    "consent",
 )
 EXPOSURE_FIELDS = ("provider", "project", "experiment_id", "variation_id", "visitor_id", "exposed_at")
+CONSENT_FIELDS = ("provider", "granted")
 
 
 # --------------------------------------------------------------------------- JSON -> Purchase
@@ -125,11 +127,29 @@ def _exposure(obj: Any, path: str) -> Exposure:
     )
 
 
+def _consent(entries: Any) -> dict[Provider, bool]:
+    """The `consent` list as the decoder reads it: per provider, a denial winning over a grant."""
+    if not isinstance(entries, list):
+        raise ValueError(f"consent: expected a list, got {type(entries).__name__}")
+    out: dict[Provider, bool] = {}
+    for i, entry in enumerate(entries):
+        path = f"consent[{i}]."
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"consent[{i}]: expected an object, got {entry!r}")
+        provider = Provider(_enum_value(_missing(entry, "provider", path), "provider", path,
+                                        tuple(p.value for p in Provider)))
+        granted = _missing(entry, "granted", path)
+        if not isinstance(granted, bool):
+            raise ValueError(f"{path}granted: expected true or false, got {granted!r}")
+        out[provider] = out.get(provider, True) and granted
+    return out
+
+
 def purchase_from_json(obj: Mapping[str, Any]) -> Purchase:
     """A Purchase from the event as JSON, with the Avro schema's required fields and defaults.
 
     Required: event_id, order_id, occurred_at, currency, revenue, item_count. Defaults: channel OTHER,
-    customer_id null, exposures [], attributes {}. Timestamps are epoch milliseconds or ISO-8601 with an
+    customer_id null, exposures [], attributes {}, consent []. Timestamps are epoch milliseconds or ISO-8601 with an
     offset; revenue a decimal string or a number; channel and provider names in any case. Unknown fields
     are ignored here (`unknown_fields` lists them). Bad input raises ValueError naming the field.
     """
@@ -164,6 +184,7 @@ def purchase_from_json(obj: Mapping[str, Any]) -> Purchase:
         customer_id=None if customer is None else str(customer),
         exposures=tuple(_exposure(e, f"exposures[{i}].") for i, e in enumerate(exposures)),
         attributes=dict(attributes),
+        consent=_consent(obj.get("consent", [])),
     )
 
 
@@ -175,6 +196,11 @@ def unknown_fields(obj: Mapping[str, Any]) -> list[str]:
         for i, e in enumerate(exposures):
             if isinstance(e, Mapping):
                 out += [f"exposures[{i}].{k}" for k in e if k not in EXPOSURE_FIELDS]
+    consent = obj.get("consent", [])
+    if isinstance(consent, list):
+        for i, c in enumerate(consent):
+            if isinstance(c, Mapping):
+                out += [f"consent[{i}].{k}" for k in c if k not in CONSENT_FIELDS]
     return out
 
 
@@ -318,11 +344,41 @@ def _conversion_json(c: Conversion, currency: str) -> dict[str, Any]:
     }
 
 
+def _credit_json(c: Credit) -> dict[str, Any]:
+    return {
+        "provider": c.provider.value,
+        "project": c.project,
+        "experiment_id": c.experiment_id,
+        "attribution": c.attribution.value,
+        "revenue_share": c.revenue_share.value,
+        "detail": c.detail,
+        "identities": [
+            {
+                "identity": t.identity.value,
+                "visitor": t.visitor_id,
+                "variation_id": t.variation_id,
+                "first_exposed_at": t.first_exposed_at,
+                "last_exposed_at": t.last_exposed_at,
+                "last_exposed_at_iso": _iso(t.last_exposed_at),
+                "exposures": t.exposures,
+                "credited": t.credited,
+                "revenue": None if t.revenue is None else str(t.revenue),
+            }
+            for t in c.touches
+        ],
+    }
+
+
 def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
     """A JSON-serialisable report of what `match` decides for `event` at `now_ms`, why, and what is sent."""
     purchase = purchase_from_json(event)
     settings = MatchSettings.from_config(cfg)
-    decision = match(purchase, settings, now_ms)
+    dead_letter: dict[str, Any] | None = None
+    try:
+        decision = match(purchase, settings, now_ms)
+    except TooManyExposures as exc:  # the service dead-letters such an event whole: nothing is sent
+        decision = Decision(())
+        dead_letter = {"stage": "match", "reason": exc.reason.value, "detail": str(exc)}
     return {
         "now": now_ms,
         "now_iso": _iso(now_ms),
@@ -339,10 +395,13 @@ def explain(cfg: Config, event: Mapping[str, Any], now_ms: int) -> dict[str, Any
             "item_count": purchase.item_count,
             "customer_id": purchase.customer_id,
             "exposures": len(purchase.exposures),
+            "consent": {p.value: granted for p, granted in purchase.consent.items()},
         },
+        "dead_letter": dead_letter,
         "attributed": decision.attributed,
         "matched": [_exposure_json(e) for e in decision.matched],
         "rejections": [_rejection_json(r) for r in decision.rejections],
+        "attribution": [_credit_json(c) for c in decision.credits],
         "conversions": [
             _conversion_json(c, settings.currency_of(c.provider, c.project, purchase)) for c in decision.conversions
         ],
@@ -361,18 +420,32 @@ def _exposure_line(e: Mapping[str, Any]) -> str:
 def render_text(report: Mapping[str, Any]) -> str:
     """The report for humans, one fact per line."""
     p = report["purchase"]
+    consent = ", ".join(f"{k.lower()} {'granted' if v else 'declined'}" for k, v in p["consent"].items())
     lines = [
         f"order {p['order_id']} (event {p['event_id']}): {p['revenue']} {p['currency']}, {p['item_count']} items,"
         f" channel {p['channel']}, at {p['occurred_at_iso']} ({p['age']} before now {report['now_iso']})",
-        f"customer: {p['customer_id'] or '(none)'}; exposures: {p['exposures']}",
+        f"customer: {p['customer_id'] or '(none)'}; exposures: {p['exposures']}; consent: {consent or '(not stated)'}",
     ]
     lines += [f"warning: {w}" for w in report["warnings"]]
+    if report["dead_letter"] is not None:
+        d = report["dead_letter"]
+        lines.append(f"dead-lettered whole at stage {d['stage']}, reason {d['reason']}: {d['detail']}; nothing is sent")
     lines.append(f"matched exposures: {len(report['matched'])}")
     lines += [f"  + {_exposure_line(e)}" for e in report["matched"]]
     lines.append(f"rejections: {len(report['rejections'])}")
     for r in report["rejections"]:
         where = f"{_exposure_line(r['exposure'])}: " if r["exposure"] else ""
         lines.append(f"  - {r['reason']}: {where}{r['detail']}")
+    lines.append(f"attribution: {len(report['attribution'])}")
+    for c in report["attribution"]:
+        experiment = f" experiment {c['experiment_id']}" if c["experiment_id"] else ""
+        lines.append(f"  = {c['provider'].lower()}/{c['project']}{experiment}: {c['detail']}")
+        for t in c["identities"]:
+            variation = f" variation {t['variation_id']}" if t["variation_id"] else ""
+            got = ("credited" + ("" if t["revenue"] is None else f", revenue {t['revenue']}")) if t["credited"] \
+                else "not credited"
+            lines.append(f"    {t['identity']} {t['visitor']}{variation}: {got}; {t['exposures']} exposures,"
+                         f" last at {t['last_exposed_at_iso']}")
     lines.append(f"conversions: {len(report['conversions'])}" + ("" if report["attributed"] else " (not attributed)"))
     for c in report["conversions"]:
         revenue = "no revenue" if c["revenue"] is None else f"revenue {c['revenue']} {c['currency']}"

@@ -13,8 +13,25 @@ Decisions worth knowing (tests pin each one to the millisecond):
   An exposure up to `clock_skew` after the purchase is accepted (the order system's and the tag's clocks
   disagree); one later than that is AFTER_PURCHASE, one earlier than the window is OUTSIDE_WINDOW.
 * Age, inclusive: a purchase exactly `max_age` old is still matched; one millisecond older is TOO_OLD.
-* Checks per exposure, first failure reported: project configured, after purchase, outside window,
-  channel, experiment allow/deny, currency, min revenue, identity.
+* Fan-out cap, first of all: an event with more than `max_exposures` exposures (those of providers
+  this reader does not know included) raises TooManyExposures; the service dead-letters it whole.
+* Exposures of a provider this reader does not know (the Avro enum's default UNKNOWN: a newer
+  writer's symbol) are each rejected as UNKNOWN_PROVIDER, with no exposure attached.
+* Checks per exposure, first failure reported: project configured, consent, after purchase, outside
+  window, channel, experiment allow/deny, currency, min revenue, identity.
+* Consent: a provider the event says the buyer declined is never sent to (NO_CONSENT), whatever the
+  project's setting; a project with `require_consent` also rejects when the event states nothing for
+  its provider. Only an explicit grant passes such a project.
+* Attribution models, per project (docs/operations.md, "Attribution models"): the credit group is the
+  project, or for Convert the project's experiment (a Convert conversion names its experiment-variation);
+  an identity is (identity kind, visitor id), for Convert also the variation. `all` credits every
+  identity; `last_touch` the one with the latest matched exposure, `first_touch` the one with the
+  earliest; a tie goes to the smallest identity in code-point order. The other identities' exposures
+  are rejected as NOT_CREDITED. `split` divides the revenue among a group's credited identities in
+  exact cents: q, r = divmod(cents, n) (floored, so negative revenue works too); every identity gets q
+  cents and the first r, in code-point order of (identity kind, visitor id, variation id), one more.
+  The shares sum to the revenue exactly. Kameleoon's goals are each a group of their own: every goal
+  carries the identity's whole share. min_revenue compares the whole revenue, not a share.
 * Currency: a project without `currency` gets the purchase revenue as is. Otherwise a purchase in the
   project currency is sent as is; another currency is converted with the rate FROM/TO, or, when only
   TO/FROM is configured, divided by that rate (the direct pair wins when both are configured), then
@@ -36,13 +53,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Context, Decimal
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
 
 from consumer.config import Config, Rules
 from consumer.durations import human
 from consumer.model import (
+    Attribution,
     Conversion,
+    Credit,
     Decision,
     Exposure,
     Identity,
@@ -50,6 +70,8 @@ from consumer.model import (
     Purchase,
     Rejection,
     RejectReason,
+    RevenueShare,
+    Touch,
 )
 from consumer.providers.base import chunk
 from consumer.providers.conductrics import conductrics_key
@@ -61,12 +83,24 @@ _CENT = Decimal("0.01")
 _DECIMAL = Context(prec=34, rounding=ROUND_HALF_UP)
 
 
+class TooManyExposures(Exception):
+    """An event with more exposures than [matcher] max_exposures: dead-lettered whole, nothing of it sent."""
+
+    reason = RejectReason.TOO_MANY_EXPOSURES
+
+    def __init__(self, order_id: str, exposures: int, limit: int) -> None:
+        super().__init__(f"order {order_id}: {exposures} exposures, more than max_exposures {limit}")
+        self.exposures = exposures
+        self.limit = limit
+
+
 _UNSET: Any = object()
 # Enum members as module constants: `Provider.KAMELEOON` is a metaclass lookup (~0.1 µs on Python 3.11),
 # and the loop in `match` would pay it for every exposure.
 _KAMELEOON, _CONVERT = Provider.KAMELEOON, Provider.CONVERT
 _VISITOR = Identity.VISITOR
 _UNKNOWN_PROJECT = RejectReason.UNKNOWN_PROJECT
+_UNKNOWN_PROVIDER_DETAIL = "an exposure of a provider this reader does not know (a newer writer's symbol): ignored"
 _MAX_UNKNOWN = 256
 _IDENTITY_CHUNKS = {i: chunk(i.value) for i in Identity}
 
@@ -78,8 +112,8 @@ def _ms(seconds: float) -> int:
 class _Project:
     """One configured provider project, prepared once for the per-exposure hot path."""
 
-    __slots__ = ("allow", "channels", "deny", "goal_chunks", "mapping", "nonce_prefix", "plain", "rules",
-                 "send_revenue", "transaction_goals", "window_ms")
+    __slots__ = ("allow", "by_experiment", "channels", "deny", "goal_chunks", "mapping", "nonce_prefix", "plain",
+                 "require_consent", "rules", "send_revenue", "split", "touch", "transaction_goals", "window_ms")
 
     def __init__(self, provider: Provider, project: str, rules: Rules, mapping: bool,
                  transaction_goals: tuple[str, ...]) -> None:
@@ -95,6 +129,11 @@ class _Project:
         self.transaction_goals = transaction_goals
         self.nonce_prefix = nonce_prefix(project) if provider is Provider.KAMELEOON else b""
         self.goal_chunks = tuple((g, chunk(g)) for g in rules.goals)
+        self.require_consent = rules.require_consent
+        # 0: every identity is credited (nothing to decide per event); 1: the latest, -1: the earliest.
+        self.touch = {Attribution.ALL: 0, Attribution.LAST_TOUCH: 1, Attribution.FIRST_TOUCH: -1}[rules.attribution]
+        self.split = rules.revenue_share is RevenueShare.SPLIT and rules.send_revenue
+        self.by_experiment = provider is Provider.CONVERT  # its conversions name the experiment-variation
 
     def experiment_ok(self, experiment_id: str) -> bool:
         return (not self.allow or experiment_id in self.allow) and experiment_id not in self.deny
@@ -108,6 +147,8 @@ class MatchSettings:
     max_age_ms: int
     rates: Mapping[tuple[str, str], Decimal]  # (FROM, TO) -> rate
     projects: Mapping[tuple[Provider, str], _Project]  # every configured project, prepared for the hot path
+    max_exposures: int = 100
+    consent_required: bool = False  # some project has require_consent: consent is looked at for every event
     # The rejection detail of projects seen in events but not configured, written once each.
     unknown_details: dict[tuple[Provider, str], str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -128,6 +169,8 @@ class MatchSettings:
             max_age_ms=_ms(cfg.matcher.max_age),
             rates=MappingProxyType(dict(cfg.matcher.rates)),
             projects=MappingProxyType(projects),
+            max_exposures=cfg.matcher.max_exposures,
+            consent_required=any(p.require_consent for p in projects.values()),
         )
 
     def currency_of(self, provider: Provider, project: str, purchase: Purchase) -> str:
@@ -273,10 +316,15 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
     """Decide which conversions a purchase produces in which provider projects, and why others do not.
 
     With `counts` (the service's hot path) the decision is counted instead of listed: every exposure adds
-    one to counts[(provider, "matched" or its rejection reason)], a rejection of the whole purchase to
-    counts[(None, reason)], and the Decision carries the conversions only. Listing is for `explain`, debug
-    logs and tests; the conversions are the same either way (tests/test_matcher.py checks both).
+    one to counts[(provider, "matched" or its rejection reason)], a rejection of the whole purchase (or an
+    exposure of an unknown provider) to counts[(None, reason)], and the Decision carries the conversions
+    only. Listing is for `explain`, debug logs and tests; the conversions are the same either way
+    (tests/test_matcher.py checks both). Raises TooManyExposures above `max_exposures`, in both modes.
     """
+    exposures = purchase.exposures
+    unknown_providers = purchase.unknown_provider_exposures
+    if len(exposures) + unknown_providers > settings.max_exposures:
+        raise TooManyExposures(purchase.order_id, len(exposures) + unknown_providers, settings.max_exposures)
     occurred = purchase.occurred_at
     age = now_ms - occurred
     if age > settings.max_age_ms:
@@ -285,8 +333,18 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
             return Decision(())
         detail = f"purchase is {human(age)} old (max_age {human(settings.max_age_ms)})"
         return _rejection(purchase, RejectReason.TOO_OLD, detail)
-    exposures = purchase.exposures
+    listing = counts is None
+    rejections: list[Rejection] = []
+    if unknown_providers:
+        if counts is not None:
+            counts[(None, RejectReason.UNKNOWN_PROVIDER)] = (
+                counts.get((None, RejectReason.UNKNOWN_PROVIDER), 0) + unknown_providers)
+        else:
+            rejections += [Rejection(RejectReason.UNKNOWN_PROVIDER, _UNKNOWN_PROVIDER_DETAIL)
+                           for _ in range(unknown_providers)]
     if not exposures:
+        if unknown_providers:
+            return Decision((), (), tuple(rejections))
         if counts is not None:
             _count(counts, None, RejectReason.NO_EXPOSURES)
             return Decision(())
@@ -294,97 +352,307 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
 
     # This runs for every event: checks are inlined for the common outcome and fall back to the
     # helpers above only to name the reason of a rejection.
-    listing = counts is None
     projects = settings.projects
     unknown = settings.unknown_details
     skew = settings.clock_skew_ms
     channel = purchase.channel
+    consent = purchase.consent
+    gated = settings.consent_required or bool(consent)  # false for most events: no consent look-up at all
+    multi = len(exposures) > 1  # a single exposure has no rival identity: no attribution decision
     revenues: dict[tuple[Provider, str], Decimal | _Reject | None] = {}  # per project, computed once
     matched: list[Exposure] = []
-    rejections: list[Rejection] = []
     units: dict[str, Conversion] = {}  # collapsing: a key names one provider delivery unit
     order_chunk = b""
+    # Exposures of last_touch/first_touch projects wait here until every exposure is seen; the credited
+    # ones then go through the loop once more (`resolving`), the others are NOT_CREDITED.
+    deferred: list[tuple[Exposure, _Project, Identity, str]] | None = None
+    resolving = False
+    # Whether some revenue-splitting project may have matched twice (nothing to divide otherwise): the
+    # first such project, whether another one was seen, and the verdict (conservative: two others).
+    split_first: _Project | None = None
+    split_other = split_twice = False
 
     # Listed, they are sorted first, so that matched and rejections never depend on input order. Which of
     # several exposures builds a unit does not matter: they build the same conversion, and conversions
     # are sorted at the end.
-    for exposure in sorted(exposures, key=_exposure_order) if listing and len(exposures) > 1 else exposures:
-        provider = exposure.provider
-        pk = (provider, exposure.project)
-        project = projects.get(pk)
-        if project is None:  # the common case for a buyer seen by several tools: no exception for it
-            if counts is not None:
-                key = (provider, _UNKNOWN_PROJECT)
-                counts[key] = counts.get(key, 0) + 1
+    todo = sorted(exposures, key=_exposure_order) if listing and multi else exposures
+    while True:
+        for exposure in todo:
+            provider = exposure.provider
+            pk = (provider, exposure.project)
+            project = projects.get(pk)
+            if project is None:  # the common case for a buyer seen by several tools: no exception for it
+                if counts is not None:
+                    key = (provider, _UNKNOWN_PROJECT)
+                    counts[key] = counts.get(key, 0) + 1
+                    continue
+                said = unknown.get(pk)
+                if said is None:
+                    said = f"{provider.slug} project {exposure.project} is not configured"
+                    if len(unknown) < _MAX_UNKNOWN:  # bounded: project names come from the events
+                        unknown[pk] = said
+                rejections.append(Rejection(_UNKNOWN_PROJECT, said, exposure))
                 continue
-            said = unknown.get(pk)
-            if said is None:
-                said = f"{provider.slug} project {exposure.project} is not configured"
-                if len(unknown) < _MAX_UNKNOWN:  # bounded: project names come from the events
-                    unknown[pk] = said
-            rejections.append(Rejection(_UNKNOWN_PROJECT, said, exposure))
-            continue
-        ahead = exposure.exposed_at - occurred
-        if (ahead > skew or -ahead > project.window_ms or channel not in project.channels
-                or ((project.allow or project.deny) and not project.experiment_ok(exposure.experiment_id))):
-            _note(rejections, counts, _rejected(exposure, purchase, project, skew))
-            continue
-        if project.plain:
-            revenue = purchase.revenue if project.send_revenue else None
-        else:
-            known = revenues.get(pk, _UNSET)
-            if known is _UNSET:
+            if gated:
+                granted = consent.get(provider)
+                if granted is not True and (granted is False or project.require_consent):
+                    _note(rejections, counts, _no_consent(exposure, granted))
+                    continue
+            ahead = exposure.exposed_at - occurred
+            if (ahead > skew or -ahead > project.window_ms or channel not in project.channels
+                    or ((project.allow or project.deny) and not project.experiment_ok(exposure.experiment_id))):
+                _note(rejections, counts, _rejected(exposure, purchase, project, skew))
+                continue
+            if project.plain:
+                revenue = purchase.revenue if project.send_revenue else None
+            else:
+                known = revenues.get(pk, _UNSET)
+                if known is _UNSET:
+                    try:
+                        known = revenues[pk] = _check_revenue(purchase, project.rules, settings.rates)
+                    except _Reject as exc:
+                        known = revenues[pk] = exc
+                if isinstance(known, _Reject):
+                    _note(rejections, counts, Rejection(known.reason, known.detail, exposure))
+                    continue
+                revenue = known
+            visitor = exposure.visitor_id
+            if visitor and not project.mapping and not visitor.isspace():
+                identity = _VISITOR
+            else:
                 try:
-                    known = revenues[pk] = _check_revenue(purchase, project.rules, settings.rates)
+                    identity, visitor = _identity(exposure, purchase, project.mapping)
                 except _Reject as exc:
-                    known = revenues[pk] = exc
-            if isinstance(known, _Reject):
-                _note(rejections, counts, Rejection(known.reason, known.detail, exposure))
+                    _note(rejections, counts, Rejection(exc.reason, exc.detail, exposure))
+                    continue
+            if project.touch and multi and not resolving:
+                if deferred is None:
+                    deferred = []
+                deferred.append((exposure, project, identity, visitor))
                 continue
-            revenue = known
-        visitor = exposure.visitor_id
-        if visitor and not project.mapping and not visitor.isspace():
-            identity = _VISITOR
-        else:
-            try:
-                identity, visitor = _identity(exposure, purchase, project.mapping)
-            except _Reject as exc:
-                _note(rejections, counts, Rejection(exc.reason, exc.detail, exposure))
-                continue
-        if counts is not None:
-            hit = (provider, "matched")
-            counts[hit] = counts.get(hit, 0) + 1
-        else:
-            matched.append(exposure)
-        order = purchase.order_id
-        if provider is _KAMELEOON:
-            if not order_chunk:
-                order_chunk = chunk(order)
-            ident_chunk = _IDENTITY_CHUNKS[identity]
-            visitor_chunk = chunk(visitor)
-            for goal, goal_chunk in project.goal_chunks:
-                nonce = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
-                if nonce not in units:
-                    units[nonce] = Conversion(provider, exposure.project, visitor, (goal,), revenue, nonce,
-                                              purchase.event_id, order, occurred, purchase.item_count, identity)
-        elif provider is _CONVERT:
-            exp, var = exposure.experiment_id, exposure.variation_id
-            tkey = transaction_key(exposure.project, visitor, exp, var, order)
-            if tkey not in units:
-                units[tkey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, tkey,
-                                         purchase.event_id, order, occurred, purchase.item_count, identity, exp, var,
-                                         project.transaction_goals)
-        else:
-            ckey = conductrics_key(exposure.project, visitor, order)
-            if ckey not in units:
-                units[ckey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, ckey,
-                                         purchase.event_id, order, occurred, purchase.item_count, identity)
+            if counts is not None:
+                hit = (provider, "matched")
+                counts[hit] = counts.get(hit, 0) + 1
+            else:
+                matched.append(exposure)
+            if project.split and not split_twice:
+                if split_first is None:
+                    split_first = project
+                elif split_first is project or split_other:
+                    split_twice = True
+                else:
+                    split_other = True
+            order = purchase.order_id
+            if provider is _KAMELEOON:
+                if not order_chunk:
+                    order_chunk = chunk(order)
+                ident_chunk = _IDENTITY_CHUNKS[identity]
+                visitor_chunk = chunk(visitor)
+                for goal, goal_chunk in project.goal_chunks:
+                    nonce = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
+                    if nonce not in units:
+                        units[nonce] = Conversion(provider, exposure.project, visitor, (goal,), revenue, nonce,
+                                                  purchase.event_id, order, occurred, purchase.item_count, identity)
+            elif provider is _CONVERT:
+                exp, var = exposure.experiment_id, exposure.variation_id
+                tkey = transaction_key(exposure.project, visitor, exp, var, order)
+                if tkey not in units:
+                    units[tkey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, tkey,
+                                             purchase.event_id, order, occurred, purchase.item_count, identity, exp,
+                                             var, project.transaction_goals)
+            else:
+                ckey = conductrics_key(exposure.project, visitor, order)
+                if ckey not in units:
+                    units[ckey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, ckey,
+                                             purchase.event_id, order, occurred, purchase.item_count, identity)
+        if deferred is None or resolving:
+            break
+        todo = _credited(deferred, rejections, counts)
+        resolving = True
 
-    return Decision(
-        tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values()),
-        tuple(matched),
-        tuple(rejections),
-    )
+    if split_twice and len(units) > 1:
+        _split(units, projects)
+    conversions = tuple(sorted(units.values(), key=_conversion_order)) if len(units) > 1 else tuple(units.values())
+    if not listing:
+        return Decision(conversions)
+    if deferred is not None:  # the credited came back in a second pass, the others were noted meanwhile
+        matched.sort(key=_exposure_order)
+        rejections.sort(key=_rejection_order)
+    return Decision(conversions, tuple(matched), tuple(rejections),
+                    _credits(purchase, settings, matched, rejections, conversions))
+
+
+def _no_consent(exposure: Exposure, granted: bool | None) -> Rejection:
+    slug = exposure.provider.slug
+    if granted is False:
+        return Rejection(RejectReason.NO_CONSENT, f"the buyer declined consent for {slug}", exposure)
+    return Rejection(RejectReason.NO_CONSENT,
+                     f"the event states no consent for {slug} and the project has require_consent", exposure)
+
+
+def _rejection_order(r: Rejection) -> tuple[bool, tuple[str, str, str, str, str, int]]:
+    e = r.exposure
+    return (e is not None, _exposure_order(e) if e is not None else ("", "", "", "", "", 0))
+
+
+# --------------------------------------------------------------------------- attribution models
+
+_Member = tuple[Identity, str, str]  # (identity kind, visitor id, variation id for Convert else "")
+_Group = tuple[Provider, str, str | None]  # (provider, project, experiment id for Convert else None)
+
+
+def _group_of(exposure: Exposure, project: _Project) -> _Group:
+    return exposure.provider, exposure.project, exposure.experiment_id if project.by_experiment else None
+
+
+def _member_of(exposure: Exposure, project: _Project, identity: Identity, visitor: str) -> _Member:
+    return identity, visitor, exposure.variation_id if project.by_experiment else ""
+
+
+def _member_text(m: _Member) -> str:
+    return f"{m[0].value} {m[1]}" + (f" in variation {m[2]}" if m[2] else "")
+
+
+def _credited(deferred: list[tuple[Exposure, _Project, Identity, str]], rejections: list[Rejection],
+              counts: Counts | None) -> list[Exposure]:
+    """last_touch / first_touch: the exposures of each group's credited identity; the others are NOT_CREDITED."""
+    if len(deferred) == 1:  # the common case: one exposure of such a project among others'
+        return [deferred[0][0]]
+    groups: dict[_Group, dict[_Member, list[Exposure]]] = {}
+    touch: dict[_Group, int] = {}
+    for exposure, project, identity, visitor in deferred:
+        g = _group_of(exposure, project)
+        groups.setdefault(g, {}).setdefault(_member_of(exposure, project, identity, visitor), []).append(exposure)
+        touch[g] = project.touch
+    credited: list[Exposure] = []
+    for g, members in groups.items():
+        if len(members) == 1:
+            for es in members.values():
+                credited += es
+            continue
+        last = touch[g] > 0
+        # The latest (or earliest) matched exposure of each identity decides; a tie, the smaller identity.
+        when = {m: (max if last else min)(e.exposed_at for e in es) for m, es in members.items()}
+        winner = min(members, key=lambda m: (-when[m] if last else when[m], m))
+        model = "last_touch" if last else "first_touch"
+        for m, es in members.items():
+            if m == winner:
+                credited += es
+                continue
+            if counts is not None:  # counted, not listed: no detail to write
+                key = (g[0], RejectReason.NOT_CREDITED)
+                counts[key] = counts.get(key, 0) + len(es)
+                continue
+            gap = abs(when[winner] - when[m])
+            relation = (f"exposed at the same time as {_member_text(m)} and first in code-point order" if gap == 0
+                        else f"exposed {human(gap)} {'later' if last else 'earlier'} than {_member_text(m)}")
+            where = "" if g[2] is None else f" in experiment {g[2]}"
+            detail = f"{model} credits {_member_text(winner)}{where}, {relation}"
+            rejections += [Rejection(RejectReason.NOT_CREDITED, detail, e) for e in es]
+    return credited
+
+
+# The remainder cents' order: (identity kind, visitor id, variation id). Within one group the variation is
+# always a string (Convert) or always None (the others), so the tuples compare.
+_split_order = attrgetter("identity", "visitor_id", "variation_id")
+
+
+def _split(units: dict[str, Conversion], projects: Mapping[tuple[Provider, str], _Project]) -> None:
+    """Divide the revenue among each splitting group's credited identities, in exact cents (see the module doc)."""
+    groups: dict[tuple[Provider, str, str | None], list[Conversion]] = {}
+    for c in units.values():
+        # Kameleoon: one group per goal (each of its conversions carries one); Convert: per experiment.
+        g = (c.provider, c.project, c.goals[0] if c.provider is _KAMELEOON else c.experiment_id)
+        members = groups.get(g)
+        if members is None:
+            groups[g] = [c]
+        else:
+            members.append(c)
+    for g, members in groups.items():
+        n = len(members)
+        if n == 1 or not projects[(g[0], g[1])].split:
+            continue
+        total = members[0].revenue
+        if total is None:
+            continue
+        q, r = divmod(_cents(total), n)
+        share = Decimal(q).scaleb(-2, _DECIMAL)
+        if r:  # the first r in code-point order get a cent more; without a remainder the order does not matter
+            members.sort(key=_split_order)
+            more = Decimal(q + 1).scaleb(-2, _DECIMAL)
+            for i, c in enumerate(members):
+                c.revenue = more if i < r else share
+        else:
+            for c in members:
+                c.revenue = share
+
+
+def _cents(total: Decimal) -> int:
+    scaled = total.scaleb(2, _DECIMAL)
+    cents = int(scaled)
+    if cents != scaled:  # more than two decimals (never from the contract): whole cents first
+        cents = int(total.quantize(_CENT, rounding=ROUND_HALF_UP, context=_DECIMAL).scaleb(2, _DECIMAL))
+    return cents
+
+
+def shares(total: Decimal, n: int) -> list[Decimal]:
+    """`total` in n shares of whole cents summing to it exactly, as `split` gives them: the first r get a cent more."""
+    q, r = divmod(_cents(total), n)
+    return [Decimal(q + 1 if i < r else q).scaleb(-2, _DECIMAL) for i in range(n)]
+
+
+def _credits(purchase: Purchase, settings: MatchSettings, matched: list[Exposure], rejections: list[Rejection],
+             conversions: tuple[Conversion, ...]) -> tuple[Credit, ...]:
+    """Listing mode: the attribution model's choice in each group that has a conversion, for `explain`."""
+    revenue_of: dict[tuple[Provider, str, Identity, str, str | None, str | None], Decimal | None] = {
+        (c.provider, c.project, c.identity, c.visitor_id, c.experiment_id, c.variation_id): c.revenue
+        for c in conversions
+    }
+    groups: dict[_Group, dict[_Member, list[Exposure]]] = {}
+    credited: set[tuple[_Group, _Member]] = set()
+    candidates = [(e, True) for e in matched] + [
+        (r.exposure, False) for r in rejections if r.reason is RejectReason.NOT_CREDITED and r.exposure is not None]
+    for e, ok in candidates:
+        project = settings.projects[(e.provider, e.project)]
+        identity, visitor = _identity(e, purchase, project.mapping)
+        g, m = _group_of(e, project), _member_of(e, project, identity, visitor)
+        groups.setdefault(g, {}).setdefault(m, []).append(e)
+        if ok:
+            credited.add((g, m))
+    out: list[Credit] = []
+    for g in sorted(groups, key=lambda g: (g[0].value, g[1], g[2] or "")):
+        members = groups[g]
+        rules = settings.projects[(g[0], g[1])].rules
+        touches = []
+        for m in sorted(members, key=lambda m: ((g, m) not in credited, m)):
+            es = members[m]
+            ok = (g, m) in credited
+            key = (g[0], g[1], m[0], m[1], g[2], m[2] or None)
+            touches.append(Touch(m[0], m[1], m[2] or None, min(e.exposed_at for e in es),
+                                 max(e.exposed_at for e in es), len(es), ok, revenue_of.get(key) if ok else None))
+        out.append(Credit(g[0], g[1], g[2], rules.attribution, rules.revenue_share, tuple(touches),
+                          _credit_detail(rules.attribution, rules.revenue_share, touches,
+                                         settings.currency_of(g[0], g[1], purchase))))
+    return tuple(out)
+
+
+def _credit_detail(attribution: Attribution, share: RevenueShare, touches: list[Touch], currency: str) -> str:
+    won = [t for t in touches if t.credited]
+    n = len(touches)
+    if n == 1:
+        return f"one identity, credited ({attribution.value}, {share.value}): nothing to choose"
+    if attribution is Attribution.ALL:
+        if won[0].revenue is None:
+            return f"all: each of the {n} identities is credited (no revenue is sent)"
+        if share is RevenueShare.FULL:
+            return f"all: each of the {n} identities is credited with the whole revenue"
+        parts = " + ".join(str(t.revenue) for t in won)
+        return (f"all, split: {n} identities share the revenue, {parts} {currency}"
+                " (the remainder cents go one each in code-point order of identity)")
+    t = won[0]
+    if attribution is Attribution.LAST_TOUCH:
+        return f"last_touch: {t.identity.value} {t.visitor_id} was exposed last; {n - 1} other identities not credited"
+    return f"first_touch: {t.identity.value} {t.visitor_id} was exposed first; {n - 1} other identities not credited"
 
 
 def _note(rejections: list[Rejection], counts: Counts | None, rejection: Rejection) -> None:

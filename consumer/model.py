@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 
 
 class Provider(enum.StrEnum):
@@ -38,6 +39,15 @@ class Exposure:
     exposed_at: int  # epoch milliseconds
 
 
+# What an event says about consent when it says nothing: one shared, read-only mapping, so that
+# decoding an event without consent entries allocates nothing for them.
+NO_CONSENT_STATED: Mapping[Provider, bool] = MappingProxyType({})
+
+
+def _no_consent() -> Mapping[Provider, bool]:
+    return NO_CONSENT_STATED
+
+
 @dataclass(frozen=True, slots=True)
 class Purchase:
     """A decoded "purchase completed" event (schemas/purchase_completed.avsc)."""
@@ -52,6 +62,27 @@ class Purchase:
     customer_id: str | None = None
     exposures: tuple[Exposure, ...] = ()
     attributes: Mapping[str, str] = field(default_factory=dict)
+    # Per provider, whether the buyer consented (the event's `consent` entries; a denial wins over a
+    # grant for the same provider). A provider the event does not name is absent: consent not stated.
+    consent: Mapping[Provider, bool] = field(default_factory=_no_consent)
+    # Exposures naming a provider this reader does not know (a newer writer's symbol, read as the
+    # enum default UNKNOWN): not in `exposures`, counted by the matcher as UNKNOWN_PROVIDER.
+    unknown_provider_exposures: int = 0
+
+
+class Attribution(enum.StrEnum):
+    """Which of a buyer's identities get credit when several match one provider project (or Convert experiment)."""
+
+    ALL = "all"  # every identity that matched
+    LAST_TOUCH = "last_touch"  # the identity exposed last before the purchase
+    FIRST_TOUCH = "first_touch"  # the identity exposed first
+
+
+class RevenueShare(enum.StrEnum):
+    """How the purchase's revenue is shared among the credited identities of one project (or Convert experiment)."""
+
+    FULL = "full"  # each credited identity gets the whole revenue
+    SPLIT = "split"  # the revenue is divided among them, to the cent, summing to the whole
 
 
 class Identity(enum.StrEnum):
@@ -102,6 +133,10 @@ class RejectReason(enum.StrEnum):
     CURRENCY = "currency"
     NO_IDENTITY = "no_identity"
     DUPLICATE = "duplicate"
+    NO_CONSENT = "no_consent"  # the buyer declined this provider, or the project requires consent not stated
+    NOT_CREDITED = "not_credited"  # matched, but the project's attribution model credited another identity
+    UNKNOWN_PROVIDER = "unknown_provider"  # an exposure of a provider this reader does not know
+    TOO_MANY_EXPOSURES = "too_many_exposures"  # the whole event: more than [matcher] max_exposures (dead-lettered)
 
 
 @dataclass(slots=True)
@@ -112,12 +147,44 @@ class Rejection:
 
 
 @dataclass(slots=True)
+class Touch:
+    """One identity of the buyer in a credit decision: when it was exposed, and what it got."""
+
+    identity: Identity
+    visitor_id: str
+    variation_id: str | None  # Convert: credit goes to a visitor in a variation
+    first_exposed_at: int
+    last_exposed_at: int
+    exposures: int  # matched exposures of this identity in the group
+    credited: bool
+    revenue: Decimal | None  # what each of its conversions carries (None: not credited, or no revenue sent)
+
+
+@dataclass(slots=True)
+class Credit:
+    """How one project's attribution model shared one purchase among the buyer's identities (listing only).
+
+    The group is a provider project, or for Convert one experiment of it (its conversions name the
+    experiment). Touches: the credited ones first, in the order the remainder cent goes, then the others.
+    """
+
+    provider: Provider
+    project: str
+    experiment_id: str | None
+    attribution: Attribution
+    revenue_share: RevenueShare
+    touches: tuple[Touch, ...]
+    detail: str
+
+
+@dataclass(slots=True)
 class Decision:
     """What the matcher decided for one purchase, and why."""
 
     conversions: tuple[Conversion, ...]
     matched: tuple[Exposure, ...] = ()
     rejections: tuple[Rejection, ...] = ()
+    credits: tuple[Credit, ...] = ()  # listing mode only: the attribution model's choice per group
 
     @property
     def attributed(self) -> bool:

@@ -40,7 +40,7 @@ from consumer.dlq import (
     parse_headers,
     producer_config,
 )
-from consumer.matcher import MatchSettings, match
+from consumer.matcher import MatchSettings, TooManyExposures, match
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Provider
 from consumer.providers.registry import modules
@@ -129,7 +129,8 @@ class Letter:
         return DeadLetter(source, stage, error_class, error_message, provider=provider, project=project,
                           attempts=attempts, http_status=http_status, keys=keys,
                           event_id=event_id or h.get("event_id"), replays=_int(h.get("replay.attempts"), 0) + 1,
-                          requeued_from=f"{msg.topic()}[{msg.partition()}]@{msg.offset()}", requeued_by=run_id)
+                          requeued_from=f"{msg.topic()}[{msg.partition()}]@{msg.offset()}", requeued_by=run_id,
+                          reason=h.get("reason") if stage == h.get("stage") else None)
 
 
 def _int(text: str | None, default: int) -> int:
@@ -148,18 +149,21 @@ class ReplayStats:
     unmatchable: int = 0
     without_value: int = 0
     requeued: int = 0
+    over_cap: int = 0  # still more exposures than [matcher] max_exposures
     outcomes: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
         """Everything selected was replayed (nothing re-queued, failed, or impossible to replay)."""
         failed = any(k.endswith(Status.FAILED.value) for k, v in self.outcomes.items() if v)
-        return not (failed or self.requeued or self.undecodable or self.unmatchable or self.without_value)
+        return not (failed or self.requeued or self.undecodable or self.unmatchable or self.without_value
+                    or self.over_cap)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) or "nothing sent"
+        over = f", {self.over_cap} still over max_exposures" if self.over_cap else ""
         return (f"read {self.read} dead letters, {self.selected} selected, {self.skipped} filtered out, "
-                f"{self.undecodable} still undecodable, {self.unmatchable} still unmatchable, "
+                f"{self.undecodable} still undecodable, {self.unmatchable} still unmatchable{over}, "
                 f"{self.without_value} without their value; conversions: {parts}; "
                 f"{self.requeued} letters re-queued")
 
@@ -281,6 +285,12 @@ async def _replay_one(letter: Letter, flt: ReplayFilter, decoder: Decoder, setti
         return
     try:
         decision = match(purchase, settings, int(time.time() * 1000))
+    except TooManyExposures as exc:  # still over the cap: back to the DLQ; raise [matcher] max_exposures first
+        stats.over_cap += 1
+        print(f"  {letter.where}: still {exc.reason.value} ({exc})" + ("" if dry_run else "; re-queued"),
+              file=stream)
+        letter.early = ("match", type(exc).__name__, str(exc), purchase.event_id)
+        return
     except Exception as exc:  # a matcher bug: the letter goes back, the replay goes on
         stats.unmatchable += 1
         print(f"  {letter.where}: matching failed ({type(exc).__name__}: {exc})"

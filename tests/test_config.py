@@ -51,6 +51,10 @@ def test_the_annotated_example_loads_with_its_secrets_from_the_environment() -> 
     assert cfg.convert.projects["1111_2222"].project_id == "2222"
     assert cfg.conductrics.projects["ac-xxx"].api_key.reveal() == "s3cret-value"
     assert "s3cret-value" not in repr(cfg)
+    assert cfg.matcher.max_exposures == 100
+    kameleoon = cfg.kameleoon.projects["f17c21u1ag"].rules
+    assert (kameleoon.attribution, kameleoon.revenue_share, kameleoon.require_consent) == ("all", "split", False)
+    assert cfg.convert.projects["1111_2222"].rules.attribution == "last_touch"
     assert cfg.decoding.schema.exists()
 
 
@@ -85,6 +89,8 @@ def test_defaults_windows_and_derived_convert_url() -> None:
     ("matcher.clock_skew", -1, "matcher.clock_skew"),
     ("matcher.rates", {"usd-eur": 1}, "matcher.rates.usd-eur"),
     ("matcher.rates", {"USD/EUR": 0}, 'matcher.rates."USD/EUR"'),
+    ("matcher.max_exposures", 0, "matcher.max_exposures"),
+    ("matcher.max_exposures", "100", "matcher.max_exposures"),
     ("kameleoon.user_agent", " ", "kameleoon.user_agent"),
     ("kameleoon.batch", {"max_bytes": 4_000_000}, "kameleoon.batch.max_bytes"),
     ("kameleoon.retry", {"max_attempts": 0}, "kameleoon.retry.max_attempts"),
@@ -102,6 +108,12 @@ def test_defaults_windows_and_derived_convert_url() -> None:
      "kameleoon.projects.site1.experiments_deny"),
     ("kameleoon.projects.site1.flow", {"timeout": "0s"}, "kameleoon.projects.site1.flow.timeout"),
     ("kameleoon.projects.site1.gaols", [1], "kameleoon.projects.site1.gaols"),
+    ("kameleoon.projects.site1.attribution", "last", "kameleoon.projects.site1.attribution"),
+    ("kameleoon.projects.site1.attribution", "LAST_TOUCH", "kameleoon.projects.site1.attribution"),
+    ("kameleoon.projects.site1.revenue_share", "half", "kameleoon.projects.site1.revenue_share"),
+    ("kameleoon.projects.site1.require_consent", "yes", "kameleoon.projects.site1.require_consent"),
+    ("convert.projects.1111_2222.attribution", 1, "convert.projects.1111_2222.attribution"),
+    ("conductrics.projects.ac-1.revenue_share", "", "conductrics.projects.ac-1.revenue_share"),
     ("convert.projects.9-9", {"goals": [1]}, "convert.projects.9-9"),
     ("convert.projects.1111_2222.api", "v2", "convert.projects.1111_2222.api"),
     ("convert.projects.1111_2222.transaction_goals", [999], "convert.projects.1111_2222.transaction_goals[0]"),
@@ -116,6 +128,22 @@ def test_an_invalid_value_names_its_key(path: str, value: Any, key: str) -> None
         parse(with_(path, value), env={})
     assert err.value.key == key
     assert f"'{key}'" in str(err.value)
+
+
+def test_attribution_models_consent_and_the_cap_are_read() -> None:
+    data = with_("kameleoon.projects.site1.attribution", "first_touch")
+    data["kameleoon"]["projects"]["site1"].update(revenue_share="full", require_consent=True)
+    data["matcher"] = {"max_exposures": 5000}
+    cfg = parse(data, env={})
+    rules = cfg.kameleoon.projects["site1"].rules
+    assert (rules.attribution.value, rules.revenue_share.value, rules.require_consent) == ("first_touch", "full", True)
+    assert cfg.matcher.max_exposures == 5000
+    defaults = parse(BASE, env={})
+    assert defaults.matcher.max_exposures == 100
+    assert [(r.attribution.value, r.revenue_share.value, r.require_consent) for r in defaults.rules().values()] == [
+        ("all", "split", False), ("last_touch", "full", False), ("all", "split", False)]
+    with pytest.raises(ConfigError, match="expected one of 'all', 'last_touch', 'first_touch', got 'last'"):
+        parse(with_("kameleoon.projects.site1.attribution", "last"), env={})
 
 
 def test_v1_requires_a_convert_agent() -> None:

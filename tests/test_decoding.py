@@ -45,6 +45,7 @@ from consumer.schema_registry import Backoff, RegistryUnavailable, SchemaRegistr
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "schemas" / "purchase_completed.avsc"
 V0 = Path(__file__).resolve().parent / "schemas" / "purchase_completed_v0.avsc"
+V1 = ROOT / "schemas" / "purchase_completed.v1.avsc"  # the contract before consent, shipped to pin (raw Avro)
 V2 = Path(__file__).resolve().parent / "schemas" / "purchase_completed_v2.avsc"
 CAP = 64 * 1024
 SUBJECT = "purchases-value"
@@ -160,6 +161,7 @@ def test_schema_file_is_the_contract() -> None:
         "customer_id",
         "exposures",
         "attributes",
+        "consent",
     ]
     fields = {f["name"]: f for f in s["fields"]}
     assert all(f.get("doc") for f in s["fields"])
@@ -177,8 +179,13 @@ def test_schema_file_is_the_contract() -> None:
         "visitor_id",
         "exposed_at",
     ]
-    assert exposure["fields"][0]["type"]["symbols"] == [p.value for p in Provider]
+    # UNKNOWN last, so the indexes of the symbols written before it stayed; it is the enum's default.
+    assert exposure["fields"][0]["type"]["symbols"] == [p.value for p in Provider] + ["UNKNOWN"]
+    assert exposure["fields"][0]["type"]["default"] == "UNKNOWN"
     assert exposure["fields"][5]["type"] == {"type": "long", "logicalType": "timestamp-millis"}
+    assert fields["consent"]["default"] == []
+    consent = fields["consent"]["type"]["items"]
+    assert [(f["name"], f["type"]) for f in consent["fields"]] == [("provider", "Provider"), ("granted", "boolean")]
 
 
 @pytest.mark.parametrize("purchase", [PURCHASE, MINIMAL], ids=["full", "minimal"])
@@ -296,6 +303,131 @@ async def test_newer_writer_reusing_a_named_type_by_short_name(
         fastavro.parse_schema(s), {**purchase_to_record(PURCHASE), "earlier": purchase_to_record(PURCHASE)["exposures"]}
     )
     assert await confluent.decode_async(b"\x00" + schema_id.to_bytes(4, "big") + body) == PURCHASE
+
+
+# ----------------------------------------------------- consent and the Provider enum's default (v1 -> now -> v2)
+
+CONSENTING = Purchase(**{**{n: getattr(PURCHASE, n) for n in Purchase.__dataclass_fields__},
+                         "consent": {Provider.KAMELEOON: True, Provider.CONVERT: False}})
+
+
+def _frame(schema_id: int, body: bytes) -> bytes:
+    return b"\x00" + schema_id.to_bytes(4, "big") + body
+
+
+def _v1_record() -> dict[str, Any]:
+    rec = purchase_to_record(PURCHASE)
+    del rec["consent"]
+    return rec
+
+
+def _v2_record() -> dict[str, Any]:
+    """A newer writer: a provider this reader does not know, in an exposure and in a consent entry."""
+    rec = _new_record()
+    rec["exposures"] = [*rec["exposures"], {**rec["exposures"][0], "provider": "OPTIMIZELY", "visitor_id": "opt-1"}]
+    rec["consent"] = [{"provider": "OPTIMIZELY", "granted": True}, {"provider": "KAMELEOON", "granted": True},
+                      {"provider": "CONDUCTRICS", "granted": False}]
+    return rec
+
+
+def test_raw_v1_writer_is_read_as_stating_no_consent() -> None:
+    decoded = RawAvroDecoder(V1, SCHEMA, CAP).decode(write(load_schema(V1), _v1_record()))
+    assert decoded == PURCHASE
+    assert decoded.consent == {} and decoded.unknown_provider_exposures == 0
+
+
+def test_raw_current_writer_with_consent_is_read_by_a_v1_reader() -> None:
+    body = encode_raw(CONSENTING, load_schema(SCHEMA))
+    assert RawAvroDecoder(SCHEMA, SCHEMA, CAP).decode(body) == CONSENTING  # and by the current one, exactly
+    old = RawAvroDecoder(SCHEMA, V1, CAP).decode(body)  # a reader deployed before consent existed
+    assert old == PURCHASE and old.consent == {}  # the field is skipped; everything else is the same
+
+
+def test_raw_v2_writer_with_an_unknown_provider_decodes() -> None:
+    decoded = RawAvroDecoder(V2, SCHEMA, CAP).decode(write(load_schema(V2), _v2_record()))
+    # OPTIMIZELY resolves to the enum default UNKNOWN: the exposure is left out and counted, its consent ignored.
+    assert decoded.exposures == PURCHASE.exposures
+    assert decoded.unknown_provider_exposures == 1
+    assert decoded.consent == {Provider.KAMELEOON: True, Provider.CONDUCTRICS: False}
+
+
+def test_without_the_enum_default_a_v2_writer_would_not_decode() -> None:
+    # What the default buys: the v1 reader (no UNKNOWN, no default) cannot resolve OPTIMIZELY.
+    body = write(load_schema(V2), _v2_record())
+    assert reason_of(lambda: RawAvroDecoder(V2, V1, CAP).decode(body)) == "incompatible_schema"
+    # The same writer naming only providers v1 knows is fine: it is the unknown symbol that fails.
+    known_only = write(load_schema(V2), {**_v2_record(), "exposures": _new_record()["exposures"]})
+    assert RawAvroDecoder(V2, V1, CAP).decode(known_only).exposures == PURCHASE.exposures
+
+
+async def test_confluent_consent_and_unknown_provider_both_ways(registry: RegistryServer) -> None:
+    v1_id = registry.register(SUBJECT, schema_text(V1))
+    now_id = registry.register(SUBJECT, schema_text(SCHEMA))
+    v2_id = registry.register(SUBJECT, schema_text(V2))
+    current = ConfluentDecoder(SchemaRegistry(registry.url, timeout=2.0), SCHEMA, CAP)
+    v1_reader = ConfluentDecoder(SchemaRegistry(registry.url, timeout=2.0), V1, CAP)
+    try:
+        # Old writer, new reader.
+        old = await current.decode_async(_frame(v1_id, write(load_schema(V1), _v1_record())))
+        assert old == PURCHASE and old.consent == {}
+        # New writer, old reader.
+        framed = encode_confluent(CONSENTING, now_id, load_schema(SCHEMA))
+        assert await current.decode_async(framed) == CONSENTING
+        assert await v1_reader.decode_async(framed) == PURCHASE
+        # Newer writer with a provider symbol the current reader does not know.
+        newer = _frame(v2_id, write(load_schema(V2), _v2_record()))
+        decoded = await current.decode_async(newer)
+        assert decoded.exposures == PURCHASE.exposures and decoded.unknown_provider_exposures == 1
+        assert decoded.consent == {Provider.KAMELEOON: True, Provider.CONDUCTRICS: False}
+        assert await reason_of_async(v1_reader.decode_async(newer)) == "incompatible_schema"
+    finally:
+        await current.close()
+        await v1_reader.close()
+
+
+def test_the_shipped_v1_is_the_contract_without_consent_and_the_enum_default() -> None:
+    now, v1 = read_schema_json(SCHEMA), read_schema_json(V1)
+    same = [f for f in v1["fields"] if f["name"] != "exposures"]
+    assert same == [f for f in now["fields"] if f["name"] not in ("exposures", "consent")]
+    assert [f["name"] for f in v1["fields"]] == [f["name"] for f in now["fields"] if f["name"] != "consent"]
+    provider_v1 = next(f for f in v1["fields"] if f["name"] == "exposures")["type"]["items"]["fields"][0]["type"]
+    assert provider_v1["symbols"] == [p.value for p in Provider] and "default" not in provider_v1
+
+
+def test_a_raw_avro_deployment_pins_the_previous_contract_until_its_producers_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Raw Avro carries no writer schema: [decoding] schema is the writer's too. Producers still on v1 are
+    # read with the shipped v1 (found in the package even where no checkout is at hand).
+    import consumer.config as config_module
+
+    monkeypatch.setattr(config_module, "PACKAGE_ROOT", tmp_path / "site-packages" / "consumer")
+    monkeypatch.chdir(tmp_path)
+    cfg = config_module.parse({
+        "kafka": {"bootstrap_servers": "b:9092", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
+        "decoding": {"format": "avro", "schema": "schemas/purchase_completed.v1.avsc"},
+        "kameleoon": {"projects": {"site1": {"goals": [1]}}},
+    }, env={}, base_dir=tmp_path)
+    assert cfg.decoding.schema == V1
+    decoded = make_decoder(cfg.decoding).decode(write(load_schema(V1), _v1_record()))
+    assert decoded == PURCHASE and decoded.consent == {}
+    # Read with the new contract instead, the same bytes end where the consent array should begin.
+    assert reason_of(lambda: RawAvroDecoder(SCHEMA, SCHEMA, CAP).decode(write(load_schema(V1), _v1_record()))) \
+        == "truncated"
+
+
+def test_a_denial_wins_over_a_grant_for_the_same_provider() -> None:
+    rec = purchase_to_record(PURCHASE)
+    rec["consent"] = [{"provider": "CONVERT", "granted": True}, {"provider": "CONVERT", "granted": False},
+                      {"provider": "CONVERT", "granted": True}]
+    assert purchase_from_record(rec).consent == {Provider.CONVERT: False}
+
+
+def test_only_exposures_of_unknown_providers() -> None:
+    rec = purchase_to_record(PURCHASE)
+    rec["exposures"] = [{**e, "provider": "UNKNOWN"} for e in rec["exposures"]]
+    decoded = purchase_from_record(rec)
+    assert decoded.exposures == () and decoded.unknown_provider_exposures == 2
 
 
 async def test_incompatible_writer_is_rejected(registry: RegistryServer, confluent: ConfluentDecoder) -> None:
@@ -635,7 +767,10 @@ def test_timestamps_out_of_range(raw: RawAvroDecoder, stripped: Any, ts: int) ->
         (lambda r: r.update(customer_id=7), "invalid_field"),
         (lambda r: r.update(attributes={"k": 1}), "invalid_field"),
         (lambda r: r.update(attributes=[("k", "v")]), "invalid_field"),
-        (lambda r: r["exposures"][0].update(provider="OPTIMIZELY"), "invalid_field"),
+        (lambda r: r["exposures"][0].update(provider="OPTIMIZELY"), "invalid_field"),  # only Avro resolution maps
+        (lambda r: r.update(consent=[{"provider": "OPTIMIZELY", "granted": True}]), "invalid_field"),  # to UNKNOWN
+        (lambda r: r.update(consent=[{"provider": "CONVERT", "granted": "yes"}]), "invalid_field"),
+        (lambda r: r.update(consent=[{"provider": "CONVERT"}]), "invalid_field"),
         (lambda r: r["exposures"][0].update(visitor_id=None), "invalid_field"),
         (lambda r: r["exposures"][0].pop("project"), "invalid_field"),
         (lambda r: r.update(exposures=[1]), "invalid_field"),

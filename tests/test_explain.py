@@ -19,7 +19,15 @@ import pytest
 from consumer.config import DEFAULT_SCHEMA, Config, parse
 from consumer.decoding import RevenueError, encode_raw, load_schema
 from consumer.durations import human
-from consumer.explain import EXPOSURE_FIELDS, PURCHASE_FIELDS, explain, purchase_from_json, render_text, unknown_fields
+from consumer.explain import (
+    CONSENT_FIELDS,
+    EXPOSURE_FIELDS,
+    PURCHASE_FIELDS,
+    explain,
+    purchase_from_json,
+    render_text,
+    unknown_fields,
+)
 from consumer.model import Channel, Provider
 
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
@@ -240,6 +248,7 @@ def test_explain_report() -> None:
         "item_count": 2,
         "customer_id": "cust-9",
         "exposures": 5,
+        "consent": {},
     }
     sent = [
         (c["provider"], c["project"], c["visitor"], c["goals"], c["revenue"], c["currency"])
@@ -469,7 +478,84 @@ def test_the_documented_event_shape_names_every_field() -> None:
     table = doc[doc.index("The event is the Avro contract"):doc.index("What the requests show")]
     documented = set(re.findall(r"^\| `([a-z_\[\]\.]+)`", table, flags=re.M))
     documented |= {f"exposures[].{f}" for f in re.findall(r"`(variation_id)`", table)}
-    assert documented == set(PURCHASE_FIELDS) | {f"exposures[].{f}" for f in EXPOSURE_FIELDS}
+    assert documented == (set(PURCHASE_FIELDS) | {f"exposures[].{f}" for f in EXPOSURE_FIELDS}
+                          | {f"consent[].{f}" for f in CONSENT_FIELDS})
     example = json.loads(EXAMPLE.read_text())
     assert unknown_fields(example) == [] and set(example) == set(PURCHASE_FIELDS)
     purchase_from_json(example)  # valid as shipped
+
+
+# --------------------------------------------------------------------------- attribution, consent, the cap
+
+
+def _devices(**kw: Any) -> dict[str, Any]:
+    """The buyer on three devices in Kameleoon (split by default) and two visitors in one Convert experiment."""
+    k = [{"provider": "KAMELEOON", "project": "site1", "experiment_id": "100", "variation_id": "1",
+          "visitor_id": v, "exposed_at": T0 - at} for v, at in (("phone", 3_600_000), ("laptop", 60_000),
+                                                                ("tablet", 7_200_000))]
+    c = [{"provider": "CONVERT", "project": "1111_2222", "experiment_id": "300", "variation_id": var,
+          "visitor_id": v, "exposed_at": T0 - at} for v, var, at in (("c-phone", "3", 60_000),
+                                                                     ("c-laptop", "4", 120_000))]
+    return event(exposures=k + c, revenue="10.00", **kw)
+
+
+def test_explain_shows_the_attribution_models_choice() -> None:
+    report = explain(cfg(), _devices(), now_ms=T0 + 1000)
+    assert json.loads(json.dumps(report)) == report
+    convert, kameleoon = report["attribution"]  # sorted by provider
+    assert (kameleoon["attribution"], kameleoon["revenue_share"], kameleoon["experiment_id"]) == ("all", "split", None)
+    assert [(i["visitor"], i["credited"], i["revenue"]) for i in kameleoon["identities"]] == [
+        ("laptop", True, "3.34"), ("phone", True, "3.33"), ("tablet", True, "3.33")]
+    assert kameleoon["detail"].startswith("all, split: 3 identities share the revenue, 3.34 + 3.33 + 3.33 EUR")
+    assert (convert["attribution"], convert["revenue_share"], convert["experiment_id"]) == ("last_touch", "full", "300")
+    assert [(i["visitor"], i["variation_id"], i["credited"], i["revenue"]) for i in convert["identities"]] == [
+        ("c-phone", "3", True, "11.11"), ("c-laptop", "4", False, None)]  # 10.00 EUR / 0.9 USD
+    [not_credited] = [r for r in report["rejections"] if r["reason"] == "not_credited"]
+    assert not_credited["exposure"]["visitor_id"] == "c-laptop"
+    assert not_credited["detail"] == ("last_touch credits visitor c-phone in variation 3 in experiment 300, exposed "
+                                      "1 min later than visitor c-laptop in variation 4")
+    text = render_text(report)
+    assert "attribution: 2\n" in text
+    assert "  = convert/1111_2222 experiment 300: last_touch: visitor c-phone was exposed last; 1 other identities" \
+           " not credited\n" in text
+    assert "    visitor c-laptop variation 4: not credited; 1 exposures, last at 2023-11-14T22:11:20.000Z\n" in text
+    assert "    visitor laptop: credited, revenue 3.34; 1 exposures, last at " in text
+    assert "  - not_credited: convert/1111_2222 experiment 300 variation 4 visitor c-laptop at " in text
+
+
+def test_explain_shows_consent_decisions() -> None:
+    consent = [{"provider": "convert", "granted": False}, {"provider": "KAMELEOON", "granted": True}]
+    report = explain(cfg(), event(consent=consent), now_ms=T0 + 1000)
+    assert report["purchase"]["consent"] == {"CONVERT": False, "KAMELEOON": True}
+    assert [(r["reason"], r["exposure"]["provider"], r["detail"]) for r in report["rejections"]
+            if r["reason"] == "no_consent"] == [("no_consent", "CONVERT", "the buyer declined consent for convert")]
+    assert "CONVERT" not in {c["provider"] for c in report["conversions"]}
+    text = render_text(report)
+    assert "consent: convert declined, kameleoon granted" in text
+    assert "  - no_consent: convert/1111_2222 experiment 300 variation 3 visitor cv at " in text
+    assert "consent: (not stated)" in render_text(explain(cfg(), event(), now_ms=T0 + 1000))
+
+
+@pytest.mark.parametrize(("consent", "message"), [
+    ({"kameleoon": True}, "consent: expected a list"),
+    ([{"provider": "optimizely", "granted": True}], "consent[0].provider: expected one of"),
+    ([{"provider": "convert", "granted": "yes"}], "consent[0].granted: expected true or false"),
+    ([{"provider": "convert"}], "consent[0].granted: is required"),
+    (["convert"], "consent[0]: expected an object"),
+])
+def test_bad_consent_is_named(consent: Any, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        purchase_from_json(event(consent=consent))
+    assert str(err.value).startswith(message)
+
+
+def test_explain_an_event_over_the_cap_is_dead_lettered_and_sends_nothing() -> None:
+    exposures = [{"provider": "KAMELEOON", "project": "site1", "experiment_id": "100", "variation_id": "1",
+                  "visitor_id": f"v{i}", "exposed_at": T0 - 60_000} for i in range(101)]
+    report = explain(cfg(), event(exposures=exposures), now_ms=T0 + 1000)
+    assert report["dead_letter"] == {"stage": "match", "reason": "too_many_exposures",
+                                     "detail": "order ord-1: 101 exposures, more than max_exposures 100"}
+    assert (report["attributed"], report["conversions"], report["requests"]) == (False, [], [])
+    assert "dead-lettered whole at stage match, reason too_many_exposures: order ord-1: 101 exposures" \
+           in render_text(report)
+    assert explain(cfg(), event(), now_ms=T0 + 1000)["dead_letter"] is None

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer.config import Config, parse
-from consumer.matcher import MatchSettings, count, match
+from consumer.matcher import MatchSettings, TooManyExposures, count, match, shares
 from consumer.model import Channel, Conversion, Decision, Exposure, Identity, Provider, Purchase, RejectReason
 
 K, C, D = Provider.KAMELEOON, Provider.CONVERT, Provider.CONDUCTRICS
@@ -260,7 +260,8 @@ def test_kameleoon_collapses_per_goal_and_visitor() -> None:
 
 
 def test_convert_collapses_per_visitor_and_experiment_variation() -> None:
-    s = only(C, "1_2", goals=["5", "6", "7"], transaction_goals=["7", "5"])
+    # `all`: this is about collapsing; Convert's default (last_touch) would credit one visitor per experiment.
+    s = only(C, "1_2", goals=["5", "6", "7"], transaction_goals=["7", "5"], attribution="all")
     p = purchase(
         exp(C, "1_2", "100", "1", "v1", at=T0 - HOUR),
         exp(C, "1_2", "100", "1", "v1", at=T0 - DAY),  # same visitor, same experiment-variation: collapsed
@@ -608,7 +609,7 @@ def test_output_is_sorted_whatever_the_input_order() -> None:
 PROP_SETTINGS = MatchSettings.from_config(
     config(
         kameleoon={
-            "s1": {"goals": ["1", "2"], "attribution_window": "1h"},
+            "s1": {"goals": ["1", "2"], "attribution_window": "1h", "attribution": "all", "revenue_share": "full"},
             "s2": {"goals": ["3"], "use_mapping_identifier": True, "currency": "EUR", "experiments_deny": ["e2"]},
         },
         convert={"1_2": {"goals": ["5", "6"], "transaction_goals": ["6"], "currency": "USD", "min_revenue": "5"}},
@@ -616,6 +617,23 @@ PROP_SETTINGS = MatchSettings.from_config(
         matcher={"clock_skew": "1m", "max_age": "30d", "rates": {"USD/EUR": "0.9"}},
     )
 )
+# The same projects under the other models, and consent required where it is not above.
+PROP_MODELS = MatchSettings.from_config(
+    config(
+        kameleoon={
+            "s1": {"goals": ["1", "2"], "attribution_window": "1h", "attribution": "first_touch",
+                   "revenue_share": "split", "require_consent": True},
+            "s2": {"goals": ["3"], "use_mapping_identifier": True, "currency": "EUR", "experiments_deny": ["e2"],
+                   "attribution": "last_touch"},
+        },
+        convert={"1_2": {"goals": ["5", "6"], "transaction_goals": ["6"], "currency": "USD", "min_revenue": "5",
+                         "attribution": "all", "revenue_share": "split"}},
+        conductrics={"c1": {"goals": ["g1", "g2"], "attribution_window": "90m", "channels": ["WEB", "STORE"],
+                            "attribution": "last_touch", "require_consent": True}},
+        matcher={"clock_skew": "1m", "max_age": "30d", "rates": {"USD/EUR": "0.9"}},
+    )
+)
+SETTINGS = st.sampled_from([PROP_SETTINGS, PROP_MODELS])
 PROJECTS = [(K, "s1"), (K, "s2"), (C, "1_2"), (D, "c1"), (D, "unknown")]
 # Offsets of exposed_at from occurred_at, crowded around every window's and the skew's edges.
 EDGES = [-HOUR, -90 * MIN, -7 * DAY, -30 * DAY, 0, MIN]
@@ -638,72 +656,415 @@ purchases = st.builds(
     revenue=st.decimals(min_value=0, max_value=1000, places=2),
     customer_id=st.sampled_from([None, "c1", "c2"]),
     order_id=st.sampled_from(["o1", "o2"]),
+    consent=st.dictionaries(st.sampled_from([K, C, D]), st.booleans(), max_size=3),
+    unknown_provider_exposures=st.sampled_from([0, 0, 0, 1, 2]),
 ).flatmap(lambda p: st.lists(exposures, max_size=12).map(lambda es: dataclasses.replace(p, exposures=tuple(es))))
 nows = st.integers(T0 - DAY, T0 + 31 * DAY)
 
 
-def _window_ms(c: Conversion | Exposure) -> int:
-    return PROP_SETTINGS.projects[(c.provider, c.project)].window_ms
+def _window_ms(s: MatchSettings, c: Conversion | Exposure) -> int:
+    return s.projects[(c.provider, c.project)].window_ms
 
 
 @settings(max_examples=400, deadline=None)
-@given(purchases, nows)
-def test_property_nothing_outside_its_window(p: Purchase, now: int) -> None:
-    d = match(p, PROP_SETTINGS, now)
+@given(purchases, nows, SETTINGS)
+def test_property_nothing_outside_its_window(p: Purchase, now: int, s: MatchSettings) -> None:
+    d = match(p, s, now)
     for e in d.matched:
-        assert p.occurred_at - _window_ms(e) <= e.exposed_at <= p.occurred_at + PROP_SETTINGS.clock_skew_ms
+        assert p.occurred_at - _window_ms(s, e) <= e.exposed_at <= p.occurred_at + s.clock_skew_ms
     for c in d.conversions:
         # Each conversion stands for at least one matched exposure of its project within the window.
         assert any((e.provider, e.project) == (c.provider, c.project) for e in d.matched)
     for r in d.rejections:
         if r.reason is RejectReason.OUTSIDE_WINDOW:
-            assert r.exposure is not None and p.occurred_at - r.exposure.exposed_at > _window_ms(r.exposure)
+            assert r.exposure is not None and p.occurred_at - r.exposure.exposed_at > _window_ms(s, r.exposure)
         if r.reason is RejectReason.AFTER_PURCHASE:
-            assert r.exposure is not None and r.exposure.exposed_at - p.occurred_at > PROP_SETTINGS.clock_skew_ms
+            assert r.exposure is not None and r.exposure.exposed_at - p.occurred_at > s.clock_skew_ms
 
 
 @settings(max_examples=400, deadline=None)
-@given(purchases, nows)
-def test_property_keys_are_unique_and_every_exposure_is_accounted_for(p: Purchase, now: int) -> None:
-    d = match(p, PROP_SETTINGS, now)
+@given(purchases, nows, SETTINGS)
+def test_property_keys_are_unique_and_every_exposure_is_accounted_for(p: Purchase, now: int, s: MatchSettings) -> None:
+    d = match(p, s, now)
     keys = [c.key for c in d.conversions]
     assert len(keys) == len(set(keys))
     assert all(len(c.goals) == 1 for c in d.conversions if c.provider is K)
     if d.rejections and d.rejections[0].reason in (RejectReason.TOO_OLD, RejectReason.NO_EXPOSURES):
         assert d.conversions == () and d.matched == () and len(d.rejections) == 1
     else:
-        accounted = list(d.matched) + [r.exposure for r in d.rejections]
+        unknown = [r for r in d.rejections if r.reason is RejectReason.UNKNOWN_PROVIDER]
+        assert len(unknown) == p.unknown_provider_exposures and all(r.exposure is None for r in unknown)
+        accounted = list(d.matched) + [r.exposure for r in d.rejections if r.exposure is not None]
         assert sorted(accounted, key=repr) == sorted(p.exposures, key=repr)
         assert bool(d.conversions) == bool(d.matched)
 
 
 @settings(max_examples=300, deadline=None)
-@given(purchases, nows, st.randoms(use_true_random=False))
-def test_property_deterministic_and_insensitive_to_exposure_order(p: Purchase, now: int, rnd: Any) -> None:
-    d = match(p, PROP_SETTINGS, now)
-    assert match(p, PROP_SETTINGS, now) == d
+@given(purchases, nows, st.randoms(use_true_random=False), SETTINGS)
+def test_property_deterministic_and_insensitive_to_exposure_order(p: Purchase, now: int, rnd: Any,
+                                                                  s: MatchSettings) -> None:
+    d = match(p, s, now)
+    assert match(p, s, now) == d
     shuffled = list(p.exposures)
     rnd.shuffle(shuffled)
-    assert match(dataclasses.replace(p, exposures=tuple(shuffled)), PROP_SETTINGS, now) == d
+    assert match(dataclasses.replace(p, exposures=tuple(shuffled)), s, now) == d
     # A republished order (new event id) gives the same keys.
-    again = match(dataclasses.replace(p, event_id="republished"), PROP_SETTINGS, now)
+    again = match(dataclasses.replace(p, event_id="republished"), s, now)
     assert [c.key for c in again.conversions] == [c.key for c in d.conversions]
 
 
 @settings(max_examples=400, deadline=None)
-@given(purchases, nows, st.randoms(use_true_random=False))
-def test_property_counting_mode_counts_what_listing_lists(p: Purchase, now: int, rnd: Any) -> None:
-    listed = match(p, PROP_SETTINGS, now)
+@given(purchases, nows, st.randoms(use_true_random=False), SETTINGS)
+def test_property_counting_mode_counts_what_listing_lists(p: Purchase, now: int, rnd: Any, s: MatchSettings) -> None:
+    listed = match(p, s, now)
     expected: Counter[tuple[Provider | None, str]] = Counter((e.provider, "matched") for e in listed.matched)
     expected.update((r.exposure.provider if r.exposure else None, r.reason) for r in listed.rejections)
     shuffled = list(p.exposures)
     rnd.shuffle(shuffled)
     counts: dict[tuple[Provider | None, str], int] = {(None, "left from earlier"): 1}  # counts accumulate
-    counted = match(dataclasses.replace(p, exposures=tuple(shuffled)), PROP_SETTINGS, now, counts)
+    counted = match(dataclasses.replace(p, exposures=tuple(shuffled)), s, now, counts)
     assert counted.conversions == listed.conversions  # the same conversions, in the same order
-    assert counted.matched == () and counted.rejections == ()
+    assert counted.matched == () and counted.rejections == () and counted.credits == ()
     assert counts.pop((None, "left from earlier")) == 1
     assert counts == dict(expected)
     recounted: dict[tuple[Provider | None, str], int] = {}
     count(listed, recounted)  # what the service does with a listed decision (debug logging on)
     assert recounted == counts
+
+
+@settings(max_examples=400, deadline=None)
+@given(purchases, nows, SETTINGS)
+def test_property_the_models_hold(p: Purchase, now: int, s: MatchSettings) -> None:
+    d = match(p, s, now)
+    for credit in d.credits:
+        project = s.projects[(credit.provider, credit.project)]
+        won = [t for t in credit.touches if t.credited]
+        assert won, "a credit decision is made only where something is credited"
+        if project.touch:
+            assert len(won) == 1  # one identity per project (Convert: per experiment)
+            when = [(t.last_exposed_at if project.touch > 0 else t.first_exposed_at) for t in credit.touches]
+            best = max(when) if project.touch > 0 else min(when)
+            assert (won[0].last_exposed_at if project.touch > 0 else won[0].first_exposed_at) == best
+        else:
+            assert all(t.credited for t in credit.touches)
+        revenues = [t.revenue for t in won]
+        if project.split and revenues[0] is not None:
+            # The unsplit revenue: what one matched exposure of the group alone gets.
+            alone = next(e for e in d.matched if (e.provider, e.project) == (credit.provider, credit.project))
+            whole = match(dataclasses.replace(p, exposures=(alone,)), s, now).conversions[0].revenue
+            assert sum(r for r in revenues if r is not None) == whole  # the shares sum to it exactly
+    # No conversion goes to a provider the buyer declined, or unconsented to a project requiring consent.
+    for c in d.conversions:
+        granted = p.consent.get(c.provider)
+        assert granted is not False
+        assert granted is True or not s.projects[(c.provider, c.project)].require_consent
+
+
+# --------------------------------------------------------------------------- attribution models
+
+A_AT, B_AT, C_AT = T0 - 3 * HOUR, T0 - HOUR, T0 - 2 * HOUR  # b is exposed last, a first
+
+
+def _three_identities(provider: Provider, project: str) -> Purchase:
+    """One buyer, three identities (devices) in one project; for Convert one experiment, a variation each."""
+    return purchase(
+        exp(provider, project, "100", "1", "a", A_AT),
+        exp(provider, project, "100", "2", "b", B_AT),
+        exp(provider, project, "100", "3", "c", C_AT),
+        exp(provider, project, "100", "1", "a", T0 - 5 * HOUR),  # a again, earlier: collapses into a
+        revenue=Decimal("10.00"),
+    )
+
+
+def _sent(d: Decision) -> list[tuple[str, tuple[str, ...], Decimal | None]]:
+    return [(c.visitor_id, c.goals, c.revenue) for c in d.conversions]
+
+
+G2 = {K: ["1", "2"], C: ["5"], D: ["g1", "g2"]}  # Kameleoon: a conversion per goal, each with the share
+
+
+def _by_goal(provider: Provider, credited: list[tuple[str, str]]) -> list[tuple[str, tuple[str, ...], Decimal]]:
+    if provider is K:
+        return [(v, (g,), Decimal(r)) for v, r in credited for g in G2[K]]
+    return [(v, tuple(G2[provider]), Decimal(r)) for v, r in credited]
+
+
+MODEL_TABLE = [
+    # (attribution, revenue_share, credited (visitor, revenue) in sent order)
+    ("all", "full", [("a", "10.00"), ("b", "10.00"), ("c", "10.00")]),
+    # 1000 cents / 3 = 333 r 1: the remainder cent goes to the first in code-point order (a).
+    ("all", "split", [("a", "3.34"), ("b", "3.33"), ("c", "3.33")]),
+    ("last_touch", "full", [("b", "10.00")]),
+    ("last_touch", "split", [("b", "10.00")]),  # one credited identity: its share is the whole
+    ("first_touch", "full", [("a", "10.00")]),
+    ("first_touch", "split", [("a", "10.00")]),
+]
+
+
+@pytest.mark.parametrize("provider", [K, C, D], ids=["kameleoon", "convert", "conductrics"])
+@pytest.mark.parametrize(("attribution", "share", "credited"), MODEL_TABLE,
+                         ids=[f"{a}-{s}" for a, s, _ in MODEL_TABLE])
+def test_every_attribution_model_and_revenue_share(provider: Provider, attribution: str, share: str,
+                                                   credited: list[tuple[str, str]]) -> None:
+    s = only(provider, "1_2", goals=G2[provider], attribution=attribution, revenue_share=share)
+    p = _three_identities(provider, "1_2")
+    listed = match(p, s, now_ms=T0)
+    assert _sent(listed) == _by_goal(provider, credited)
+    winners = {v for v, _ in credited}
+    assert sorted(e.visitor_id for e in listed.matched) == sorted(e.visitor_id for e in p.exposures
+                                                                  if e.visitor_id in winners)
+    losers = [r for r in listed.rejections if r.reason is RejectReason.NOT_CREDITED]
+    assert sorted(r.exposure.visitor_id for r in losers if r.exposure) == sorted(
+        e.visitor_id for e in p.exposures if e.visitor_id not in winners)
+    assert all(f"{attribution} credits visitor {credited[0][0]}" in r.detail for r in losers)
+    counts: dict[tuple[Provider | None, str], int] = {}
+    assert match(p, s, T0, counts).conversions == listed.conversions
+    assert counts == {k: v for k, v in {(provider, "matched"): len(listed.matched),
+                                        (provider, RejectReason.NOT_CREDITED): len(losers)}.items() if v}
+    (credit,) = listed.credits
+    assert (credit.attribution.value, credit.revenue_share.value) == (attribution, share)
+    assert [(t.visitor_id, t.credited) for t in credit.touches] == (
+        [(v, True) for v, _ in credited] + [(v, False) for v in "abc" if v not in winners])
+    assert [t.revenue for t in credit.touches if t.credited] == [Decimal(r) for _, r in credited]
+    assert credit.experiment_id == ("100" if provider is C else None)
+
+
+def test_the_default_model_of_each_provider() -> None:
+    cfg = config(kameleoon={"s": {"goals": ["1"]}}, convert={"1_2": {"goals": ["5"]}},
+                 conductrics={"d": {"goals": ["g"]}})
+    models = {(p, k): (r.attribution.value, r.revenue_share.value, r.require_consent)
+              for (p, k), r in cfg.rules().items()}
+    assert models == {(K, "s"): ("all", "split", False), (C, "1_2"): ("last_touch", "full", False),
+                      (D, "d"): ("all", "split", False)}
+    d = match(_three_identities(K, "s"), MatchSettings.from_config(cfg), T0)
+    assert _sent(d) == [("a", ("1",), Decimal("3.34")), ("b", ("1",), Decimal("3.33")), ("c", ("1",), Decimal("3.33"))]
+    d = match(_three_identities(C, "1_2"), MatchSettings.from_config(cfg), T0)
+    assert [(c.visitor_id, c.variation_id, c.revenue) for c in d.conversions] == [("b", "2", Decimal("10.00"))]
+
+
+def test_convert_credits_per_experiment() -> None:
+    s = only(C, "1_2", attribution="last_touch")
+    p = purchase(
+        exp(C, "1_2", "100", "1", "phone", T0 - 2 * HOUR),
+        exp(C, "1_2", "100", "2", "laptop", T0 - HOUR),  # exposed last in experiment 100
+        exp(C, "1_2", "200", "7", "phone", T0 - 3 * HOUR),  # the only identity in experiment 200
+    )
+    d = match(p, s, T0)
+    assert [(c.visitor_id, c.experiment_id, c.variation_id) for c in d.conversions] == [
+        ("laptop", "100", "2"), ("phone", "200", "7")]
+    [loser] = d.rejections
+    assert (loser.reason, loser.exposure) == (RejectReason.NOT_CREDITED, p.exposures[0])
+    assert loser.detail == ("last_touch credits visitor laptop in variation 2 in experiment 100, exposed 1 h later "
+                            "than visitor phone in variation 1")
+    assert [(c.experiment_id, [t.visitor_id for t in c.touches if t.credited]) for c in d.credits] == [
+        ("100", ["laptop"]), ("200", ["phone"])]
+
+
+def test_kameleoon_and_conductrics_credit_per_project_whatever_the_experiment() -> None:
+    for provider in (K, D):
+        s = only(provider, "p", attribution="first_touch")
+        p = purchase(exp(provider, "p", "100", "1", "phone", T0 - 2 * HOUR),
+                     exp(provider, "p", "200", "1", "laptop", T0 - HOUR))
+        assert [c.visitor_id for c in match(p, s, T0).conversions] == ["phone"]
+
+
+@pytest.mark.parametrize("attribution", ["last_touch", "first_touch"])
+def test_a_tie_goes_to_the_first_identity_in_code_point_order(attribution: str) -> None:
+    s = only(K, "s", attribution=attribution)
+    p = purchase(exp(K, "s", visitor="zed", at=T0 - HOUR), exp(K, "s", visitor="Bob", at=T0 - HOUR),
+                 exp(K, "s", visitor="amy", at=T0 - HOUR))
+    d = match(p, s, T0)
+    assert [c.visitor_id for c in d.conversions] == ["Bob"]  # "B" < "a" < "z"
+    assert {r.detail for r in d.rejections} == {
+        f"{attribution} credits visitor Bob, exposed at the same time as visitor amy and first in code-point order",
+        f"{attribution} credits visitor Bob, exposed at the same time as visitor zed and first in code-point order"}
+
+
+def test_last_touch_looks_at_each_identitys_latest_exposure_and_first_touch_at_its_earliest() -> None:
+    # a: exposed 5 h and 1 min before; b: 2 h before. a is both the latest and the earliest toucher.
+    p = purchase(exp(K, "s", visitor="a", at=T0 - 5 * HOUR), exp(K, "s", visitor="a", at=T0 - MIN),
+                 exp(K, "s", visitor="b", at=T0 - 2 * HOUR))
+    for attribution in ("last_touch", "first_touch"):
+        assert [c.visitor_id for c in match(p, only(K, "s", attribution=attribution), T0).conversions] == ["a"]
+
+
+def test_only_matched_exposures_take_part_in_the_choice() -> None:
+    # b's exposure is after the purchase (beyond the skew): a is the last *matched* touch.
+    p = purchase(exp(C, "1_2", visitor="a", at=T0 - HOUR), exp(C, "1_2", visitor="b", at=T0 + SKEW + 1))
+    d = match(p, only(C, "1_2"), T0)
+    assert [c.visitor_id for c in d.conversions] == ["a"]
+    assert reasons(d) == [RejectReason.AFTER_PURCHASE]
+
+
+def test_mapping_identifier_is_one_identity_under_every_model() -> None:
+    for attribution, share in (("all", "split"), ("last_touch", "full")):
+        s = only(K, "s", use_mapping_identifier=True, attribution=attribution, revenue_share=share)
+        d = match(_three_identities(K, "s"), s, T0)
+        assert _sent(d) == [("cust-9", ("1",), Decimal("10.00"))]
+        assert d.rejections == ()
+
+
+@pytest.mark.parametrize(
+    ("revenue", "n", "expected"),
+    [
+        ("10.00", 3, ["3.34", "3.33", "3.33"]),
+        ("10.00", 4, ["2.50", "2.50", "2.50", "2.50"]),
+        ("0.02", 3, ["0.01", "0.01", "0.00"]),
+        ("0.00", 2, ["0.00", "0.00"]),
+        ("-1.01", 2, ["-0.50", "-0.51"]),  # floored: the shares still sum to the revenue
+        ("9999999999.99", 7, ["1428571428.57"] * 7),
+        ("100.01", 2, ["50.01", "50.00"]),
+    ],
+)
+def test_split_in_exact_cents_the_remainder_to_the_first(revenue: str, n: int, expected: list[str]) -> None:
+    visitors = [f"v{i}" for i in range(n)]
+    s = only(D, "p", revenue_share="split")
+    d = match(purchase(*(exp(D, "p", visitor=v) for v in visitors), revenue=Decimal(revenue)), s, T0)
+    got = [c.revenue for c in d.conversions]
+    assert [c.visitor_id for c in d.conversions] == visitors
+    assert [str(r) for r in got] == expected
+    assert sum(r for r in got if r is not None) == Decimal(revenue)
+
+
+def test_split_happens_in_the_project_currency_after_conversion() -> None:
+    s = only(D, "p", currency="EUR", revenue_share="split", min_revenue="9.00", matcher={"rates": {"USD/EUR": "0.9"}})
+    # 10.01 USD -> 9.009 -> 9.01 EUR (quantized), then split: 4.51 + 4.50. min_revenue compares the whole 9.01.
+    d = match(purchase(exp(D, "p", visitor="a"), exp(D, "p", visitor="b"), currency="USD",
+                       revenue=Decimal("10.01")), s, T0)
+    assert [(c.visitor_id, c.revenue) for c in d.conversions] == [("a", Decimal("4.51")), ("b", Decimal("4.50"))]
+
+
+def test_split_without_revenue_sends_none() -> None:
+    s = only(D, "p", revenue_share="split", send_revenue=False)
+    d = match(purchase(exp(D, "p", visitor="a"), exp(D, "p", visitor="b")), s, T0)
+    assert [c.revenue for c in d.conversions] == [None, None]
+    assert d.credits[0].detail == "all: each of the 2 identities is credited (no revenue is sent)"
+
+
+def test_split_groups_never_mix_projects_or_kameleoon_goals() -> None:
+    s = MatchSettings.from_config(config(kameleoon={"s1": {"goals": ["1", "2"]}, "s2": {"goals": ["3"]}}))
+    p = purchase(exp(K, "s1", visitor="a"), exp(K, "s1", visitor="b"), exp(K, "s2", visitor="a"),
+                 revenue=Decimal("1.01"))
+    assert [(c.project, c.visitor_id, c.goals, str(c.revenue)) for c in match(p, s, T0).conversions] == [
+        ("s1", "a", ("1",), "0.51"), ("s1", "a", ("2",), "0.51"),
+        ("s1", "b", ("1",), "0.50"), ("s1", "b", ("2",), "0.50"),
+        ("s2", "a", ("3",), "1.01"),  # alone in its project: the whole revenue
+    ]
+
+
+def test_credit_details_say_what_was_chosen() -> None:
+    s = MatchSettings.from_config(config(kameleoon={"s": {"goals": ["1"]}}, convert={"1_2": {"goals": ["5"]}}))
+    p = purchase(*_three_identities(K, "s").exposures, exp(C, "1_2", visitor="only"), revenue=Decimal("10.00"))
+    by_provider = {c.provider: c.detail for c in match(p, s, T0).credits}
+    assert by_provider == {
+        K: "all, split: 3 identities share the revenue, 3.34 + 3.33 + 3.33 EUR (the remainder cents go one each in "
+           "code-point order of identity)",
+        C: "one identity, credited (last_touch, full): nothing to choose",
+    }
+    d = match(_three_identities(C, "1_2"), s, T0)
+    assert d.credits[0].detail == "last_touch: visitor b was exposed last; 2 other identities not credited"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(min_value=-10**6, max_value=10**6, places=2), st.integers(1, 40))
+def test_property_shares_sum_to_the_total_and_differ_by_a_cent_at_most(total: Decimal, n: int) -> None:
+    got = shares(total, n)
+    assert sum(got) == total and len(got) == n
+    assert max(got) - min(got) <= Decimal("0.01")
+    assert all(g.as_tuple().exponent == -2 for g in got)
+    assert got == sorted(got, reverse=True)  # the extra cents go to the first
+
+
+# --------------------------------------------------------------------------- consent
+
+CONSENT_TABLE = [
+    # (the event's consent for this provider, require_consent, sent)
+    (None, False, True),  # not stated: sent, as before consent existed
+    (None, True, False),
+    (True, False, True),
+    (True, True, True),
+    (False, False, False),  # a denial is honoured whatever the project says
+    (False, True, False),
+]
+
+
+@pytest.mark.parametrize("provider", [K, C, D], ids=["kameleoon", "convert", "conductrics"])
+@pytest.mark.parametrize(("granted", "required", "sent"), CONSENT_TABLE,
+                         ids=[f"{g}-required={r}" for g, r, _ in CONSENT_TABLE])
+def test_consent(provider: Provider, granted: bool | None, required: bool, sent: bool) -> None:
+    other = next(p for p in (K, C, D) if p is not provider)
+    consent = {other: not granted} if granted is None else {provider: granted, other: not granted}
+    s = only(provider, "1_2", require_consent=required)
+    p = purchase(exp(provider, "1_2"), consent=consent)
+    d = match(p, s, T0)
+    assert d.attributed is sent
+    counts: dict[tuple[Provider | None, str], int] = {}
+    match(p, s, T0, counts)
+    if sent:
+        assert reasons(d) == [] and counts == {(provider, "matched"): 1}
+    else:
+        assert reasons(d) == [RejectReason.NO_CONSENT] and counts == {(provider, RejectReason.NO_CONSENT): 1}
+        assert d.rejections[0].detail == (
+            f"the buyer declined consent for {provider.slug}" if granted is False
+            else f"the event states no consent for {provider.slug} and the project has require_consent")
+
+
+def test_consent_is_checked_before_the_window() -> None:
+    p = purchase(exp(K, "site1", at=T0 - 30 * DAY), consent={K: False})
+    assert reasons(match(p, standard(), T0)) == [RejectReason.NO_CONSENT]
+
+
+def test_consent_is_per_provider() -> None:
+    p = purchase(exp(K, "site1", visitor="k"), exp(C, "1111_2222", visitor="c"), exp(D, "cdx", visitor="d"),
+                 consent={C: False})
+    d = match(p, standard(), T0)
+    assert sorted(c.provider for c in d.conversions) == [D, K]
+    assert [(r.reason, r.exposure.provider if r.exposure else None) for r in d.rejections] == [
+        (RejectReason.NO_CONSENT, C)]
+
+
+# --------------------------------------------------------------------------- fan-out cap and unknown providers
+
+
+@pytest.mark.parametrize("listing", [True, False], ids=["listing", "counting"])
+def test_max_exposures_is_inclusive_and_raises_over_it(listing: bool) -> None:
+    s = only(K, "s", matcher={"max_exposures": 3})
+    counts: dict[tuple[Provider | None, str], int] | None = None if listing else {}
+    three = purchase(*(exp(K, "s", visitor=f"v{i}") for i in range(3)))
+    assert len(match(three, s, T0, counts).conversions) == 3
+    four = dataclasses.replace(three, exposures=(*three.exposures, exp(K, "s", visitor="v3")))
+    before = dict(counts) if counts is not None else None
+    with pytest.raises(TooManyExposures) as info:
+        match(four, s, T0, counts)
+    assert (info.value.exposures, info.value.limit, info.value.reason) == (4, 3, RejectReason.TOO_MANY_EXPOSURES)
+    assert str(info.value) == "order ord-1: 4 exposures, more than max_exposures 3"
+    assert counts == before  # nothing counted: the service counts the dead letter
+    # Exposures of unknown providers count too; so does a too-old purchase (the cap comes first).
+    with pytest.raises(TooManyExposures):
+        match(dataclasses.replace(three, unknown_provider_exposures=1), s, T0, counts)
+    with pytest.raises(TooManyExposures):
+        match(four, s, T0 + 365 * DAY, counts)
+
+
+def test_the_default_cap_is_100() -> None:
+    s = standard()
+    assert s.max_exposures == 100
+    match(purchase(*(exp(visitor=f"v{i}") for i in range(100))), s, T0)
+    with pytest.raises(TooManyExposures):
+        match(purchase(*(exp(visitor=f"v{i}") for i in range(101))), s, T0)
+
+
+def test_exposures_of_unknown_providers_are_ignored_and_counted() -> None:
+    p = purchase(exp(K, "site1"), unknown_provider_exposures=2)
+    d = match(p, standard(), T0)
+    assert d.attributed and d.matched == (exp(K, "site1"),)
+    assert [(r.reason, r.exposure) for r in d.rejections] == [(RejectReason.UNKNOWN_PROVIDER, None)] * 2
+    counts: dict[tuple[Provider | None, str], int] = {}
+    match(p, standard(), T0, counts)
+    assert counts == {(K, "matched"): 1, (None, RejectReason.UNKNOWN_PROVIDER): 2}
+    # Only unknown ones: counted as such, not as a purchase without exposures.
+    only_unknown = purchase(unknown_provider_exposures=1)
+    assert reasons(match(only_unknown, standard(), T0)) == [RejectReason.UNKNOWN_PROVIDER]
+    counts = {}
+    match(only_unknown, standard(), T0, counts)
+    assert counts == {(None, RejectReason.UNKNOWN_PROVIDER): 1}
