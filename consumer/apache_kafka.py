@@ -101,6 +101,15 @@ def kafka_version() -> str:
 # --------------------------------------------------------------------------- a cluster
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id as Kafka's Uuid.randomUuid makes one: never starting with '-', which the storage
+    tool's argument parser would read as an option (1 id in 64 failed to format before this)."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
 @dataclass(frozen=True)
 class Scram:
     """A SASL_SSL listener with SCRAM-SHA-512 users created at format time, TLS from a PEM key and chain."""
@@ -173,7 +182,7 @@ class ApacheKafka:
         return self
 
     def _plan(self) -> None:
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        self.cluster_id = new_cluster_id()
         assert self.directory is not None
         for i in range(1, self.nodes + 1):
             self.members.append(Node(i, free_port(), free_port(), free_port() if self.scram else None,
@@ -259,7 +268,7 @@ class ApacheKafka:
     def _format(self, lib: Path) -> None:
         procs = []
         for n in self.members:
-            args = ["format", "-t", self.cluster_id, "-c", str(self._write_properties(n))]
+            args = ["format", f"--cluster-id={self.cluster_id}", "-c", str(self._write_properties(n))]
             if self.scram is not None:
                 for name, password in self.scram.users.items():
                     args += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]

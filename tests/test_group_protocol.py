@@ -71,3 +71,4 @@ def test_auto_stays_classic_on_a_broker_without_kip848() -> None:
         kafka = KafkaConfig(b.bootstrap, "t", "g", "t.dlq")
         assert broker_group_protocols(kafka) is None
         assert choose_group_protocol(kafka).protocol == EAGER
+

@@ -67,3 +67,11 @@ def test_script_starts_a_three_node_cluster() -> None:
         assert sorted(md.brokers) == [1, 2, 3], "every node is a broker the moment the line is printed"
     finally:
         assert stop(proc) == 0
+
+
+def test_a_cluster_id_never_reads_as_an_option() -> None:
+    from consumer.apache_kafka import new_cluster_id
+
+    ids = [new_cluster_id() for _ in range(5000)]  # ~78 of them would start with '-' without the rule
+    assert not any(i.startswith("-") for i in ids) and len(set(ids)) == len(ids)
+    assert all(len(i) == 22 for i in ids)
