@@ -20,6 +20,7 @@ from consumer.producer import produce_values
 from consumer.samples import purchases
 from consumer.sandbox import Sandbox
 from tests.conftest import config_dict
+from tests.loopwatch import LoopWatch
 from tests.test_pipeline import expected_conversions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,21 +74,11 @@ async def test_a_hanging_registry_delays_only_events_with_an_uncached_schema(
                 for p in batch]
 
     loop = asyncio.get_running_loop()
-    gaps: list[float] = []
-
-    async def ticker() -> None:  # a 10 ms timer on the service's loop: its longest gap is the longest block
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
     metrics = Metrics()
     app = Application(cfg, metrics=metrics, install_signals=False,
                       stop_when=lambda a: a.consumed >= len(items) and a.live == 0)
     run = asyncio.create_task(app.run())
-    tick = asyncio.create_task(ticker())
+    watch = LoopWatch().start()
     try:
         # 1. The cached id is fetched once, while the registry answers.
         await loop.run_in_executor(None, produce_values, broker.bootstrap, topics["topic"], values(first, cached_id))
@@ -95,14 +86,14 @@ async def test_a_hanging_registry_delays_only_events_with_an_uncached_schema(
 
         # 2. The registry hangs; an event with a new schema id arrives, then events with the cached one.
         registry.hang()
-        gaps.clear()
+        watch.gaps.clear()
         produced = values([uncached], new_id) + values(later, cached_id)
         await loop.run_in_executor(None, produce_values, broker.bootstrap, topics["topic"], produced)
         produced_at = time.monotonic()
         await sandbox.wait_until(lambda s: total(s.counts()) == accepted(expected, first + later), 15)
         delay = time.monotonic() - produced_at
         assert delay < DELIVERY_BOUND, f"events with a cached schema id took {delay:.2f} s while the registry hung"
-        assert max(gaps) < 0.5, f"the event loop was blocked for {max(gaps):.2f} s"
+        assert watch.longest < 0.5, f"the event loop was blocked for {watch.longest:.2f} s"
         assert ("GET", f"/schemas/ids/{new_id}") in registry.requests  # asked, and still waiting
         assert total(sandbox.counts()) == accepted(expected, first + later)  # not the uncached event's
         assert not run.done() and app.live >= 1
@@ -112,7 +103,7 @@ async def test_a_hanging_registry_delays_only_events_with_an_uncached_schema(
         await sandbox.wait_until(lambda s: total(s.counts()) == accepted(expected, items), 30)
         assert await asyncio.wait_for(run, 30) == 0
     finally:
-        tick.cancel()
+        watch.stop()
         if not run.done():
             app.stop()
             await asyncio.wait_for(run, 30)
