@@ -27,7 +27,7 @@ from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.digest import FailureDigest
 from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers, SourceRef, producer_config
-from consumer.matcher import Counts, MatchSettings, TooManyExposures, count, match
+from consumer.matcher import Counts, MatchSettings, TooManyExposures, count, count_one, match
 from consumer.metrics import Count, HealthServer, Metrics, Observed, Tally
 from consumer.model import Conversion, Decision, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
@@ -164,7 +164,7 @@ class Application:
             "dlq": bool(self.dlq and self.dlq.failed is None),
             "stopping": self.stopping,
         }
-        ok = bool(detail["assigned"]) and bool(detail["broker"]) and bool(detail["dlq"]) and not self.stopping
+        ok = self._is_ready()
         self._set_ready(ok)
         return ok, detail
 
@@ -466,8 +466,7 @@ class Application:
     def _unmatchable(self, ev: InFlight, exc: Exception) -> None:
         if isinstance(exc, TooManyExposures):
             # Bad input, not a matcher bug: the whole event goes to the DLQ before anything of it is sent.
-            key = (None, exc.reason)
-            self._decisions[key] = self._decisions.get(key, 0) + 1
+            count_one(self._decisions, None, exc.reason)
             log.warning("event over max_exposures dead-lettered", extra={
                 "correlation_id": ev.correlation_id, "exposures": exc.exposures, "max_exposures": exc.limit})
             self._dead_letter(ev, [DeadLetter(ev.source, "match", type(exc).__name__, str(exc),

@@ -307,7 +307,8 @@ def _rejected(exposure: Exposure, purchase: Purchase, project: _Project, skew_ms
 Counts = dict[tuple[Provider | None, str], int]
 
 
-def _count(counts: Counts, provider: Provider | None, reason: str) -> None:
+def count_one(counts: Counts, provider: Provider | None, reason: str) -> None:
+    """Count one decision (a provider, or None for the event as a whole, and a reason) into `counts`."""
     key = (provider, reason)
     counts[key] = counts.get(key, 0) + 1
 
@@ -329,7 +330,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
     age = now_ms - occurred
     if age > settings.max_age_ms:
         if counts is not None:
-            _count(counts, None, RejectReason.TOO_OLD)
+            count_one(counts, None, RejectReason.TOO_OLD)
             return Decision(())
         detail = f"purchase is {human(age)} old (max_age {human(settings.max_age_ms)})"
         return _rejection(purchase, RejectReason.TOO_OLD, detail)
@@ -346,7 +347,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
         if unknown_providers:
             return Decision((), (), tuple(rejections))
         if counts is not None:
-            _count(counts, None, RejectReason.NO_EXPOSURES)
+            count_one(counts, None, RejectReason.NO_EXPOSURES)
             return Decision(())
         return _rejection(purchase, RejectReason.NO_EXPOSURES, "purchase carries no exposures")
 
@@ -660,12 +661,12 @@ def _note(rejections: list[Rejection], counts: Counts | None, rejection: Rejecti
     if counts is None:
         rejections.append(rejection)
     else:
-        _count(counts, rejection.exposure.provider if rejection.exposure is not None else None, rejection.reason)
+        count_one(counts, rejection.exposure.provider if rejection.exposure is not None else None, rejection.reason)
 
 
 def count(decision: Decision, counts: Counts) -> None:
     """Count a listed decision into `counts` as the counting mode of `match` does."""
     for exposure in decision.matched:
-        _count(counts, exposure.provider, "matched")
+        count_one(counts, exposure.provider, "matched")
     for rejection in decision.rejections:
         _note([], counts, rejection)
