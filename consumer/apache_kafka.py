@@ -35,6 +35,7 @@ STATE_FILE = "cluster.json"
 # taken from the code under test. The benchmark passes BENCH_JVM (the full JIT) instead.
 TEST_JVM = ("-Xms256m", "-Xmx512m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xss1m")
 BENCH_JVM = ("-Xms512m", "-Xmx1g", "-XX:+UseG1GC")
+TOOL_JVM = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")  # short-lived tools: start fast
 
 
 class ApacheKafkaError(RuntimeError):
@@ -84,12 +85,17 @@ def java() -> str:
     return exe
 
 
+def java_command(main: str, args: Sequence[str], jvm: Sequence[str] = TOOL_JVM, lib: Path | None = None) -> list[str]:
+    """`java … main args` on the Kafka class path with the project's log4j2 configuration."""
+    return [java(), *jvm, "-cp", str((lib or classpath()) / "*"), f"-Dlog4j2.configurationFile={LOG4J}",
+            main, *args]
+
+
 def run_java(main: str, args: Sequence[str], *, timeout: float = 120.0,
-             jvm: Sequence[str] = ("-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC")
-             ) -> subprocess.CompletedProcess[str]:
+             jvm: Sequence[str] = TOOL_JVM) -> subprocess.CompletedProcess[str]:
     """A Kafka command-line tool (StorageTool, ConsumerGroupCommand, ...) from the same jars as the broker."""
-    cmd = [java(), *jvm, "-cp", str(classpath() / "*"), f"-Dlog4j2.configurationFile={LOG4J}", main, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(java_command(main, args, jvm), capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def kafka_version() -> str:
@@ -272,8 +278,7 @@ class ApacheKafka:
             if self.scram is not None:
                 for name, password in self.scram.users.items():
                     args += ["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"]
-            cmd = [java(), "-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-cp", str(lib / "*"),
-                   f"-Dlog4j2.configurationFile={LOG4J}", "kafka.tools.StorageTool", *args]
+            cmd = java_command("kafka.tools.StorageTool", args, TOOL_JVM, lib)
             procs.append((n, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
         for n, p in procs:
             out, _ = p.communicate(timeout=120)
@@ -285,8 +290,7 @@ class ApacheKafka:
         lib = lib or classpath()
         n.starts += 1
         log = (n.directory / "server.log").open("ab")
-        cmd = [java(), *self.jvm, "-cp", str(lib / "*"), f"-Dlog4j2.configurationFile={LOG4J}",
-               "kafka.Kafka", str(props)]
+        cmd = java_command("kafka.Kafka", [str(props)], self.jvm, lib)
         n.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
