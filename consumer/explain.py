@@ -462,7 +462,14 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines += [f"    {k}: {v}" for k, v in r["headers"].items()]
         if r["body"] is not None:
             lines.append(f"    body: {r['body']}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(_printable(line) for line in lines) + "\n"
+
+
+def _printable(line: str) -> str:
+    """Control characters as \\uXXXX: ids come from upstream, and a hostile one must not drive the terminal."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in line)
 
 
 def _count(n: int) -> str:

@@ -559,3 +559,11 @@ def test_explain_an_event_over_the_cap_is_dead_lettered_and_sends_nothing() -> N
     assert "dead-lettered whole at stage match, reason too_many_exposures: order ord-1: 101 exposures" \
            in render_text(report)
     assert explain(cfg(), event(), now_ms=T0 + 1000)["dead_letter"] is None
+
+
+def test_a_hostile_visitor_id_cannot_drive_the_terminal() -> None:
+    e = event()
+    e["exposures"][0]["visitor_id"] = "kv\x1b[2J\x00"
+    text = render_text(explain(cfg(), e, now_ms=T0 + 1000))
+    assert "visitor kv\\u001b[2J\\u0000" in text
+    assert all(c.isprintable() or c == "\n" for c in text), "no control character reaches the terminal"
