@@ -592,6 +592,25 @@ class MatcherConfig:
 
 
 @dataclass(frozen=True)
+class LedgerConfig:
+    """[ledger]: the conversion ledger (consumer/ledger/, docs/operations.md "The ledger")."""
+
+    enabled: bool = True
+    topic: str = ""  # "" until parsed: "<kafka.topic>.ledger"
+    create: bool = True  # create the topic at start when missing (compacted, the source's partition count)
+    replication_factor: int = -1  # at creation; -1: the broker's default.replication.factor
+    topic_config: dict[str, str | int | float | bool] = field(default_factory=dict)  # at creation only
+    write_timeout: float = 30.0  # librdkafka's message.timeout.ms for a record: then the service stops
+    unattributed: bool = True  # also a record per purchase and project that got no conversion (the report's reasons)
+    recovery_fallback: float = 3600.0  # read back this far when a commit carries no ledger offset
+    max_recovery_records: int = 1_000_000
+    recovery_timeout: float = 60.0
+    verify_fraction: float = 0.0  # of delivered Kameleoon conversions checked with GET /visit/visitor; 0: off
+    verify_delay: float = 2700.0  # after delivery; Kameleoon shows a conversion once the visit is processed (~30 min)
+    verify_max_pending: int = 10_000  # checks waiting at once; more are not sampled (counted as "dropped")
+
+
+@dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig
     decoding: DecodingConfig = DecodingConfig()
@@ -602,6 +621,7 @@ class Config:
     kameleoon: KameleoonConfig = KameleoonConfig()
     convert: ConvertConfig = ConvertConfig()
     conductrics: ConductricsConfig = ConductricsConfig()
+    ledger: LedgerConfig = LedgerConfig()
 
     def rules(self) -> dict[tuple[Provider, str], Rules]:
         """Every configured provider project's rules, keyed by (provider, exposure project)."""
@@ -1059,6 +1079,37 @@ def _kafka(k: _Table) -> KafkaConfig:
     return kafka
 
 
+def _ledger(t: _Table, kafka: KafkaConfig) -> LedgerConfig:
+    d = LedgerConfig()
+    ledger = LedgerConfig(
+        enabled=t.get_bool("enabled", d.enabled),
+        topic=t.get_str("topic", f"{kafka.topic}.ledger"),
+        create=t.get_bool("create", d.create),
+        replication_factor=t.get_int("replication_factor", d.replication_factor, minimum=-1),
+        topic_config=t.passthrough("topic_config"),
+        write_timeout=t.duration("write_timeout", d.write_timeout, positive=True),
+        unattributed=t.get_bool("unattributed", d.unattributed),
+        recovery_fallback=t.duration("recovery_fallback", d.recovery_fallback),
+        max_recovery_records=t.get_int("max_recovery_records", d.max_recovery_records, minimum=1),
+        recovery_timeout=t.duration("recovery_timeout", d.recovery_timeout, positive=True),
+        verify_fraction=t.get_float("verify_fraction", d.verify_fraction) or 0.0,
+        verify_delay=t.duration("verify_delay", d.verify_delay),
+        verify_max_pending=t.get_int("verify_max_pending", d.verify_max_pending, minimum=1),
+    )
+    if ledger.topic in (kafka.topic, kafka.dlq_topic):
+        t.problem(t.key("topic"), "must differ from kafka.topic and kafka.dlq_topic")
+    if not 0.0 <= ledger.verify_fraction <= 1.0:
+        t.problem(t.key("verify_fraction"), f"must be between 0 and 1, got {ledger.verify_fraction}")
+    if ledger.replication_factor == 0:
+        t.problem(t.key("replication_factor"), "must be at least 1, or -1 for the broker's default")
+    policy = str(ledger.topic_config.get("cleanup.policy", "compact"))
+    if "compact" not in policy:
+        t.problem(dotted(t.key("topic_config"), "cleanup.policy"),
+                  "must include compact: the ledger keeps the latest outcome per conversion key")
+    t.done()
+    return ledger
+
+
 def _parse(root: _Table, base_dir: Path | None) -> Config:
     kafka = _kafka(root.table("kafka"))
 
@@ -1113,6 +1164,8 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         lt.problem(lt.key("format"), f"expected 'json' or 'text', got {log_format!r}")
     lt.done()
 
+    ledger = _ledger(root.table("ledger"), kafka)
+
     cfg = Config(
         kafka=kafka,
         decoding=decoding,
@@ -1123,6 +1176,7 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         kameleoon=_kameleoon(root.table("kameleoon")),
         convert=_convert(root.table("convert")),
         conductrics=_conductrics(root.table("conductrics")),
+        ledger=ledger,
     )
     root.done()
     if not (cfg.kameleoon.projects or cfg.convert.projects or cfg.conductrics.projects):

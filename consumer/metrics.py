@@ -132,6 +132,42 @@ class Metrics:
         self.ready = Gauge(
             f"{NS}_ready", "1 while the service is ready (assigned, broker and DLQ reachable).", registry=r
         )
+        self.ledger_write_failures = Counter(
+            f"{NS}_ledger_write_failures_total",
+            "Ledger records the broker did not acknowledge, by librdkafka error (the service stops on the first).",
+            ["reason"], registry=r,
+        )
+        self.ledger_records = Counter(
+            f"{NS}_ledger_records_total", "Ledger records acknowledged by the broker, by provider and outcome.",
+            ["provider", "outcome"], registry=r,
+        )
+        self.ledger_recovery_records = Counter(
+            f"{NS}_ledger_recovery_records_total",
+            "Ledger records read by recovery on assignment, by provider.", ["provider"], registry=r,
+        )
+        self.ledger_recovered_keys = Counter(
+            f"{NS}_ledger_recovered_keys_total",
+            "Conversion keys recovery found delivered since the committed offset (not sent again), by provider.",
+            ["provider"], registry=r,
+        )
+        self.ledger_recovery_seconds = Histogram(
+            f"{NS}_ledger_recovery_seconds", "Time one partition's recovery took, by provider.", ["provider"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ledger_recovery_fallbacks = Counter(
+            f"{NS}_ledger_recovery_fallbacks_total",
+            "Recoveries without commit metadata (first start, upgrade) or cut at max_recovery_records, by kind.",
+            ["provider", "kind"], registry=r,
+        )
+        self.ledger_pending = Gauge(
+            f"{NS}_ledger_pending_records", "Ledger records produced and not yet acknowledged (the ledger lag).",
+            registry=r,
+        )
+        self.verifications = Counter(
+            f"{NS}_verifications_total",
+            "Sampled Kameleoon deliveries checked with GET /visit/visitor after [ledger] verify_delay, by result.",
+            ["result"], registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
