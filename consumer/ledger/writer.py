@@ -50,16 +50,16 @@ class _Write:
 class _Report:
     """One record's delivery report, on the poll thread: queued for the event loop."""
 
-    __slots__ = ("index", "sink", "write")
+    __slots__ = ("index", "write", "writer")
 
-    def __init__(self, write: _Write, index: int, sink: list[tuple[_Write, int, KafkaError | None, int, int]]) -> None:
+    def __init__(self, write: _Write, index: int, writer: LedgerWriter) -> None:
         self.write = write
         self.index = index
-        self.sink = sink
+        self.writer = writer  # not its list: the poll thread swaps that list for a new one after each poll
 
     def __call__(self, err: KafkaError | None, msg: Message) -> None:
         partition, offset = msg.partition(), msg.offset()
-        self.sink.append((self.write, self.index, err, -1 if partition is None else partition,
+        self.writer._reports.append((self.write, self.index, err, -1 if partition is None else partition,
                           -1 if offset is None else offset))
 
 
@@ -133,12 +133,12 @@ class LedgerWriter:
         return await future
 
     def _produce(self, write: _Write, records: Sequence[LedgerRecord], start: int) -> None:
-        produce, topic, sink = self.producer.produce, self.topic, self._reports
+        produce, topic = self.producer.produce, self.topic
         for i in range(start, len(records)):
             rec = records[i]
             try:
                 produce(topic, value=encode(rec), key=rec.key.encode(), partition=rec.source_partition,
-                        on_delivery=_Report(write, i, sink))
+                        on_delivery=_Report(write, i, self))
             except BufferError:
                 # The local queue is full: the poll thread drains it; the rest follows in a moment.
                 assert self._loop is not None
