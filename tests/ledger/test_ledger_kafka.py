@@ -42,7 +42,7 @@ def reader(broker: Broker) -> Consumer:
 
 
 async def test_records_go_to_their_source_partition_and_resolve_when_acked(broker: Broker) -> None:
-    src, led = names(broker)
+    _src, led = names(broker)
     metrics = Metrics()
     writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0, metrics)
     writer.start()
@@ -65,7 +65,7 @@ async def test_records_go_to_their_source_partition_and_resolve_when_acked(broke
 async def test_a_write_to_a_partition_the_ledger_lacks_fails_typed_and_counted(broker: Broker) -> None:
     from consumer.ledger.writer import LedgerWriteError
 
-    src, led = names(broker)
+    _src, led = names(broker)
     metrics = Metrics()
     writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 3.0, metrics)
     writer.start()
@@ -79,7 +79,7 @@ async def test_a_write_to_a_partition_the_ledger_lacks_fails_typed_and_counted(b
 
 
 async def test_recovery_reads_from_the_metadata_and_keeps_only_this_pipelines_final_records(broker: Broker) -> None:
-    src, led = names(broker)
+    _src, led = names(broker)
     writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0)
     writer.start()
     try:
@@ -109,7 +109,7 @@ async def test_recovery_reads_from_the_metadata_and_keeps_only_this_pipelines_fi
 
 
 async def test_without_metadata_recovery_reads_the_fallback_window_and_says_so(broker: Broker) -> None:
-    src, led = names(broker)
+    _src, led = names(broker)
     writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0)
     writer.start()
     try:
@@ -131,7 +131,7 @@ async def test_without_metadata_recovery_reads_the_fallback_window_and_says_so(b
 async def test_a_tombstone_forgets_a_key(broker: Broker) -> None:
     from confluent_kafka import Producer
 
-    src, led = names(broker)
+    _src, led = names(broker)
     writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0)
     writer.start()
     try:

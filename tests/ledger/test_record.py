@@ -16,7 +16,6 @@ from consumer.ledger.record import (
     SCHEMA_PATH,
     SKIP_PREFIX,
     LedgerDecodeError,
-    LedgerRecord,
     Origin,
     Outcome,
     customer_hash,
