@@ -3,7 +3,8 @@
 The service runs on the embedded broker against the sandbox; a Prometheus server on loopback scrapes its
 /metrics every second. The counters (events consumed, conversions delivered per provider, dead letters) and
 the consumer lag are read back through Prometheus' query API, so the exposition format, the metric names
-and the label sets are checked the way an operator's dashboard would see them.
+and the label sets are checked the way an operator's dashboard would see them. Each provider reads in a consumer
+group of its own: consumption, lag, assignment and in-flight are checked per group, bad input once for all.
 
 Consumer lag on the embedded broker (Tansu): its high watermark is wrong after a multi-record batch
 (/work/shared/toolcheck.md), so the events are produced one per batch (linger.ms=0, a flush after each)
