@@ -355,6 +355,7 @@ def populate(m: Metrics) -> None:
     m.decode_failures.labels("schema").inc()
     for provider in PROVIDERS:
         m.match_decisions.labels(provider, "matched").inc(20)
+        m.match_decisions.labels(provider, "outside_window").inc(3)
         m.conversions.labels(provider, "delivered").inc(20)
         m.conversions.labels(provider, "dead_lettered").inc(1)
         m.http_duration.labels(provider, "2xx").observe(0.05)
@@ -368,6 +369,7 @@ def populate(m: Metrics) -> None:
         m.dlq_produced.labels("dispatch", provider).inc()
     m.token_grants.labels("kameleoon", "ok").inc()
     m.dlq_failures.inc(0)
+    m.dlq_values_omitted.labels("MSG_SIZE_TOO_LARGE").inc()
     m.processing_delay.observe(0.3)
     m.ready.set(1)
 
@@ -457,6 +459,27 @@ def test_dashboard_shows_group_metrics_per_group(prometheus: str) -> None:
         groups = {r["metric"].get("group") for r in result}
         if groups != set(GROUPS):
             problems.append(f"{title}: {expr}: groups {groups}, expected one series set per group {set(GROUPS)}")
+    assert not problems, "\n".join(problems)
+
+
+def metrics_doc_queries() -> list[str]:
+    """Every example query of docs/metrics.md: the ```promql blocks, one query per paragraph."""
+    blocks = re.findall(r"```promql\n(.*?)```", METRICS_DOC.read_text(), flags=re.S)
+    return [q.strip() for b in blocks for q in re.split(r"\n\s*\n", b) if q.strip()]
+
+
+def test_metrics_doc_examples_are_valid_queries(prometheus: str) -> None:
+    """The documented queries parse and evaluate on the service's series (a wrong label set errors or is empty
+    only where the query filters: comparisons such as `== 2` may rightly return nothing)."""
+    queries = metrics_doc_queries()
+    assert len(queries) >= 26
+    problems = []
+    for q in queries:
+        body = get_json(f"{prometheus}/api/v1/query?query={urllib.parse.quote(q)}")
+        if body.get("status") != "success":
+            problems.append(f"{q}: {body.get('error')}")
+        elif not body["data"]["result"] and not re.search(r"(==|>|<)\s*[\d.]+\s*$", q):
+            problems.append(f"{q}: no series")
     assert not problems, "\n".join(problems)
 
 
