@@ -9,9 +9,10 @@ Two answers never end in a Result, so the event's offset stays uncommitted and a
 - a transient failure (5xx, 429, a timeout, a refused or reset connection, Conductrics' JSON 500) is
   retried with capped, jittered backoff for as long as the provider is down, behind its circuit breaker,
   unless `[<provider>.retry] give_up_after` is set;
-- refused credentials (a 401 after one re-authentication, a 403, a refused token grant) pause the
-  provider project: its batches wait in its `Lane`, one of them is retried every `auth_probe_interval`
-  (re-authenticating first), and sending resumes when one is not refused, or on `Dispatcher.resume`.
+- refused credentials (a 401 after one re-authentication, a 403, a refused token grant, and the egress
+  proxy's or TLS's refusals: `TransportError.refused`) pause the provider project: its batches wait in
+  its `Lane`, one of them is retried every `auth_probe_interval` (re-authenticating first), and sending
+  resumes when one is not refused, or on `Dispatcher.resume`.
 An operator's `Dispatcher.pause` holds a project's batches the same way until it is resumed.
 """
 
@@ -95,9 +96,10 @@ class ProjectStatus:
     """One provider project as the control plane shows it (what Kafka Connect's status is for a task).
 
     state: "paused" while held (by an operator, or on refused credentials: `paused_by`); "failed" while
-    its provider is failing (the circuit is not closed: its conversions wait and are retried); else
-    "running". `since` is on the dispatcher's clock (time.monotonic by default). `in_flight` counts
-    conversions waiting (in an open batch, queued, parked by a pause, in a backoff) or being sent.
+    its provider is failing (the circuit is not closed, or as many transient failures in a row as open
+    it: its conversions wait and are retried); else "running". `since` is on the dispatcher's clock
+    (time.monotonic by default). `in_flight` counts conversions waiting (in an open batch, queued,
+    parked by a pause, in a backoff) or being sent.
     `counts`: conversions delivered, not_accepted, dead_lettered; retries (requests retried). No field
     ever holds a secret: reasons are the provider modules' bounded texts or what the operator wrote.
     """
@@ -127,7 +129,8 @@ class AmbiguousProject(ProjectLookupError):
 
 
 class CredentialsRefused(Exception):
-    """The token endpoint refused the project's client credentials (a 400, 401 or 403 to the grant)."""
+    """Credentials were refused before the provider could answer: the token endpoint refused the client
+    credentials (a 400, 401 or 403 to the grant), the egress proxy its own, or TLS a certificate."""
 
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.reason)
@@ -150,8 +153,8 @@ class Lane:
     bounded by the pipeline's in-flight budget, which pauses the partitions when it is full.
     """
 
-    __slots__ = ("backlog", "dead_lettered", "delivered", "gate", "in_flight", "key", "last_error", "not_accepted",
-                 "pause", "probe_timer", "retries", "retry", "running")
+    __slots__ = ("backlog", "dead_lettered", "delivered", "failing", "gate", "in_flight", "key", "last_error",
+                 "not_accepted", "pause", "probe_timer", "retries", "retry", "running")
 
     def __init__(self, key: tuple[Provider, str], gate: Gate, pause: Pause, retry: RetryConfig) -> None:
         self.key = key
@@ -163,6 +166,7 @@ class Lane:
         self.in_flight = 0  # conversions launched (queued, parked, retrying or being sent), not yet resulted
         self.delivered = self.not_accepted = self.dead_lettered = self.retries = 0
         self.last_error: str | None = None
+        self.failing = 0  # transient failures in a row (a token endpoint's too, which the breaker never sees)
         self.probe_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -336,9 +340,10 @@ class Dispatcher:
         pause = self.pauses.get(key)
         circuit = lane.gate.breaker.state if lane is not None else BreakerState.CLOSED
         last_error = lane.last_error if lane is not None else None
+        failing = lane is not None and lane.failing >= lane.gate.breaker.threshold
         if pause is not None and pause.held:
             state, reason = "paused", pause.reason
-        elif circuit is not BreakerState.CLOSED:
+        elif circuit is not BreakerState.CLOSED or failing:
             state, reason = "failed", f"provider failing: {last_error}" if last_error else "provider failing"
         else:
             state, reason = "running", None
@@ -475,6 +480,7 @@ class Dispatcher:
                     return
                 if verdict is Verdict.RETRY:
                     lane.last_error = outcome.reason
+                    lane.failing += 1
                     if probe:  # the credentials are not known to work yet: stay paused, probe again later
                         self._probe_answered(lane, False)
                         lane.backlog.appendleft((items, route, started))
@@ -487,6 +493,7 @@ class Dispatcher:
                         continue
                     outcome = Outcome(Verdict.PERMANENT, f"gave up after {route.retry.give_up_after:g}s: "
                                                          f"{outcome.reason}", outcome.status)
+                lane.failing = 0
                 if probe:
                     probe = False
                     self._probe_answered(lane, True)  # answered, not refused: the credentials work again
@@ -546,6 +553,8 @@ class Dispatcher:
             except TransportError as exc:
                 rtt = time.perf_counter() - started
                 self.metrics.http_duration.labels(provider.slug, "error").observe(rtt)
+                if exc.refused:  # the proxy's credentials or a certificate: a fix is needed, not patience
+                    raise CredentialsRefused(Outcome(Verdict.PERMANENT, exc.kind)) from None
                 healthy = False
                 signal = Signal.OVERLOAD if exc.kind == "timeout" else Signal.ERROR
                 return Outcome(Verdict.RETRY, exc.kind), token
