@@ -98,8 +98,8 @@ class ProjectStatus:
     state: "paused" while held (by an operator, or on refused credentials: `paused_by`); "failed" while
     its provider is failing (the circuit is not closed, or as many transient failures in a row as open
     it: its conversions wait and are retried); else "running". `since` is on the dispatcher's clock
-    (time.monotonic by default). `in_flight` counts conversions waiting (in an open batch, queued,
-    parked by a pause, in a backoff) or being sent.
+    (time.monotonic by default). `circuit`: "closed", "half_open" or "open". `in_flight` counts
+    conversions waiting (in an open batch, queued, parked by a pause, in a backoff) or being sent.
     `counts`: conversions delivered, not_accepted, dead_lettered; retries (requests retried). No field
     ever holds a secret: reasons are the provider modules' bounded texts or what the operator wrote.
     """
@@ -177,10 +177,13 @@ class Lane:
 class Dispatcher:
     """Routes each conversion to its provider module; one lane per (provider, project).
 
-    The control surface (`statuses`, `pause`, `resume`, `on_pause`, `pause_changes`) is what the
-    service's control API and readiness detail are built on. `projects` (optional) names every
-    configured (provider, project), so `statuses()` lists projects that have sent nothing yet and
-    `pause` refuses a name that is not one of them.
+    The control surface (`statuses`, `status`, `paused`, `pause`, `resume`, `on_pause`,
+    `pause_changes`) is what the service's control API and readiness detail are built on; call it
+    on the event loop's thread (an aiohttp handler is). `projects` (optional: `Config.rules()`'s
+    keys) names every configured (provider, project), so `statuses()` lists projects that have sent
+    nothing yet and `pause` refuses a name that is not one of them. A pause lives in this process:
+    making it survive a restart and hold for every member is the control plane's to do (it calls
+    `pause` again at start).
     """
 
     def __init__(
@@ -461,6 +464,11 @@ class Dispatcher:
                     outcome, token = sent
                 attempts += 1
                 verdict = outcome.verdict
+                if verdict is Verdict.DELIVERED and not probe:  # the usual answer first: no other test on it
+                    lane.failing = 0
+                    lane.delivered += len(items)
+                    self._finish(lane, items, Result(Status.DELIVERED, outcome, attempts))
+                    return
                 if verdict is Verdict.REAUTH and route.token is not None and not reauthed:
                     # A token the provider refused is dropped and replaced once; a second 401 pauses the project.
                     if token is not None:
