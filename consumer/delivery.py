@@ -275,9 +275,10 @@ class Dispatcher:
         key = self._project_key(project, provider)
         return self._status(key, self._open_per_project().get(key, 0))
 
-    def paused(self) -> dict[tuple[str, str], str]:
-        """(provider slug, project) -> why, for every paused project: the readiness detail."""
-        return {(p.slug, project): f"{pause.paused_by}: {pause.reason}"
+    def paused(self) -> dict[str, str]:
+        """"provider/project" -> why ("credentials: …" or "operator: …"), for every paused project: the
+        readiness detail, JSON as it is."""
+        return {f"{p.slug}/{project}": f"{pause.paused_by}: {pause.reason}"
                 for (p, project), pause in sorted(self.pauses.items(), key=lambda i: (i[0][0].slug, i[0][1]))
                 if pause.held}
 

@@ -182,7 +182,7 @@ async def test_a_refused_client_secret_pauses_and_a_probe_resumes_once_it_works(
         assert "rotated-secret" not in repr(s) and "the-right-secret" not in repr(s)
         assert h.paused_gauge("kameleoon", SITE, "credentials") == 1.0
         assert h.paused_gauge("kameleoon", SITE, "operator") == 0.0
-        assert h.dispatcher.paused() == {("kameleoon", SITE): f"credentials: {s.reason}"}
+        assert h.dispatcher.paused() == {f"kameleoon/{SITE}": f"credentials: {s.reason}"}
         # Probed, not flooded: a refused grant every 200 ms at most while it waits.
         await wait_for(lambda: sandbox.status_counts("token").get(401, 0) >= 3, 10, "probes")
         assert h.results == {} and sandbox.counts()["kameleoon"] == 0
