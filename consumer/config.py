@@ -118,6 +118,7 @@ class _Problems:
         self.errors: dict[str, ConfigError] = {}
         self.substituted: dict[str, str] = {}  # a value that came from ${…} -> the reference, to show instead
         self.unjudged: set[str] = set()  # keys whose value is a placeholder (--no-env): not validated
+        self.notes: list[ConfigError] = []  # warnings: the config is valid, but a key does not do what it did
 
     def add(self, err: ConfigError) -> None:
         if err.key.split("[", 1)[0] in self.unjudged:
@@ -203,6 +204,10 @@ class _Table:
 
     def problem(self, key: str, message: str) -> None:
         self.problems.add(ConfigError(key, message))
+
+    def note(self, key: str, message: str) -> None:
+        """A warning about a valid key (`parse(..., warnings=)` and check-config show it)."""
+        self.problems.notes.append(ConfigError(key, message))
 
     def failed(self, name: str) -> bool:
         """Whether `name` (or an item of it) has an error already."""
@@ -490,10 +495,15 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    max_attempts: int = 8
-    max_elapsed: float = 300.0
+    """How transient failures are retried (consumer/retry.py), and how a project paused on refused
+    credentials is probed (consumer/delivery.py)."""
+
+    max_attempts: int = 8  # accepted from older configs, no longer ends retries (docs/operations.md)
+    max_elapsed: float = 300.0  # accepted from older configs, no longer ends retries: see give_up_after
     base_delay: float = 0.2
     max_delay: float = 30.0
+    give_up_after: float = 0.0  # seconds of transient failure before the DLQ; 0: never, wait for the provider
+    auth_probe_interval: float = 30.0  # a project paused on refused credentials retries one request this often
 
 
 @dataclass(frozen=True)
@@ -770,9 +780,19 @@ def _retry(t: _Table) -> RetryConfig:
         max_elapsed=t.duration("max_elapsed", d.max_elapsed, positive=True),
         base_delay=t.duration("base_delay", d.base_delay),
         max_delay=t.duration("max_delay", d.max_delay),
+        give_up_after=t.duration("give_up_after", d.give_up_after),
+        auth_probe_interval=t.duration("auth_probe_interval", d.auth_probe_interval, positive=True),
     )
     if r.max_delay < r.base_delay:
         t.problem(t.key("max_delay"), "must not be below base_delay")
+    if 0 < r.give_up_after < r.base_delay and not t.failed("give_up_after"):
+        t.problem(t.key("give_up_after"), f"must be 0s (never give up) or at least base_delay "
+                                          f"({r.base_delay:g}s), got {r.give_up_after:g}s")
+    for legacy in ("max_attempts", "max_elapsed"):
+        if t.has(legacy) and not t.failed(legacy):
+            # A config written when these ended retries still loads; say what it now means instead.
+            t.note(t.key(legacy), "no longer dead-letters a conversion: transient failures are retried until "
+                                  "the provider answers, or for give_up_after when set (docs/operations.md)")
     t.done()
     return r
 
@@ -1162,6 +1182,8 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         if warnings is not None:
             warnings.extend(problems.clean(notes))
     problems.raise_if_any()
+    if warnings is not None:
+        warnings.extend(problems.clean(problems.notes))
     return cfg
 
 

@@ -365,6 +365,8 @@ def populate(m: Metrics) -> None:
         m.batch_bytes.labels(provider).observe(2048)
         m.circuit_state.labels(provider, "p1").set(0)
         m.concurrency_limit.labels(provider, "p1").set(64)
+        m.project_paused.labels(provider, "p1", "credentials").set(0)
+        m.project_paused.labels(provider, "p1", "operator").set(0)
         m.delivery_delay.labels(provider).observe(120)
         m.dlq_produced.labels("dispatch", provider).inc()
     m.token_grants.labels("kameleoon", "ok").inc()
