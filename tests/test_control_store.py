@@ -141,7 +141,7 @@ async def test_records_it_cannot_read_are_skipped_not_fatal(broker: Broker) -> N
     assert p.flush(20) == 0
     seen = Recorder()
     s = store(broker, topic, seen)
-    with pytest.raises(ControlTopicNotCompacted, match="cleanup.policy is 'delete'"):
+    with pytest.raises(ControlTopicNotCompacted, match=r"cleanup\.policy is 'delete'"):
         await s.start()
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     for f in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic,
