@@ -168,3 +168,22 @@ async def test_an_unreachable_topic_is_a_clear_error(broker: Broker) -> None:
     s = store(broker, "bad name with spaces", Recorder())
     with pytest.raises(ControlTopicError, match="control topic 'bad name with spaces'"):
         await s.start()
+
+
+async def test_offsets_without_a_record_at_the_end_do_not_hold_up_the_start(broker: Broker) -> None:
+    # A transaction's commit marker takes the last offset and is never returned to a reader, as the offset
+    # of a tombstone the cleaner deleted is not: the bounded read must end at the position, not at a record.
+    topic = f"oc-{uuid.uuid4().hex[:8]}.control"
+    broker.create_topics([topic], partitions=1, config={"cleanup.policy": "compact"})
+    p = Producer({"bootstrap.servers": broker.bootstrap, "transactional.id": f"tx-{topic}"})
+    p.init_transactions(20)
+    p.begin_transaction()
+    p.produce(topic, key=b"pause/convert/1111_2222", value=b'{"paused":true,"reason":"r","at":5,"by":"api"}')
+    p.commit_transaction(20)
+    seen = Recorder()
+    s = ControlStore(topic, {"bootstrap.servers": broker.bootstrap}, seen, timeout=5.0)
+    await s.start()  # with the last offset read as the end, this would time out after 5 s
+    try:
+        assert seen.changes == [("convert", "1111_2222", True, "r")]
+    finally:
+        await s.close()

@@ -281,6 +281,11 @@ class ControlStore:
                 named = parse_key(msg.key())
                 if named is not None:
                     latest[named] = msg.value()
+            # The consumer's position, not the last offset read: compaction can leave the offsets just below
+            # the end without a record (a deleted tombstone), and the position moves past such a gap.
+            for tp in consumer.position([TopicPartition(self.topic, p) for p in partitions]):
+                if tp.offset > read_to[tp.partition]:
+                    read_to[tp.partition] = tp.offset
         return latest, read_to
 
     # ------------------------------------------------------------------ following (step 4)
@@ -295,17 +300,23 @@ class ControlStore:
             except (KafkaException, RuntimeError) as exc:
                 if self._stop.is_set():
                     return
+                if str(exc) != self.last_error:
+                    log.warning("control store: reading the topic failed: %s", exc, extra={"topic": self.topic})
                 self.last_error = str(exc)
-                log.warning("control store: reading the topic failed: %s", exc, extra={"topic": self.topic})
                 continue
             for msg in batch:
                 err = msg.error()
                 if err is not None:
+                    if err.str() != self.last_error:  # a broker down repeats the same error: said once
+                        log.warning("control store: %s", err.str(), extra={"topic": self.topic})
                     self.last_error = err.str()
-                    log.warning("control store: %s", err.str(), extra={"topic": self.topic})
                     continue
-                self._loop.call_soon_threadsafe(self._record_read, msg.partition() or 0, msg.offset() or 0,
-                                                msg.key(), msg.value())
+                self.last_error = None
+                try:
+                    self._loop.call_soon_threadsafe(self._record_read, msg.partition() or 0, msg.offset() or 0,
+                                                    msg.key(), msg.value())
+                except RuntimeError:  # the event loop is closed: nobody is left to tell
+                    return
 
     def _record_read(self, partition: int, offset: int, key: bytes | None, value: bytes | None) -> None:
         """On the loop: one record read by the follower; applied, then any writer waiting for it is told."""
