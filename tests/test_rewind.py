@@ -17,6 +17,7 @@ from consumer.model import Provider
 from consumer.ops.rewind import (
     GroupActive,
     Move,
+    RewindError,
     RewindRefused,
     group_for,
     parse_time,
@@ -198,3 +199,11 @@ def test_plan_and_render() -> None:
     assert "2025-12-02T08:00:00.000Z" in text and "-5" in text and "+2" in text and "end of the log" in text
     assert group_for("oc", provider_named(" Kameleoon ")) == "oc.kameleoon"
 
+
+
+def test_refused_when_the_providers_share_one_group(broker: Broker, topics: dict[str, str]) -> None:
+    data = config_dict(broker.bootstrap, topics, "http://127.0.0.1:9")
+    data["kafka"]["isolation"] = "shared"
+    cfg = parse(data, env={})
+    with pytest.raises(RewindError, match=r"isolation is 'shared'.*re-sends to all of them"):
+        rewind(cfg, Provider.CONVERT, 0, dry_run=True, out=io.StringIO())

@@ -23,16 +23,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
+from consumer import groups
 from consumer.config import Config, ConfigError, parse_duration
 from consumer.logs import KafkaLog
 from consumer.model import Provider
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
-NO_OFFSET = -1001  # librdkafka's OFFSET_INVALID: the group has no committed offset there
 
 
 class RewindError(RuntimeError):
@@ -89,7 +89,7 @@ def parse_time(text: str, now_ms: int) -> int:
 
 
 def group_for(group_id: str, provider: Provider) -> str:
-    """The provider's own consumer group, as the service names it."""
+    """The provider's own consumer group, as the service names it (consumer/groups.py, isolation "provider")."""
     return f"{group_id}.{provider.slug}"
 
 
@@ -159,12 +159,18 @@ def members(admin: AdminClient, group: str, timeout: float) -> list[str]:
     return [f"{m.client_id}@{m.host.lstrip('/')}" for m in described.members or ()]
 
 
-def committed(admin: AdminClient, group: str, topic: str, partitions: Sequence[int],
-              timeout: float) -> dict[int, int | None]:
-    request = [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])]
-    answer = _result(admin.list_consumer_group_offsets(request, request_timeout=timeout)[group], timeout * 2,
-                     f"cannot read group {group!r}'s committed offsets")
-    return {tp.partition: (None if tp.offset < 0 else tp.offset) for tp in answer.topic_partitions}
+def committed(cfg: Config, group: str, partitions: Sequence[int], timeout: float) -> dict[int, int | None]:
+    """The group's committed offsets (None: none), read by a consumer that never joins it, as the service's
+    group seeding does: librdkafka 2.x can crash on an AdminClient's OffsetFetch answered with a retriable
+    error (consumer/groups.py)."""
+    client = Consumer({**admin_config(cfg), "group.id": group, "enable.auto.commit": False})
+    try:
+        found = groups.committed(client, cfg.kafka.topic, list(partitions), timeout)
+    except groups.SeedError as exc:
+        raise RewindError(f"cannot read group {group!r}'s committed offsets: {exc}") from None
+    finally:
+        client.close()
+    return {p: found.get(p) for p in partitions}
 
 
 def _offsets(admin: AdminClient, topic: str, partitions: Sequence[int], spec: Any, timeout: float) -> dict[int, int]:
@@ -185,7 +191,12 @@ def rewind(cfg: Config, provider: Provider, to_ms: int, *, dry_run: bool, force:
            out: TextIO | None = None, timeout: float = 15.0) -> RewindResult:
     """Steps 1-4 of the module's docstring; RewindError (GroupActive, RewindRefused) says why it stopped."""
     stream = out or sys.stdout
-    group, topic = group_for(cfg.kafka.group_id, provider), cfg.kafka.topic
+    if cfg.kafka.isolation != "provider":
+        raise RewindError(f"[kafka] isolation is {cfg.kafka.isolation!r}: every provider reads in group "
+                          f"{cfg.kafka.group_id!r}, so moving it re-sends to all of them; with isolation "
+                          "'provider' each has a group of its own (or move the shared group with "
+                          "kafka-consumer-groups.sh --reset-offsets, docs/operations.md)")
+    group, topic = groups.group_of(cfg.kafka, provider.slug), cfg.kafka.topic
     admin = AdminClient(admin_config(cfg))
     # 1
     try:
@@ -209,7 +220,7 @@ def rewind(cfg: Config, provider: Provider, to_ms: int, *, dry_run: bool, force:
         raise RewindError(f"topic {topic!r} ([kafka] topic) cannot be read: "
                           f"{md.error.str() if md is not None and md.error is not None else 'it has no partitions'}")
     partitions = sorted(md.partitions)
-    before = committed(admin, group, topic, partitions, timeout)
+    before = committed(cfg, group, partitions, timeout)
     moves = plan(before, _offsets(admin, topic, partitions, OffsetSpec.for_timestamp(to_ms), timeout),
                  _offsets(admin, topic, partitions, OffsetSpec.latest(), timeout))  # type: ignore[no-untyped-call]
     # 3
@@ -229,7 +240,7 @@ def rewind(cfg: Config, provider: Provider, to_ms: int, *, dry_run: bool, force:
         moved = sorted({m.partition for m in moves} - set(refused))
         changed = "nothing changed" if not moved else f"partitions {moved} did move"
         raise RewindRefused(f"the broker refused to move group {group!r}, {changed}: {why}{hint}")
-    after = committed(admin, group, topic, partitions, timeout)
+    after = committed(cfg, group, partitions, timeout)
     wrong = {m.partition: after.get(m.partition) for m in moves if after.get(m.partition) != m.after}
     if wrong:
         raise RewindRefused(f"group {group!r}'s offsets read back differ from the ones committed: {wrong}")
