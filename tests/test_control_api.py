@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from consumer.config import Config, ConfigError, parse
-from consumer.ops.control_api import ControlListenError, ProjectStatus, authorized, pause_reason
+from consumer.ops.control_api import ControlListenError, ProjectStatus, authorized, local_host, pause_reason
 from consumer.ops.control_plane import ControlPlane
 from consumer.ops.control_store import ControlStore
 from tests.conftest import Broker, config_dict
@@ -165,6 +165,35 @@ async def test_list_one_pause_resume_and_not_found(control_config: Callable[...,
             assert (await r.json())["state"] == "paused"
 
 
+async def test_without_a_token_only_requests_to_localhost_are_answered(control_config: Callable[..., Config],
+                                                                       http: aiohttp.ClientSession) -> None:
+    cfg = control_config()
+    service = Service()
+    async with ControlPlane(cfg, service, service.on_change) as cp:
+        base = f"http://127.0.0.1:{cp.port}"
+        for host in ("rebound.attacker.example", f"rebound.attacker.example:{cp.port}", "10.0.0.8"):
+            async with http.put(base + "/providers/convert/1111_2222/pause", headers={"Host": host}) as r:
+                assert r.status == 403, host
+                assert "localhost" in (await r.json())["message"]
+        assert cp.store.paused() == {}
+        for host in (f"localhost:{cp.port}", f"127.0.0.1:{cp.port}", "localhost"):
+            async with http.get(base + "/providers", headers={"Host": host}) as r:
+                assert r.status == 200, host
+
+
+async def test_answers_never_quote_a_configured_secret(control_config: Callable[..., Config],
+                                                       http: aiohttp.ClientSession) -> None:
+    cfg = control_config()
+    key = cfg.conductrics.projects["ac-xxx"].api_key.reveal()
+    service = Service()
+    old = service.projects[("conductrics", "ac-xxx")]
+    service.projects[("conductrics", "ac-xxx")] = replace(old, last_error=f"401 for key {key}")
+    async with ControlPlane(cfg, service, service.on_change) as cp:
+        r = await http.get(f"http://127.0.0.1:{cp.port}/providers/conductrics/ac-xxx")
+        body = await r.text()
+    assert key not in body and "401 for key ***" in body
+
+
 async def test_a_taken_port_names_control_port(control_config: Callable[..., Config]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -215,6 +244,14 @@ def test_authorized_compares_the_whole_token() -> None:
     assert authorized(f"Bearer {TOKEN}", token)
     for header in (None, "", "Bearer", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Token {TOKEN}", TOKEN):
         assert not authorized(header, token), header
+
+
+def test_local_host() -> None:
+    for host in ("localhost", "LOCALHOST:8083", "127.0.0.1", "127.0.0.1:8083", "[::1]:8083", "[::1]", "::1",
+                 "127.8.9.10:1"):
+        assert local_host(host), host
+    for host in (None, "", "example.com", "example.com:8083", "10.0.0.1", "[2001:db8::1]:80", "localhost.evil"):
+        assert not local_host(host), host
 
 
 def test_pause_reason() -> None:

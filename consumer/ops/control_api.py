@@ -7,7 +7,8 @@
 
 A pause or resume is written to the control topic (consumer/ops/control_store.py), so it survives
 restarts and reaches every member; the answer comes once this member has applied it. With `[control]
-token` set every request carries `Authorization: Bearer <token>` (401 otherwise); errors are JSON
+token` set every request carries `Authorization: Bearer <token>` (401 otherwise), without one only requests
+addressed to localhost are answered (403 otherwise: DNS rebinding); errors are JSON
 `{"error_code": …, "message": …}` as Kafka Connect's are.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import socket
@@ -121,6 +123,27 @@ def pause_reason(body: str) -> str | None:
     return reason or None
 
 
+def local_host(host_header: str | None) -> bool:
+    """Whether a request's Host names this machine's loopback (localhost, 127.x, ::1), port or not.
+
+    Without a token, a page in an operator's browser could otherwise reach the loopback API through a
+    name of its own that resolves to 127.0.0.1 (DNS rebinding); such a request carries that name.
+    """
+    if not host_header:
+        return False
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def authorized(header: str | None, token: Secret) -> bool:
     """Whether an Authorization header carries the bearer token; compared in constant time."""
     if header is None:
@@ -139,16 +162,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ControlApi:
     """Serves the control API on its own port; reads `controlled`, writes pauses to `store`."""
 
-    def __init__(self, store: ControlStore, controlled: Controlled, group_id: str, token: Secret | None = None) -> None:
+    def __init__(self, store: ControlStore, controlled: Controlled, group_id: str, token: Secret | None = None,
+                 scrub: Callable[[str], str] | None = None) -> None:
         self.store = store
         self.controlled = controlled
         self.group_id = group_id
         self._token = token
+        # A last error or a reason could quote a credential: every answer goes through the log redactor's scrub.
+        self._scrub = scrub
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self._scrubbed, self._errors, self._auth], client_max_size=64 * 1024)
         app.router.add_get("/providers", self._list)
         app.router.add_get("/providers/{provider}/{project}", self._one)
         app.router.add_put("/providers/{provider}/{project}/pause", self._pause)
@@ -191,8 +217,21 @@ class ControlApi:
                                                             if k.lower() == "allow"})
 
     @web.middleware
+    async def _scrubbed(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if self._scrub is not None and isinstance(response, web.Response) and response.text is not None:
+            scrubbed = self._scrub(response.text)
+            if scrubbed != response.text:
+                response.text = scrubbed
+        return response
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is not None and not authorized(request.headers.get("Authorization"), self._token):
+        if self._token is None:
+            if not local_host(request.headers.get("Host")):
+                return error_response(403, "without [control] token the API answers only requests to localhost, "
+                                           "127.0.0.1 or [::1] (the Host header names another host)")
+        elif not authorized(request.headers.get("Authorization"), self._token):
             return error_response(401, "a valid bearer token is required (Authorization: Bearer …)",
                                   {"WWW-Authenticate": 'Bearer realm="offline-conversions control"'})
         return await handler(request)

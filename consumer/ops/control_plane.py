@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from consumer.config import Config
+from consumer.logs import Redactor
 from consumer.ops.control_api import ControlApi, Controlled
 from consumer.ops.control_store import ControlStore, OnChange
 
@@ -23,7 +24,8 @@ class ControlPlane:
                  store: ControlStore | None = None) -> None:
         self.cfg = cfg
         self.store = store or ControlStore.for_config(cfg, on_change)
-        self.api = ControlApi(self.store, controlled, cfg.kafka.group_id, cfg.control.token)
+        self.api = ControlApi(self.store, controlled, cfg.kafka.group_id, cfg.control.token,
+                              scrub=Redactor(cfg.secrets()).scrub)
         self.port = 0
 
     async def __aenter__(self) -> ControlPlane:
