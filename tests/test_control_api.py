@@ -301,3 +301,11 @@ def test_a_bad_control_config_fails_naming_the_key(control: dict[str, Any], key:
         _parse(control, host="0.0.0.0", port=9400)
     assert err.value.key == key, str(err.value)
     assert says in str(err.value)
+
+
+def test_each_worker_process_gets_its_own_control_port() -> None:
+    from consumer.cli import for_worker
+
+    cfg = _parse({})
+    assert [for_worker(cfg, i).control.port for i in range(3)] == [8083, 8084, 8085]
+    assert for_worker(_parse({"port": 0}), 2).control.port == 0
