@@ -143,11 +143,10 @@ async def test_records_it_cannot_read_are_skipped_not_fatal(broker: Broker) -> N
     s = store(broker, topic, seen)
     with pytest.raises(ControlTopicNotCompacted, match=r"cleanup\.policy is 'delete'"):
         await s.start()
-    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-    for f in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic,
-                                                             incremental_configs=[_compact()])]).values():
-        f.result(20)
-    await wait_for(lambda: topic_config(broker, topic)["cleanup.policy"] == "compact", 20, "compaction on")
+    await set_policy(broker, topic, "compact,delete")
+    with pytest.raises(ControlTopicNotCompacted, match=r"cleanup\.policy is 'compact,delete'"):
+        await store(broker, topic, seen).start()
+    await set_policy(broker, topic, "compact")
     s = store(broker, topic, seen)
     await s.start()
     try:
@@ -157,10 +156,15 @@ async def test_records_it_cannot_read_are_skipped_not_fatal(broker: Broker) -> N
         await s.close()
 
 
-def _compact() -> object:
+async def set_policy(broker: Broker, topic: str, policy: str) -> None:
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry  # type: ignore[attr-defined]
 
-    return ConfigEntry("cleanup.policy", "compact", incremental_operation=AlterConfigOpType.SET)
+    entry = ConfigEntry("cleanup.policy", policy, incremental_operation=AlterConfigOpType.SET)
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for f in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic,
+                                                             incremental_configs=[entry])]).values():
+        f.result(20)
+    await wait_for(lambda: topic_config(broker, topic)["cleanup.policy"] == policy, 20, f"cleanup.policy {policy}")
 
 
 async def test_an_unreachable_topic_is_a_clear_error(broker: Broker) -> None:

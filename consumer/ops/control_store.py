@@ -4,7 +4,7 @@ The topic (`[control] topic`, by default `<kafka.group_id>.control`) holds one r
 provider project, keyed `pause/<provider>/<project>`, valued `{"paused": true, "reason": …, "at":
 epoch_ms, "by": …}`; a resume is a tombstone, so compaction leaves only what is paused now. The service
 creates the topic at start-up if it is missing (one partition, `cleanup.policy=compact`) and refuses
-one that is not compacted: retention would delete a pause silently.
+one whose cleanup policy is not `compact` alone: retention would delete a pause silently.
 
 `ControlStore` protocol, in the order `start`, the follower and `pause`/`resume` run it:
   1. ensure the topic exists and is compacted (AdminClient, in an executor: the client blocks);
@@ -233,7 +233,8 @@ class ControlStore:
             return
         entry = described.get("cleanup.policy")
         policy = entry.value if entry is not None else None
-        if policy is not None and "compact" not in policy.split(","):
+        # "compact,delete" is refused too: retention would still delete a pause older than retention.ms.
+        if policy is not None and {p.strip() for p in policy.split(",")} != {"compact"}:
             raise ControlTopicNotCompacted(
                 self.topic, f"cleanup.policy is {policy!r}: retention would delete pauses; set it to 'compact' "
                             f"(kafka-configs.sh --alter --entity-type topics --entity-name {self.topic} "
