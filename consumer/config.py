@@ -470,6 +470,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """[control]: the control plane (consumer/ops/): its compacted Kafka topic and its HTTP API."""
+
+    topic: str | None = None  # None: "<kafka.group_id>.control" (Config.control_topic)
+    replication_factor: int | None = None  # of the topic when the service creates it; None: the broker's default
+    host: str = "127.0.0.1"  # loopback: reach it with kubectl port-forward / exec, or set a token to bind wider
+    port: int = 8083  # Kafka Connect's REST port; 0: any free port
+    token: Secret | None = None  # a bearer token every request must carry when set
+    start_timeout: float = 30.0  # reading the topic to its end at start-up
+
+
+CONTROL_TOKEN_MIN = 16  # characters: a shorter bearer token is guessable
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     max_in_flight: int = 20_000
     poll_batch: int = 500
@@ -618,6 +633,11 @@ class Config:
     kameleoon: KameleoonConfig = KameleoonConfig()
     convert: ConvertConfig = ConvertConfig()
     conductrics: ConductricsConfig = ConductricsConfig()
+    control: ControlConfig = ControlConfig()
+
+    def control_topic(self) -> str:
+        """The control plane's compacted topic: `[control] topic`, by default `<kafka.group_id>.control`."""
+        return self.control.topic or f"{self.kafka.group_id}.control"
 
     def rules(self) -> dict[tuple[Provider, str], Rules]:
         """Every configured provider project's rules, keyed by (provider, exposure project)."""
@@ -646,6 +666,8 @@ class Config:
         for http in (self.kameleoon.http, self.convert.http, self.conductrics.http):
             for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
                 out += [s.reveal()] if s else []
+        if self.control.token:
+            out.append(self.control.token.reveal())
         return [s for s in out if s]
 
 
@@ -1088,6 +1110,49 @@ def _kafka(k: _Table) -> KafkaConfig:
     return kafka
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _control(t: _Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlConfig:
+    """[control]: the topic (a legal Kafka name, not the source or the DLQ), where the API listens, its token."""
+    d = ControlConfig()
+    topic = t.opt_str("topic")
+    if topic is not None and (not _TOPIC_NAME.fullmatch(topic) or topic in (".", "..")):
+        t.problem(t.key("topic"), f"{topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; "
+                                  "at most 249)")
+    for other, key in ((kafka.topic, "kafka.topic"), (kafka.dlq_topic, "kafka.dlq_topic")):
+        if other and (topic or f"{kafka.group_id}.control") == other:
+            t.problem(t.key("topic"), f"must differ from {key}")
+    rf: int | None = None
+    if t.has("replication_factor"):
+        rf = t.get_int("replication_factor", 1, minimum=1, maximum=32767)
+    host = t.get_str("host", d.host)
+    if not host.strip() and not t.failed("host"):
+        t.problem(t.key("host"), "must not be empty (127.0.0.1 keeps the API on this machine)")
+    port = t.get_int("port", d.port, minimum=0, maximum=65535)
+    if port and port == metrics.port and not t.failed("port"):
+        t.problem(t.key("port"), f"must differ from metrics.port ({metrics.port})")
+    token = t.secret("token")
+    if token is not None and len(token.reveal()) < CONTROL_TOKEN_MIN:
+        t.problem(t.key("token"), f"must be at least {CONTROL_TOKEN_MIN} characters (the value is not shown)")
+    if host.strip() and not _is_loopback(host) and token is None and not t.failed("token"):
+        t.problem(t.key("token"), f"is required when control.host ({host!r}) is not a loopback address: "
+                                  "anyone who reaches the port could pause deliveries")
+    cfg = ControlConfig(topic=topic, replication_factor=rf, host=host, port=port, token=token,
+                        start_timeout=t.duration("start_timeout", d.start_timeout, positive=True))
+    t.done()
+    return cfg
+
+
 def _parse(root: _Table, base_dir: Path | None) -> Config:
     kafka = _kafka(root.table("kafka"))
 
@@ -1152,6 +1217,7 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         kameleoon=_kameleoon(root.table("kameleoon")),
         convert=_convert(root.table("convert")),
         conductrics=_conductrics(root.table("conductrics")),
+        control=_control(root.table("control"), kafka, metrics),
     )
     root.done()
     if not (cfg.kameleoon.projects or cfg.convert.projects or cfg.conductrics.projects):
