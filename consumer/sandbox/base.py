@@ -21,6 +21,7 @@ from consumer.sandbox.common import (
     Profile,
     Record,
     RequestEntry,
+    SpecError,
     _ActiveFault,
     _ActiveProfile,
     _digest,
@@ -60,15 +61,11 @@ class SandboxState:
             the start; `clear_faults()` returns to these.
         """
         self.auth_sites = frozenset(kameleoon_auth_sites)
-        self._clients = {cid: _digest(sec) for cid, sec in (kameleoon_clients or {}).items()}
+        self._clients: dict[str, bytes] = {}
         self.token_lifetime = float(token_lifetime)
         self.max_body = int(kameleoon_max_body)
         self._conductrics_keys: dict[str, list[bytes]] | None = None
-        if conductrics_keys is not None:
-            self._conductrics_keys = {
-                acc: [_digest(k)] if isinstance(k, str) else [_digest(x) for x in k]
-                for acc, k in conductrics_keys.items()
-            }
+        self.set_credentials(kameleoon_clients=kameleoon_clients or {}, conductrics_keys=conductrics_keys)
         self._base_no_selection = frozenset(conductrics_no_selection)
         self._base_no_selection_all = bool(conductrics_no_selection_all)
         self.hang_seconds = float(hang_seconds)
@@ -103,7 +100,34 @@ class SandboxState:
         self._over_capacity: Counter[str] = Counter()  # answered 429 for being beyond the capacity
         self._queued: dict[str, deque[asyncio.Future[None]]] = {}
 
+    def set_credentials(self, *, kameleoon_clients: Mapping[str, str] | None = None,
+                        conductrics_keys: Mapping[str, str | Iterable[str]] | None = None) -> None:
+        """Replace the client credentials POST /oauth/token accepts (client_id -> client_secret) and the
+        Conductrics API keys (account -> key or keys), as a provider's console would: an argument left None
+        keeps what is in force. Tokens issued already stay valid (`revoke_tokens()` ends them)."""
+        clients: dict[str, bytes] | None = None
+        if kameleoon_clients is not None:
+            if not all(isinstance(c, str) and isinstance(v, str) and c and v for c, v in kameleoon_clients.items()):
+                raise SpecError("kameleoon_clients maps each client_id to its client_secret (non-empty strings)")
+            clients = {cid: _digest(sec) for cid, sec in kameleoon_clients.items()}
+        keys: dict[str, list[bytes]] | None = None
+        if conductrics_keys is not None:
+            keys = {}
+            for acc, k in conductrics_keys.items():
+                values = [k] if isinstance(k, str) else list(k)
+                if not isinstance(acc, str) or not all(isinstance(x, str) and x for x in values):
+                    raise SpecError("conductrics_keys maps each account to an API key or a list of them")
+                keys[acc] = [_digest(x) for x in values]
+        # Both checked before either is applied: a refused change changes nothing.
+        if clients is not None:
+            self._clients = clients
+        if keys is not None:
+            self._conductrics_keys = keys
+
     def _take_fault(self, provider: str) -> Fault | None:
+        now = time.monotonic()
+        if any(af.until is not None and af.until <= now for af in self._faults):
+            self._faults = [af for af in self._faults if af.until is None or af.until > now]  # outages over
         for af in self._faults:
             f = af.fault
             if f.provider != provider and f.provider != ANY:

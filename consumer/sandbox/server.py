@@ -7,6 +7,7 @@ import dataclasses
 import json
 import signal
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -55,6 +56,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             r.add_post("/_sandbox/reset", self._ctl_reset)
             r.add_post("/_sandbox/tokens/expire", self._ctl_expire_tokens)
             r.add_post("/_sandbox/tokens/revoke", self._ctl_revoke_tokens)
+            r.add_post("/_sandbox/credentials", self._ctl_credentials)
             r.add_post("/{account}/v3/agent-api", self._conductrics)
             self._app = app
         return self._app
@@ -93,7 +95,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
     # ------------------------------------------------------------------ faults
 
     def add_fault(self, fault: Fault) -> None:
-        self._faults.append(_ActiveFault(fault))
+        self._faults.append(_ActiveFault(fault, time.monotonic()))
 
     def fail(
         self,
@@ -104,12 +106,14 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         retry_after: str | float | None = None,
         probability: float = 1.0,
         seed: int = 0,
+        duration: float | None = None,
     ) -> Fault:
-        """Answer `status` for the next `times` requests (None: until cleared), optionally with a probability."""
+        """Answer `status` for the next `times` requests (None: until cleared or, with `duration`, for that
+        many seconds from now), optionally with a probability."""
         ra = retry_after
         if isinstance(ra, int | float):
             ra = str(int(ra))
-        f = Fault(provider, "status", status, times, probability, ra, None, seed)
+        f = Fault(provider, "status", status, times, probability, ra, None, seed, duration)
         self.add_fault(f)
         return f
 
@@ -166,6 +170,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
         {"kind": "status", "provider": "kameleoon", "status": 503, "times": 2, "retry_after": "1",
          "probability": 1.0, "seed": 0}          # also "hang" (+ "seconds"), "reset", "json_status"
+        {"kind": "status", "provider": "convert", "status": 503, "times": null, "duration": 40}  # down for 40 s
         {"kind": "latency", "provider": "convert", "seconds": 0.05}
         {"kind": "profile", "provider": "convert", "median": 0.12, "p99": 0.8, "capacity": 64,
          "over_capacity": "reject", "retry_after": "1", "error_rate": 0.002, "error_status": 503, "seed": 1}
@@ -199,7 +204,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
             return apply_profiles
         known = {"kind", "provider", "status", "times", "probability", "retry_after", "seconds", "seed",
-                 "visitors", "goals", "vids", "all"}
+                 "duration", "visitors", "goals", "vids", "all"}
         unknown = sorted(set(item) - known)
         if unknown:
             raise SpecError(f"unknown key {unknown[0]!r}")
@@ -223,6 +228,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             ra = item.get("retry_after")
             times = item.get("times", 1)
             seconds = item.get("seconds")
+            duration = item.get("duration")
             fault = Fault(
                 provider=provider,
                 kind=str(kind),
@@ -232,6 +238,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
                 retry_after=None if ra is None else str(ra),
                 seconds=None if seconds is None else float(seconds),
                 seed=int(item.get("seed", 0)),
+                duration=None if duration is None else float(duration),
             )
         except (TypeError, ValueError) as exc:
             raise SpecError(str(exc)) from None
@@ -361,6 +368,21 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
     async def _ctl_revoke_tokens(self, request: web.Request) -> web.StreamResponse:
         self.revoke_tokens()
+        return web.Response(status=204)
+
+    async def _ctl_credentials(self, request: web.Request) -> web.StreamResponse:
+        """{"kameleoon_clients": {"id": "secret"}, "conductrics_keys": {"account": "key"}}: see set_credentials."""
+        try:
+            spec = _loads(await request.read())
+            if not isinstance(spec, dict) or set(spec) - {"kameleoon_clients", "conductrics_keys"}:
+                raise SpecError("expected an object with kameleoon_clients and/or conductrics_keys")
+            for name in ("kameleoon_clients", "conductrics_keys"):
+                if name in spec and not isinstance(spec[name], dict):
+                    raise SpecError(f"{name!r} must be an object")
+            self.set_credentials(kameleoon_clients=spec.get("kameleoon_clients"),
+                                 conductrics_keys=spec.get("conductrics_keys"))
+        except ValueError as exc:  # SpecError and JSON errors
+            return web.Response(status=400, body=_dumps({"error": str(exc)}), content_type="application/json")
         return web.Response(status=204)
 
 
