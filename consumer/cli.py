@@ -178,6 +178,33 @@ def cmd_rewind(args: argparse.Namespace) -> int:
     return run_rewind(args, _load_or_exit(args.config))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from consumer.ledger.read import scan
+    from consumer.ledger.report import build, latest, render
+
+    cfg = _load_or_exit(args.config)
+    settings = {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers}
+    records = latest(scan(settings, cfg.ledger.topic)).values()
+    rep = build(records, since=args.since, until=args.until, provider=args.provider, project=args.project)
+    sys.stdout.write(render(rep, args.format))
+    return 0
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from consumer.ledger.read import scan
+    from consumer.ledger.record import to_avro
+
+    cfg = _load_or_exit(args.config)
+    settings = {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers}
+    found = [to_avro(r) for _, r in scan(settings, cfg.ledger.topic) if r is not None and r.order_id == args.order_id]
+    for d in found:
+        print(json.dumps(d, sort_keys=True))
+    if not found:
+        print(f"offline-conversions: no ledger record for order {args.order_id!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offline-conversions",
                                 description="Offline purchases from Kafka into A/B-testing conversions.")
@@ -243,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true")
     replay.add_argument("--group-id", help="the replay's own consumer group (default: <group_id>.replay)")
     replay.set_defaults(func=cmd_dlq_replay)
+
+    rep = sub.add_parser("report", help="reconcile from the ledger: per provider, project, goal and variation")
+    rep.add_argument("--config", required=True)
+    rep.add_argument("--since", type=int, help="purchases at or after this epoch ms")
+    rep.add_argument("--until", type=int, help="purchases before this epoch ms")
+    rep.add_argument("--provider", help="kameleoon, convert or conductrics")
+    rep.add_argument("--project")
+    rep.add_argument("--format", choices=("text", "json", "csv"), default="text")
+    rep.set_defaults(func=cmd_report)
+
+    led = sub.add_parser("ledger", help="ledger tools")
+    led_sub = led.add_subparsers(dest="ledger_command", required=True)
+    show = led_sub.add_parser("show", help="every ledger record of one order (a full scan)")
+    show.add_argument("--config", required=True)
+    show.add_argument("order_id")
+    show.set_defaults(func=cmd_ledger_show)
 
     rw = sub.add_parser("rewind", help="move one provider's consumer group to a point in time (re-send from it)",
                         description="Moves the group <kafka.group_id>.<provider> to the first offset at or after "

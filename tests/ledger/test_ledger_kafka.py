@@ -215,3 +215,22 @@ def test_the_topic_is_created_like_the_source_and_a_mismatch_fails_naming_the_ke
                      "ledger": {"topic": f"{src}.none", "create": False}}, env={})
     with pytest.raises(ledger_topic.LedgerTopicError, match="create = false"):
         ledger_topic.ensure(missing)
+
+
+async def test_a_scan_reads_every_partition_with_tombstones(broker: Broker) -> None:
+    from confluent_kafka import Producer
+
+    from consumer.ledger.read import scan
+
+    _src, led = names(broker)
+    writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0)
+    writer.start()
+    try:
+        await writer.write([record("a", 0, 1), record("b", 1, 1), record("c", 2, 1)])
+    finally:
+        writer.close()
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    p.produce(led, key=b"b", value=None, partition=1)
+    assert p.flush(10) == 0
+    seen = [(k, r.order_id if r else None) for k, r in scan({"bootstrap.servers": broker.bootstrap}, led, 20)]
+    assert seen == [("a", "ORD-1"), ("b", "ORD-1"), ("b", None), ("c", "ORD-1")]
