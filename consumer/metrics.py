@@ -184,11 +184,6 @@ class Metrics:
             f"{NS}_ledger_pending_records", "Ledger records produced and not yet acknowledged (the ledger lag).",
             registry=r,
         )
-        self.verifications = Counter(
-            f"{NS}_verifications_total",
-            "Sampled Kameleoon deliveries checked with GET /visit/visitor after [ledger] verify_delay, by result.",
-            ["result"], registry=r,
-        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
