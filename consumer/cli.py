@@ -205,6 +205,22 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from consumer.ledger.forget import matching, tombstones
+    from consumer.ledger.read import scan
+
+    cfg = _load_or_exit(args.config)
+    settings = {**cfg.kafka.common, "bootstrap.servers": cfg.kafka.bootstrap_servers}
+    keys = matching(scan(settings, cfg.ledger.topic), customer_id=args.customer_id, visitor_id=args.visitor)
+    written = tombstones(settings, cfg.ledger.topic, keys) if keys else 0
+    print(f"{written} ledger record(s) tombstoned in {cfg.ledger.topic!r} (compaction removes them after "
+          "delete.retention.ms).")
+    print(f"Still elsewhere: the source topic {cfg.kafka.topic!r} holds the purchases until its retention.ms; "
+          f"the dead-letter topic {cfg.kafka.dlq_topic!r} holds failed events whole until its retention.ms; "
+          "and the providers keep what they were sent.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offline-conversions",
                                 description="Offline purchases from Kafka into A/B-testing conversions.")
@@ -286,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", required=True)
     show.add_argument("order_id")
     show.set_defaults(func=cmd_ledger_show)
+
+    fg = sub.add_parser("forget", help="tombstone a person's ledger records; says what remains elsewhere")
+    fg.add_argument("--config", required=True)
+    who = fg.add_mutually_exclusive_group(required=True)
+    who.add_argument("--customer-id")
+    who.add_argument("--visitor")
+    fg.set_defaults(func=cmd_forget)
 
     rw = sub.add_parser("rewind", help="move one provider's consumer group to a point in time (re-send from it)",
                         description="Moves the group <kafka.group_id>.<provider> to the first offset at or after "

@@ -234,3 +234,27 @@ async def test_a_scan_reads_every_partition_with_tombstones(broker: Broker) -> N
     assert p.flush(10) == 0
     seen = [(k, r.order_id if r else None) for k, r in scan({"bootstrap.servers": broker.bootstrap}, led, 20)]
     assert seen == [("a", "ORD-1"), ("b", "ORD-1"), ("b", None), ("c", "ORD-1")]
+
+
+async def test_forget_tombstones_a_persons_records_only(broker: Broker) -> None:
+    from consumer.ledger.forget import matching, tombstones
+    from consumer.ledger.read import scan
+    from consumer.ledger.record import customer_hash
+
+    _src, led = names(broker)
+    writer = LedgerWriter(led, {"bootstrap.servers": broker.bootstrap}, 10.0)
+    writer.start()
+    mine = record("m1", 1, 1)
+    mine.customer_hash = customer_hash("cust-1")
+    theirs = record("t1", 2, 1)
+    theirs.customer_hash = customer_hash("cust-2")
+    try:
+        await writer.write([mine, theirs])
+    finally:
+        writer.close()
+    settings = {"bootstrap.servers": broker.bootstrap}
+    keys = matching(scan(settings, led, 20), customer_id="cust-1")
+    assert keys == {"m1": 1}
+    assert tombstones(settings, led, keys) == 1
+    assert matching(scan(settings, led, 20), customer_id="cust-1") == {}
+    assert matching(scan(settings, led, 20), customer_id="cust-2") == {"t1": 2}
