@@ -876,3 +876,17 @@ async def test_request_log_can_be_turned_off_for_benchmarks(http: aiohttp.Client
         assert sb.status_counts("convert") == {503: 1, 200: 1}
         assert sb.records[0].request_id == 1
         assert sb.summary()["requests"] == 2
+
+
+async def test_kameleoon_shows_a_conversion_only_once_the_visit_is_processed(
+        sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    """As seed 001 says: without Feature Experimentation the conversion appears after the visit is processed."""
+    sandbox.kameleoon_visit_delay = 3600.0
+    await post_events(http, sandbox, [event()])
+    get = f"{sandbox.url}/visit/visitor?siteCode={SITE}&visitorCode=245fc&maxNumberPreviousVisits=5&conversion=true"
+    async with http.get(get, headers=UA) as r:
+        assert await r.json() == {"previousVisits": []}
+    sandbox.kameleoon_visit_delay = 0.0  # the hour has passed
+    async with http.get(get, headers=UA) as r:
+        [visit] = (await r.json())["previousVisits"]
+    assert [c["data"]["goalId"] for c in visit["conversionEvents"]] == [36151]

@@ -48,6 +48,7 @@ class SandboxState:
         request_log: bool = True,
         records: bool = True,
         profiles: Iterable[Profile | Mapping[str, Any]] = (),
+        kameleoon_visit_delay: float = 0.0,
     ) -> None:
         """
         kameleoon_auth_sites: siteCodes whose /visit endpoints need `Authorization: Bearer <token>`.
@@ -69,6 +70,10 @@ class SandboxState:
         self._base_no_selection = frozenset(conductrics_no_selection)
         self._base_no_selection_all = bool(conductrics_no_selection_all)
         self.hang_seconds = float(hang_seconds)
+        # GET /visit/visitor shows a conversion only this long after it was accepted: Kameleoon shows it once
+        # the visit is processed, "usually after 30 minutes of inactivity" without Feature Experimentation
+        # (seed 001). 0 (the tests' default) shows it at once; `sandbox --options` can set 1800.
+        self.kameleoon_visit_delay = float(kameleoon_visit_delay)
 
         self.records: list[Record] = []
         self.dropped: list[Record] = []  # Convert v1 events with a non-ConvertAgent User-Agent (answered 200)

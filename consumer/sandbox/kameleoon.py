@@ -153,8 +153,10 @@ class KameleoonRoutes(SandboxState):
             return self._error(request, KAMELEOON, 400, "maxNumberPreviousVisits", "must be an integer")
         with_conversions = q.get("conversion") == "true"
         visits: dict[int, list[Record]] = {}
+        processed_before = time.time() - self.kameleoon_visit_delay
         for r in self.records:
-            if r.provider == KAMELEOON and r.project == site and r.visitor == visitor and r.identity == "visitor":
+            if (r.provider == KAMELEOON and r.project == site and r.visitor == visitor and r.identity == "visitor"
+                    and r.time <= processed_before):
                 visits.setdefault(r.request_id, []).append(r)
         out = []
         for recs in sorted(visits.values(), key=lambda rs: -rs[0].time)[: int(max_visits)]:
