@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from consumer import group_protocol
-from consumer.model import Attribution, Channel, Provider, RevenueShare
+from consumer.model import Attribution, Channel, Provider, RefundPolicy, RevenueShare
 from consumer.tls import TlsFileError, client_context
 
 T = TypeVar("T")
@@ -30,6 +30,7 @@ DEFAULT_SCHEMA = next(
      if p.exists()),
     PACKAGE_ROOT.parent / "schemas" / _SCHEMA_NAME,
 )
+DEFAULT_ADJUSTMENT_SCHEMA = DEFAULT_SCHEMA.parent / "order_adjusted.avsc"
 
 
 class ConfigError(ValueError):
@@ -520,6 +521,8 @@ class Rules:
     attribution: Attribution = Attribution.ALL  # the provider's default: DEFAULT_MODELS
     revenue_share: RevenueShare = RevenueShare.FULL
     require_consent: bool = False  # send only when the event says the buyer consented to this provider
+    # Order adjustments (consumer/adjustments.py); the parser gives each provider its default (REFUND_POLICIES).
+    refunds: RefundPolicy = RefundPolicy.SKIP
 
 
 @dataclass(frozen=True)
@@ -592,6 +595,18 @@ class MatcherConfig:
 
 
 @dataclass(frozen=True)
+class AdjustmentsConfig:
+    """[adjustments]: order adjustments (refunds, cancellations) and where they are read from."""
+
+    enabled: bool = False
+    topic: str = ""  # a topic of their own; "" = on the purchases topic, beside the purchases
+    # Raw Avro on the purchases topic: the header naming the record type (Schema Registry: the writer's name).
+    event_type_header: str = "event_type"
+    orphan_wait: float = 600.0  # seconds an adjustment waits for its purchase before it is dead-lettered
+    schema: Path = DEFAULT_ADJUSTMENT_SCHEMA
+
+
+@dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig
     decoding: DecodingConfig = DecodingConfig()
@@ -602,6 +617,7 @@ class Config:
     kameleoon: KameleoonConfig = KameleoonConfig()
     convert: ConvertConfig = ConvertConfig()
     conductrics: ConductricsConfig = ConductricsConfig()
+    adjustments: AdjustmentsConfig = AdjustmentsConfig()
 
     def rules(self) -> dict[tuple[Provider, str], Rules]:
         """Every configured provider project's rules, keyed by (provider, exposure project)."""
@@ -646,6 +662,14 @@ DEFAULT_MODELS = {
     Provider.KAMELEOON: (Attribution.ALL, RevenueShare.SPLIT),
     Provider.CONVERT: (Attribution.LAST_TOUCH, RevenueShare.FULL),
     Provider.CONDUCTRICS: (Attribution.ALL, RevenueShare.SPLIT),
+}
+# What each provider can do with a refund: Kameleoon documents `negative: true` (cancel a conversion);
+# Convert and Conductrics document no retraction, so `skip` is their only policy (docs/operations.md,
+# "Refunds and cancellations"). The first is the default.
+REFUND_POLICIES = {
+    Provider.KAMELEOON: (RefundPolicy.RETRACT, RefundPolicy.SKIP),
+    Provider.CONVERT: (RefundPolicy.SKIP,),
+    Provider.CONDUCTRICS: (RefundPolicy.SKIP,),
 }
 
 
@@ -730,7 +754,22 @@ def _rules(t: _Table, provider: Provider) -> Rules:
         attribution=_choice(t, "attribution", Attribution, attribution),
         revenue_share=_choice(t, "revenue_share", RevenueShare, revenue_share),
         require_consent=t.get_bool("require_consent", False),
+        refunds=_refunds(t, provider),
     )
+
+
+def _refunds(t: _Table, provider: Provider) -> RefundPolicy:
+    allowed = REFUND_POLICIES[provider]
+    v = t.get_str("refunds", allowed[0].value)
+    if v in (p.value for p in allowed):
+        return RefundPolicy(v)
+    if not t.failed("refunds"):
+        if v in (p.value for p in RefundPolicy):
+            t.problem(t.key("refunds"), f"{provider.slug} documents no way to take a conversion back: "
+                                        f"only {', '.join(repr(p.value) for p in allowed)}")
+        else:
+            t.problem(t.key("refunds"), f"expected one of {', '.join(repr(p.value) for p in allowed)}, got {v!r}")
+    return allowed[0]
 
 
 E = TypeVar("E", Attribution, RevenueShare)
@@ -1059,6 +1098,30 @@ def _kafka(k: _Table) -> KafkaConfig:
     return kafka
 
 
+def _adjustments(t: _Table, kafka: KafkaConfig, base_dir: Path | None) -> AdjustmentsConfig:
+    d = AdjustmentsConfig()
+    schema = Path(t.get_str("schema", str(d.schema)))
+    if not schema.is_absolute():
+        candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
+        schema = next((c for c in candidates if c.exists()), candidates[0])
+    if not schema.exists() and not t.failed("schema"):
+        t.problem(t.key("schema"), f"no such file: {str(schema)!r}")
+    cfg = AdjustmentsConfig(
+        enabled=t.get_bool("enabled", d.enabled),
+        topic=t.get_str("topic", d.topic),
+        event_type_header=t.get_str("event_type_header", d.event_type_header),
+        orphan_wait=t.duration("orphan_wait", d.orphan_wait),
+        schema=schema,
+    )
+    if cfg.topic and cfg.topic in (kafka.topic, kafka.dlq_topic):
+        t.problem(t.key("topic"), "must differ from kafka.topic and kafka.dlq_topic (leave it out to read "
+                                  "adjustments from the purchases topic)")
+    if not cfg.event_type_header.strip() and not t.failed("event_type_header"):
+        t.problem(t.key("event_type_header"), "must not be empty")
+    t.done()
+    return cfg
+
+
 def _parse(root: _Table, base_dir: Path | None) -> Config:
     kafka = _kafka(root.table("kafka"))
 
@@ -1113,6 +1176,8 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         lt.problem(lt.key("format"), f"expected 'json' or 'text', got {log_format!r}")
     lt.done()
 
+    adjustments = _adjustments(root.table("adjustments"), kafka, base_dir)
+
     cfg = Config(
         kafka=kafka,
         decoding=decoding,
@@ -1123,6 +1188,7 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         kameleoon=_kameleoon(root.table("kameleoon")),
         convert=_convert(root.table("convert")),
         conductrics=_conductrics(root.table("conductrics")),
+        adjustments=adjustments,
     )
     root.done()
     if not (cfg.kameleoon.projects or cfg.convert.projects or cfg.conductrics.projects):

@@ -1,4 +1,4 @@
-"""Domain types shared by every stage: purchases in, conversions and decisions out."""
+"""Domain types shared by every stage: purchases and order adjustments in, conversions and decisions out."""
 
 from __future__ import annotations
 
@@ -70,6 +70,37 @@ class Purchase:
     unknown_provider_exposures: int = 0
 
 
+class AdjustmentKind(enum.StrEnum):
+    """What an order adjustment takes back (schemas/order_adjusted.avsc)."""
+
+    FULL_REFUND = "FULL_REFUND"
+    PARTIAL_REFUND = "PARTIAL_REFUND"
+    CANCELLATION = "CANCELLATION"
+    # The reader's stand-in for a newer writer's symbol: decoded, never acted on (dead-lettered by the planner).
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderAdjusted:
+    """A decoded "order adjusted" event: part or all of a paid order taken back (refund, cancellation)."""
+
+    event_id: str
+    order_id: str
+    occurred_at: int  # epoch milliseconds
+    kind: AdjustmentKind
+    amount: Decimal  # this adjustment alone, in `currency` (FULL_REFUND/CANCELLATION: the order total, informational)
+    currency: str
+    items_returned: int = 0
+    reason: str | None = None
+
+
+class RefundPolicy(enum.StrEnum):
+    """What a provider project does with an order adjustment (`refunds` per project)."""
+
+    RETRACT = "retract"  # Kameleoon: cancel with `negative: true`, restate what a partial refund leaves
+    SKIP = "skip"  # send nothing; counted (not_supported where the provider documents no retraction)
+
+
 class Attribution(enum.StrEnum):
     """Which of a buyer's identities get credit when several match one provider project (or Convert experiment)."""
 
@@ -117,6 +148,7 @@ class Conversion:
     experiment_id: str | None = None
     variation_id: str | None = None
     transaction_goals: tuple[str, ...] = ()
+    negative: bool = False  # Kameleoon: this event cancels a conversion (an order adjustment's retraction)
 
 
 class RejectReason(enum.StrEnum):

@@ -4,7 +4,8 @@ One conversion is one CONVERSION event (one goal). The visitor goes into each ev
 (`visitorCode`, or `mappingValue` for a cross-device identifier) instead of the query, so one
 request can carry many visitors (seed 001 puts `visitorCode` in the query: that form applies
 to every event and cannot batch). The body is written by hand so that `item_bytes` is exact and
-revenue keeps its exact decimal digits.
+revenue keeps its exact decimal digits. An order adjustment's events (consumer/adjustments.py) are
+conversions too: a cancellation carries `"negative":true`, a restatement is a plain conversion.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from consumer.providers.base import (
     Verdict,
     chunk,
     classify_status,
+    digest,
     json_number,
     json_string,
 )
@@ -51,6 +53,17 @@ def nonce_of(prefix: bytes, order: bytes, goal: bytes, identity: bytes, visitor:
     return sha256(b"".join((prefix, order, goal, identity, visitor))).hexdigest()[:16]
 
 
+def adjustment_nonce(site_code: str, adjustment_event_id: str, original_key: str, role: str) -> str:
+    """The nonce of an event an order adjustment sends: 16 hex digits from (site, adjustment, original, role).
+
+    `role` is "cancel" (the `negative: true` event) or "restate" (the conversion with the revenue a
+    partial refund leaves). Derived from the adjustment's event id, never from a clock or a counter, so
+    an adjustment read again (a redelivery, a restart after a crash) sends the same nonces, which
+    Kameleoon de-duplicates. Its prefix differs from every purchase nonce's input (`nonce`).
+    """
+    return digest("kameleoon-adjustment", site_code, adjustment_event_id, original_key, role)[:16]
+
+
 def event_json(conversion: Conversion) -> str:
     """One CONVERSION event, compact JSON, keys in a fixed order."""
     goals = conversion.goals
@@ -62,6 +75,8 @@ def event_json(conversion: Conversion) -> str:
         if len(_GOAL_JSON) < 1024:
             _GOAL_JSON[goals[0]] = goal
     revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
+    if conversion.negative:
+        revenue += ',"negative":true'  # the documented cancel flag (adjustments only; see adjustment_nonce)
     who = "mappingValue" if conversion.identity is _MAPPING else "visitorCode"
     return (f'{{"nonce":{json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
             f'"{who}":{json_string(conversion.visitor_id)}}}')
