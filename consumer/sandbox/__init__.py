@@ -28,10 +28,11 @@ from consumer.sandbox.common import (
     parse_profile,
     redact_query,
 )
+from consumer.sandbox.kameleoon import ReportLine
 from consumer.sandbox.server import OPTION_NAMES, Sandbox, load_options, serve
 
 __all__ = [
     "ANY", "CONDUCTRICS", "CONVERT", "KAMELEOON", "OPTION_NAMES", "PROVIDERS", "TOKEN", "Fault", "Profile",
-    "Record", "RequestEntry", "Sandbox", "SpecError", "load_options", "parse_profile", "profiles_of", "redact_query",
-    "serve",
+    "Record", "ReportLine", "RequestEntry", "Sandbox", "SpecError", "load_options", "parse_profile", "profiles_of",
+    "redact_query", "serve",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -25,8 +27,35 @@ from consumer.sandbox.common import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ReportLine:
+    """One visitor's goal as a Kameleoon report counts it (KameleoonRoutes.kameleoon_report)."""
+
+    conversions: int  # conversions minus cancellations
+    revenue: Decimal  # their revenue minus the cancellations' revenue, to the cent
+    cancellations: int  # `negative: true` events among them
+
+
 class KameleoonRoutes(SandboxState):
     """The Kameleoon handlers, validating as the Data API does."""
+
+    def kameleoon_report(self, site: str) -> dict[tuple[str, str, str], ReportLine]:
+        """(identity, visitor, goal) -> what a report would count for `site`: each nonce once (Kameleoon
+        de-duplicates on it), a conversion +1 with its revenue, a `negative: true` one -1 and minus its
+        revenue (inferred: the documents say only that `negative` cancels a conversion). A restatement is
+        a conversion like any other. Needs the records (`records=True`, the default)."""
+        seen: set[str] = set()
+        sums: dict[tuple[str, str, str], tuple[int, Decimal, int]] = {}
+        for r in self.records:
+            if r.provider != KAMELEOON or r.project != site or r.nonce is None or r.nonce.lower() in seen:
+                continue
+            seen.add(r.nonce.lower())
+            key = (r.identity, r.visitor, r.goals[0])
+            n, revenue, cancelled = sums.get(key, (0, Decimal(0), 0))
+            amount = Decimal(repr(r.revenue)) if r.revenue is not None else Decimal(0)
+            sign = -1 if r.negative else 1
+            sums[key] = (n + sign, revenue + sign * amount, cancelled + r.negative)
+        return {k: ReportLine(n, rev.quantize(Decimal("0.01")), c) for k, (n, rev, c) in sorted(sums.items())}
 
     def _token_ok(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
