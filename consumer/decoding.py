@@ -749,11 +749,14 @@ def record_name(full_name: str) -> str:
 
 
 def header_value(headers: Headers, name: str) -> str | None:
-    """The last value of header `name` (Kafka allows repeats; the last wins, as in Kafka's lastHeader)."""
+    """The last value of header `name` (Kafka allows repeats; the last wins, as in Kafka's lastHeader).
+
+    None: no such header; a header without a value is "" (it names no type this reader knows).
+    """
     found: str | None = None
     for key, value in headers or ():
         if key == name:
-            found = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            found = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
     return found
 
 
