@@ -404,6 +404,7 @@ class SteadyStream:
         self.produced = 0
         # (partition, offset) -> the purchase, as delivery reports arrive (read by monitors mid-run)
         self.landed: dict[tuple[int, int], Purchase] = {}
+        self.sent_at: dict[str, float] = {}  # order id -> wall time it was handed to the producer
 
     def start(self) -> SteadyStream:
         self._thread.start()
@@ -428,6 +429,7 @@ class SteadyStream:
         n = 0
         while n < len(values) and not self._stop.is_set():
             key, value = values[n]
+            self.sent_at[self.items[n].order_id] = time.time()
             producer.produce(self.topic, value=value, key=key, on_delivery=report(n))
             n += 1
             producer.poll(max(0.0, n / self.rate - (time.monotonic() - started)))
