@@ -114,14 +114,21 @@ class SchemaNotLoaded(Exception):
         self.schema_id = schema_id
 
 
+# What confluent-kafka's Message.headers() returns. A decoder of one record type ignores them.
+Headers = Sequence[tuple[str, bytes | str | None]] | None
+
+
 class Decoder(Protocol):
     """Turns one Kafka message value into a Purchase or raises DecodeError."""
 
-    def decode(self, value: bytes | None) -> Purchase:
+    # Whether `decode` reads the message's headers (the caller fetches them only then: not free per message).
+    needs_headers: bool
+
+    def decode(self, value: bytes | None, headers: Headers = None) -> Purchase:
         """Decode with what is at hand; raises SchemaNotLoaded when the registry must be asked first."""
         ...
 
-    async def decode_async(self, value: bytes | None) -> Purchase:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> Purchase:
         """Decode, first fetching the writer schema if it is not cached."""
         ...
 
@@ -535,6 +542,8 @@ class _AvroDecoder(Generic[T]):
     `from_record` makes the domain object of a decoded record: one reader schema, one record type.
     """
 
+    needs_headers = False
+
     def __init__(self, reader_schema_path: str | Path, max_message_bytes: int,
                  from_record: Callable[[Mapping[str, Any]], T]) -> None:
         if max_message_bytes < 1:
@@ -611,10 +620,10 @@ class _RawDecoder(_AvroDecoder[T]):
         super().__init__(reader_schema_path, max_message_bytes, from_record)
         self._writer = self._compile(read_schema_json(writer_schema_path))
 
-    def decode(self, value: bytes | None) -> T:
+    def decode(self, value: bytes | None, headers: Headers = None) -> T:
         return self._read(self._check_size(value), 0, self._writer)
 
-    async def decode_async(self, value: bytes | None) -> T:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> T:
         return self.decode(value)
 
     async def close(self) -> None:
@@ -694,11 +703,11 @@ class _ConfluentDecoder(_AvroDecoder[T]):
             raise DecodeError("truncated", "message is shorter than the Confluent header")
         return int.from_bytes(value[1:HEADER_SIZE], "big")
 
-    def decode(self, value: bytes | None) -> T:
+    def decode(self, value: bytes | None, headers: Headers = None) -> T:
         value = self._check_size(value)
         return self._read(value, HEADER_SIZE, self.writer_for(self._schema_id(value)))
 
-    async def decode_async(self, value: bytes | None) -> T:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> T:
         value = self._check_size(value)
         return self._read(value, HEADER_SIZE, await self.load(self._schema_id(value)))
 
@@ -739,8 +748,6 @@ def make_decoder(cfg: DecodingConfig) -> Decoder:
 PURCHASE_RECORD = "PurchaseCompleted"
 ADJUSTMENT_RECORD = "OrderAdjusted"
 Event = Purchase | OrderAdjusted
-# What confluent-kafka's Message.headers() returns.
-Headers = Sequence[tuple[str, bytes | str | None]] | None
 
 
 def record_name(full_name: str) -> str:
@@ -762,6 +769,8 @@ def header_value(headers: Headers, name: str) -> str | None:
 
 class EventDecoder(Protocol):
     """Turns one Kafka message (value and headers) into a Purchase or an OrderAdjusted, or raises DecodeError."""
+
+    needs_headers: bool
 
     def decode(self, value: bytes | None, headers: Headers = None) -> Event:
         """Decode with what is at hand; raises SchemaNotLoaded when the registry must be asked first."""
@@ -791,6 +800,7 @@ class RawEventDecoder:
         self._purchases = purchases
         self._adjustments = adjustments
         self.header = header
+        self.needs_headers = True
         self._carried = [n for n, d in ((PURCHASE_RECORD, purchases), (ADJUSTMENT_RECORD, adjustments)) if d]
 
     def decode(self, value: bytes | None, headers: Headers = None) -> Event:
@@ -819,6 +829,7 @@ class ConfluentEventDecoder:
         if purchase_schema is None and adjustment_schema is None:
             raise ValueError("a topic carries purchases, adjustments or both")
         self.registry = registry
+        self.needs_headers = False  # the writer schema's name says it
         self._by_name: dict[str, ConfluentDecoder | ConfluentAdjustmentDecoder] = {}
         if purchase_schema is not None:
             self._by_name[PURCHASE_RECORD] = ConfluentDecoder(registry, purchase_schema, max_message_bytes)
@@ -883,13 +894,16 @@ def make_event_decoder(cfg: DecodingConfig, adjustments: AdjustmentsConfig, *, a
                        ) -> EventDecoder:
     """The decoder for the purchases topic, or (`adjustments_topic`) for `[adjustments] topic`.
 
-    Adjustments disabled: purchases only. Enabled without a topic of their own: both types on the
-    purchases topic. Enabled with one: purchases on the purchases topic, adjustments on theirs.
+    Adjustments disabled, or on a topic of their own: the purchases topic's decoder is `make_decoder`'s,
+    exactly as before (headers ignored, nothing added per message). Enabled without a topic of their
+    own: both types on the purchases topic.
     """
     carries_purchases = not adjustments_topic
     carries_adjustments = adjustments.enabled and (adjustments_topic or not adjustments.topic)
     if adjustments_topic and not adjustments.enabled:
         raise ValueError("adjustments are not enabled: there is no adjustments topic to decode")
+    if not carries_adjustments:
+        return make_decoder(cfg)
     if cfg.format == "avro":
         return RawEventDecoder(
             RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes) if carries_purchases else None,
