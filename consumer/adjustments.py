@@ -226,9 +226,10 @@ def plan(adjustment: OrderAdjusted, delivered: Iterable[DeliveredConversion], pr
          rules: Mapping[tuple[Provider, str], Rules]) -> AdjustmentPlan:
     """What `adjustment` sends, given the purchase's delivered conversions and the order's earlier adjustments.
 
-    `previous`: the order's adjustments planned before this one (not dead-lettered), in the order they
-    were applied; this one, if among them (read again after a crash), is left out. Its order matters:
-    each earlier partial refund replaced the standing conversions with its restatements.
+    `previous`: the order's adjustments that were planned (not dead-lettered), in the order they were
+    applied. If this one is among them (read again after a crash), only those before it count, so it
+    is planned exactly as the first time. Order matters: each earlier partial refund replaced the
+    standing conversions with its restatements.
     """
     invalid = _invalid(adjustment)
     if invalid is not None:
@@ -243,7 +244,6 @@ def plan(adjustment: OrderAdjusted, delivered: Iterable[DeliveredConversion], pr
         projects.setdefault((d.provider, d.project), []).append(d)
     actions: list[AdjustmentAction] = []
     results: list[ProjectResult] = []
-    dead_letter: DeadLetterReason | None = None
     for (provider, project), members in projects.items():
         r = rules.get((provider, project))
         if r is None:
@@ -256,11 +256,24 @@ def plan(adjustment: OrderAdjusted, delivered: Iterable[DeliveredConversion], pr
             results.append(ProjectResult(provider, project, AdjustmentOutcome.SKIPPED, 'refunds = "skip"'))
         else:
             result, sent = _kameleoon(adjustment, earlier, project, members, r.revenue_share)
+            if result.outcome is AdjustmentOutcome.INVALID:
+                # Applied to every project it concerns or to none: never half applied.
+                return AdjustmentPlan(adjustment, (), (ProjectResult(None, "", AdjustmentOutcome.INVALID,
+                                                                     f"{project}: {result.detail}"),),
+                                      DeadLetterReason.CURRENCY)
             results.append(result)
             actions += sent
-            if result.outcome is AdjustmentOutcome.INVALID:
-                dead_letter = DeadLetterReason.CURRENCY
-    return AdjustmentPlan(adjustment, tuple(actions), tuple(results), dead_letter)
+    return AdjustmentPlan(adjustment, tuple(actions), tuple(results))
+
+
+def for_providers(p: AdjustmentPlan, providers: frozenset[Provider], designated: bool) -> AdjustmentPlan:
+    """The part of a plan that one pipeline carries out: its providers' actions and results, and, for the
+    designated pipeline, what concerns the whole order (not_delivered, orphan, invalid: counted and
+    dead-lettered once)."""
+    results = tuple(r for r in p.results if (r.provider in providers if r.provider is not None else designated))
+    actions = tuple(a for a in p.actions if a.conversion.provider in providers)
+    refused = any(r.outcome in (AdjustmentOutcome.ORPHAN, AdjustmentOutcome.INVALID) for r in results)
+    return AdjustmentPlan(p.adjustment, actions, results, p.dead_letter if refused else None)
 
 
 def _order(d: DeliveredConversion) -> tuple[str, str, str, str, str, tuple[str, ...]]:
@@ -276,10 +289,13 @@ def _invalid(a: OrderAdjusted) -> DeadLetterReason | None:
 
 
 def _earlier(previous: Sequence[OrderAdjusted], current: OrderAdjusted) -> list[OrderAdjusted]:
-    """The earlier adjustments that were applied: once each, not the current one, none a planner refuses."""
+    """The adjustments applied before this one: once each, none a planner refuses. When the current one is
+    among them (read again), only those before it: it is planned as it was the first time."""
     seen = {current.event_id}
     out = []
     for a in previous:
+        if a.event_id == current.event_id:
+            break
         if a.event_id in seen or a.order_id != current.order_id or _invalid(a) is not None:
             continue
         seen.add(a.event_id)

@@ -26,13 +26,14 @@ from collections.abc import Callable
 
 from consumer import groups
 from consumer.config import Config
-from consumer.decoding import make_decoder
+from consumer.decoding import make_event_decoder
 from consumer.dlq import DeadLetterWriter, producer_config
 from consumer.metrics import HealthServer, Metrics, Tally
 from consumer.model import Provider
 from consumer.pipeline import EXIT_DLQ, EXIT_KAFKA_AUTH, Hooks, Pipeline, Shared
 from consumer.providers.base import ProviderModule
 from consumer.providers.registry import modules
+from consumer.refunds import OrderLedger
 from consumer.source import choose_group_protocol
 from consumer.transport import TokenCache, Transport
 
@@ -84,8 +85,10 @@ class Application:
         stop_when: Callable[[Application], bool] | None = None,
         install_signals: bool = True,
         hooks: Hooks | None = None,
+        ledger: OrderLedger | None = None,
     ) -> None:
         self.config = config
+        self.ledger = ledger  # what order adjustments are planned from; required by [adjustments] enabled
         self.metrics = metrics or Metrics()
         self.tally = Tally()
         self.clock_ms = clock_ms
@@ -183,7 +186,12 @@ class Application:
             stack.push_async_callback(transport.close)
             tokens = TokenCache(transport, cfg.kameleoon.user_agent,
                                 on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
-            decoder = make_decoder(cfg.decoding)
+            if cfg.adjustments.enabled and (self.ledger is None or cfg.adjustments.topic):
+                # Refused, not ignored: adjustments read and never applied would be lost silently.
+                self._fail("[adjustments] enabled needs the ledger (consumer/refunds.py OrderLedger) and, for now, "
+                           "adjustments on [kafka] topic (a topic of their own is not read yet)", EXIT_FATAL)
+                return self.fatal_exit
+            decoder = make_event_decoder(cfg.decoding, cfg.adjustments)
             stack.push_async_callback(decoder.close)
             # 2. The dead-letter writer.
             self.dlq = dlq = DeadLetterWriter(cfg.kafka.dlq_topic, self.producer_config(cfg), cfg.pipeline.dlq_timeout)
@@ -211,7 +219,7 @@ class Application:
                     log.info("upgraded to a consumer group per provider", extra={"seeded": groups.describe(seeded)})
             # 5. A pipeline per provider.
             shared = Shared(cfg, self.metrics, self.tally, decoder, dlq, transport, tokens, self.clock_ms,
-                            self._halt, self._fail, self.hooks)
+                            self._halt, self._fail, self.hooks, self.ledger)
             should_stop = self._should_stop if self.stop_when is not None else None
             self.pipelines = [
                 Pipeline(shared, name=name, group=group, modules=mods, designated=i == 0, protocol=protocol,

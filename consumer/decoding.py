@@ -115,7 +115,7 @@ class SchemaNotLoaded(Exception):
 
 
 # What confluent-kafka's Message.headers() returns. A decoder of one record type ignores them.
-Headers = Sequence[tuple[str, bytes | str | None]] | None
+Headers = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
 
 
 class Decoder(Protocol):
@@ -761,7 +761,7 @@ def header_value(headers: Headers, name: str) -> str | None:
     None: no such header; a header without a value is "" (it names no type this reader knows).
     """
     found: str | None = None
-    for key, value in headers or ():
+    for key, value in (headers.items() if isinstance(headers, Mapping) else headers or ()):
         if key == name:
             found = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
     return found

@@ -19,6 +19,7 @@ from consumer.adjustments import (
     Readiness,
     Role,
     Verdict,
+    for_providers,
     orphan_plan,
     plan,
     readiness,
@@ -220,6 +221,13 @@ def test_a_second_refund_of_the_same_order_differs_only_by_its_own_event() -> No
     assert a1 == a1_again  # read again after a crash: the same nonces, which Kameleoon de-duplicates
 
 
+def test_read_again_after_later_ones_it_is_planned_as_the_first_time() -> None:
+    delivered = [conv("a", "100.00")]
+    first, second = adj(amount="10.00"), adj(amount="20.00", event_id="adj-2")
+    assert plan(first, delivered, [first, second], RULES) == plan(first, delivered, [], RULES)
+    assert plan(second, delivered, [first, second], RULES) == plan(second, delivered, [first], RULES)
+
+
 def test_counts_label_the_metric() -> None:
     p = plan(FULL, [conv("a", "100.00"), conv("v", "100.00", provider=CV, project="1_2")], [], RULES)
     assert p.counts() == {("kameleoon", "retracted"): 1, ("convert", "not_supported"): 1}
@@ -278,3 +286,24 @@ def test_an_orphan_plan_sends_nothing_and_names_its_reason() -> None:
     p = orphan_plan(FULL)
     assert p.actions == () and p.dead_letter is DeadLetterReason.ORPHAN
     assert p.dead_letter.value == "orphan_adjustment"
+
+
+def test_a_refusal_for_one_project_applies_the_adjustment_to_none() -> None:
+    two = {**RULES, (K, "site2"): rules()}
+    p = plan(adj(currency="USD"), [conv("a", "100.00"), conv("b", "100.00", project="site2", order_currency="USD")],
+             [], two)
+    assert p.actions == () and p.dead_letter is DeadLetterReason.CURRENCY
+    assert outcomes(p) == [("none", "invalid")]
+
+
+def test_each_pipeline_carries_out_its_own_part() -> None:
+    whole = plan(FULL, [conv("a", "100.00"), conv("v", "100.00", provider=CV, project="1_2")], [], RULES)
+    mine = for_providers(whole, frozenset({K}), designated=False)
+    assert sent(mine) == sent(whole) and outcomes(mine) == [("kameleoon", "retracted")]
+    theirs = for_providers(whole, frozenset({CV}), designated=True)
+    assert theirs.actions == () and outcomes(theirs) == [("convert", "not_supported")]
+    orphan = orphan_plan(FULL)
+    assert for_providers(orphan, frozenset({K}), designated=False) == AdjustmentPlan(FULL, (), ())
+    assert for_providers(orphan, frozenset({CV}), designated=True) == orphan  # counted and dead-lettered once
+    nothing = plan(FULL, [], [], RULES)
+    assert outcomes(for_providers(nothing, frozenset({K}), designated=True)) == [("none", "not_delivered")]
