@@ -120,12 +120,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from consumer.explain_adjustment import is_adjustment
+
+    if is_adjustment(event):
+        return _explain_adjustment(args, cfg, event, now_ms)
     try:
         report = explain(cfg, event, now_ms)
     except ValueError as exc:
         print(f"offline-conversions: invalid event: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     print(json.dumps(report, indent=2, default=str) if args.json else render_text(report))
+    return 0
+
+
+def _explain_adjustment(args: argparse.Namespace, cfg: Config, event: dict[str, object], now_ms: int) -> int:
+    """`explain` of an order adjustment: needs the purchase it adjusts (--purchase), and the earlier ones."""
+    from consumer.explain_adjustment import explain_adjustment, render_adjustment_text
+
+    if args.purchase is None:
+        print("offline-conversions: an order adjustment is explained with the purchase it adjusts: "
+              "--purchase PURCHASE.json", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        purchase = json.loads(Path(args.purchase).read_text())
+        previous = [json.loads(Path(f).read_text()) for f in args.previous]
+    except (OSError, ValueError) as exc:
+        print(f"offline-conversions: cannot read an event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        report = explain_adjustment(cfg, event, purchase, previous, now_ms)
+    except ValueError as exc:
+        print(f"offline-conversions: invalid event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(report, indent=2, default=str) if args.json else render_adjustment_text(report))
     return 0
 
 
@@ -192,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", required=True)
     ex.add_argument("--now", help="evaluate at this time instead of now: epoch milliseconds or ISO-8601 with an offset")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
-    ex.add_argument("event", help="the event as a JSON file, or - for standard input")
+    ex.add_argument("--purchase", help="for an order adjustment: the purchase it adjusts, as a JSON file")
+    ex.add_argument("--previous", action="append", default=[], metavar="ADJUSTMENT",
+                    help="for an order adjustment: an earlier adjustment of the order, as a JSON file "
+                         "(repeat, in the order they were applied)")
+    ex.add_argument("event", help="the event (a purchase, or an order adjustment) as a JSON file, or - for stdin")
     ex.set_defaults(func=cmd_explain)
 
     sb = sub.add_parser("sandbox", help="serve the provider emulator")
