@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", required=True)
     replay.add_argument("--provider", action="append",
                         help="only this provider: kameleoon, convert, conductrics (repeatable)")
-    replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch (repeatable)")
+    replay.add_argument("--stage", action="append",
+                        help="only this stage: decode, match, dispatch, adjust (repeatable)")
     replay.add_argument("--error-class", action="append")
     replay.add_argument("--since", type=int, help="dead-lettered at or after this epoch ms")
     replay.add_argument("--until", type=int, help="dead-lettered before this epoch ms")

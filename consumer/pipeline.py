@@ -479,8 +479,14 @@ class Pipeline:
     def _adjusted(self, ev: InFlight, adjustment: OrderAdjusted, first_seen_ms: int) -> None:
         """An order adjustment: planned in a task of its own, since it may wait for its purchase."""
         if self.refunds is None:
-            # Decoded only when [adjustments] is enabled, and the Application refuses that without a ledger.
-            raise RuntimeError("an order adjustment was decoded, but this pipeline has no ledger to plan it")
+            # Decoded only when [adjustments] is enabled, which the Application refuses without a ledger; a
+            # pipeline built otherwise keeps the adjustment in the DLQ rather than lose it or stop.
+            if self.designated:
+                self._dead_letter(ev, [DeadLetter(ev.source, "adjust", "NoLedger", "no ledger to plan the order "
+                                                  "adjustment from", event_id=ev.event_id)])
+            else:
+                self._done(ev)
+            return
         self._spawn(self._adjust(ev, adjustment, first_seen_ms))
 
     async def _adjust(self, ev: InFlight, adjustment: OrderAdjusted, first_seen_ms: int) -> None:
