@@ -44,7 +44,8 @@ class OrderLedger(Protocol):
     """What the service needs of the ledger (consumer/ledger/) for an adjustment."""
 
     async def order(self, order_id: str) -> OrderHistory | None:
-        """The order's history; None while the ledger holds no record of it (its purchase not seen yet)."""
+        """The order's history; None while its purchase is not settled in the ledger: not read yet, or some
+        of its conversions still without a final outcome (a plan from part of them would leave the rest)."""
         ...
 
 
