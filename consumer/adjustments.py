@@ -139,6 +139,7 @@ class DeadLetterReason(enum.StrEnum):
     UNKNOWN_KIND = "unknown_adjustment_kind"  # a newer writer's kind (read as UNKNOWN)
     NEGATIVE_AMOUNT = "negative_amount"
     CURRENCY = "currency_mismatch"  # the refund's currency is not the one its order total is known in
+    LEDGER_UNAVAILABLE = "ledger_unavailable"  # the ledger could not be read until the orphan wait was over
 
 
 NO_PROVIDER = "none"  # the provider label of outcomes that concern the whole order
@@ -215,7 +216,8 @@ def readiness(adjustment: OrderAdjusted, now_ms: int, first_seen_ms: int, purcha
 
 def orphan_plan(adjustment: OrderAdjusted, reason: DeadLetterReason = DeadLetterReason.ORPHAN) -> AdjustmentPlan:
     """The plan of an adjustment `readiness` dead-letters: nothing sent, counted once for the order."""
-    outcome = AdjustmentOutcome.ORPHAN if reason is DeadLetterReason.ORPHAN else AdjustmentOutcome.INVALID
+    outcome = (AdjustmentOutcome.ORPHAN if reason in (DeadLetterReason.ORPHAN, DeadLetterReason.LEDGER_UNAVAILABLE)
+               else AdjustmentOutcome.INVALID)
     return AdjustmentPlan(adjustment, (), (ProjectResult(None, "", outcome, reason.value),), reason)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from consumer.adjustments import (
     AdjustmentPlan,
+    DeadLetterReason,
     DeliveredConversion,
     Readiness,
     for_providers,
@@ -24,6 +26,8 @@ from consumer.adjustments import (
 )
 from consumer.config import Rules
 from consumer.model import OrderAdjusted, Provider
+
+log = logging.getLogger(__name__)
 
 # How often a waiting adjustment asks the ledger again whether its purchase arrived.
 RECHECK_SECONDS = 5.0
@@ -71,15 +75,23 @@ class Refunds:
         uncommitted), so it is read again, and waits again, after the restart.
         """
         while True:
-            history = await self.ledger.order(adjustment.order_id)
+            failed = False
+            try:
+                history = await self.ledger.order(adjustment.order_id)
+            except Exception as exc:  # unreadable for now: asked again, as a purchase not yet known is
+                log.warning("the ledger could not be read for an order adjustment; asking again",
+                            extra={"event_id": adjustment.event_id, "error": f"{type(exc).__name__}: {exc}"})
+                history, failed = None, True
             now = self.clock_ms()
             verdict = readiness(adjustment, now, first_seen_ms, history is not None, self.orphan_wait_ms)
             if verdict.readiness is Readiness.PLAN and history is not None:
                 whole = plan(adjustment, history.delivered, history.adjustments, self.rules)
                 return for_providers(whole, self.providers, self.designated)
             if verdict.readiness is Readiness.DEAD_LETTER:
-                assert verdict.reason is not None
-                return for_providers(orphan_plan(adjustment, verdict.reason), self.providers, self.designated)
+                reason = verdict.reason or DeadLetterReason.ORPHAN
+                if failed and reason is DeadLetterReason.ORPHAN:
+                    reason = DeadLetterReason.LEDGER_UNAVAILABLE  # not known to be an orphan: say what happened
+                return for_providers(orphan_plan(adjustment, reason), self.providers, self.designated)
             assert verdict.until_ms is not None
             pause = min(self.recheck, max(0.0, (verdict.until_ms - now) / 1000))
             with contextlib.suppress(TimeoutError):
