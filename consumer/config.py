@@ -473,6 +473,7 @@ class MetricsConfig:
 class ControlConfig:
     """[control]: the control plane (consumer/ops/): its compacted Kafka topic and its HTTP API."""
 
+    enabled: bool = True  # false: no control topic, no API (pauses only by credentials, none by an operator)
     topic: str | None = None  # None: "<kafka.group_id>.control" (Config.control_topic)
     replication_factor: int | None = None  # of the topic when the service creates it; None: the broker's default
     host: str = "127.0.0.1"  # loopback: reach it with kubectl port-forward / exec, or set a token to bind wider
@@ -1147,7 +1148,8 @@ def _control(t: _Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlCo
     if host.strip() and not _is_loopback(host) and token is None and not t.failed("token"):
         t.problem(t.key("token"), f"is required when control.host ({host!r}) is not a loopback address: "
                                   "anyone who reaches the port could pause deliveries")
-    cfg = ControlConfig(topic=topic, replication_factor=rf, host=host, port=port, token=token,
+    cfg = ControlConfig(enabled=t.get_bool("enabled", d.enabled), topic=topic, replication_factor=rf, host=host,
+                        port=port, token=token,
                         start_timeout=t.duration("start_timeout", d.start_timeout, positive=True))
     t.done()
     return cfg

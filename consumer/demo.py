@@ -32,6 +32,7 @@ def sample_config(bootstrap: str, topic: str, dlq_topic: str, group: str, sandbo
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "dlq_topic": dlq_topic,
                   "group_protocol": "eager", "consumer": dict(EMBEDDED_CONSUMER)},
         "metrics": {"host": "127.0.0.1", "port": 0},
+        "control": {"port": 0},
         "pipeline": {"commit_interval": "1s"},
         "logging": {"level": "WARNING"},
         "kameleoon": {

@@ -28,7 +28,8 @@ class Service:
 
     def __init__(self) -> None:
         self.projects: dict[tuple[str, str], ProjectStatus] = {
-            (p, k): ProjectStatus(provider=p, project=k, state="running", circuit="closed", in_flight=3,
+            (p, k): ProjectStatus(provider=p, project=k, state="running", reason=None, paused_by=None, since=None,
+                              last_error=None, circuit="closed", in_flight=3,
                                   counts={"delivered": 10, "dead_lettered": 1})
             for p, k in (("kameleoon", "f17c21u1ag"), ("convert", "1111_2222"), ("conductrics", "ac-xxx"))
         }
