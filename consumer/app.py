@@ -192,8 +192,8 @@ class Application:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
         transport = Transport.for_config(cfg)
-        tokens = TokenCache(transport, cfg.kameleoon.user_agent,
-                            on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
+        # Each token request carries its provider's user agent (TokenSpec.user_agent), and counts under its slug.
+        tokens = TokenCache(transport, on_grant=lambda p, r: self.metrics.token_grants.labels(p, r).inc())
         self.dispatcher = Dispatcher(modules(cfg), transport, tokens, self.metrics, self._on_results)
         self.dlq = DeadLetterWriter(cfg.kafka.dlq_topic, self.producer_config(cfg), cfg.pipeline.dlq_timeout)
         self.dlq.start()

@@ -13,25 +13,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.config import (
-    BatchConfig,
-    ConductricsConfig,
-    ConductricsProject,
-    ConvertConfig,
-    ConvertProject,
-    FlowConfig,
-    KameleoonConfig,
-    KameleoonProject,
-    RetryConfig,
-    Rules,
-    Secret,
-    parse,
-)
+from consumer.config import BatchConfig, FlowConfig, RetryConfig, Rules, Secret, parse
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_string
-from consumer.providers.conductrics import ConductricsModule, conductrics_key
-from consumer.providers.convert import ConvertModule, amount, order_id_of, transaction_id, transaction_key, v1_body
-from consumer.providers.kameleoon import KameleoonModule, json_number, nonce
+from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_number, json_string
+from consumer.providers.conductrics.config import ConductricsConfig, ConductricsProject
+from consumer.providers.conductrics.keys import conductrics_key
+from consumer.providers.conductrics.request import ConductricsModule
+from consumer.providers.convert.config import ConvertConfig, ConvertProject
+from consumer.providers.convert.keys import transaction_key
+from consumer.providers.convert.request import ConvertModule, amount, order_id_of, transaction_id, v1_body
+from consumer.providers.kameleoon.config import KameleoonConfig, KameleoonProject
+from consumer.providers.kameleoon.keys import nonce
+from consumer.providers.kameleoon.request import KameleoonModule
 from consumer.providers.registry import modules
 
 WEEK = 7 * 86400.0
