@@ -961,12 +961,15 @@ def _providers(root: Table) -> tuple[tuple[str, ...], dict[str, Any]]:
 
     pt = root.table("providers")
     extra = pt.str_list("modules")
+    loaded = []
     for i, module in enumerate(extra):
         try:
             registry.load(module)
+            loaded.append(module)
         except registry.ProviderModuleError as exc:
             pt.problem(f"{pt.key('modules')}[{i}]", exc.message)
     pt.done()
+    extra = tuple(loaded)
     sections: dict[str, Any] = {}
     for spec in registry.specs(extra):
         if spec.slug == "providers":

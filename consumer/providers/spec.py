@@ -119,7 +119,7 @@ class Sample:
 class ProviderSpec:
     """A provider, as its package registers it (see the module docstring)."""
 
-    provider: Provider  # its Avro symbol and slug: `Provider.register("ACME")`
+    provider: Provider  # its Avro symbol and slug: `Provider.register("EXAMPLE")`
     parse: Callable[[Table], Any]  # [<slug>] -> its config (a ProviderConfig); errors recorded on the table
     module: Callable[[Any], ProviderModule]  # its config (with projects) -> the delivery module
     matching: Callable[[Provider, str, Any], Matching]  # (provider, project name, project config) -> Matching
