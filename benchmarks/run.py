@@ -110,6 +110,7 @@ def make_config(spec: dict[str, Any]) -> dict[str, Any]:
             if p == "kameleoon" and spec.get("kameleoon_batch"):
                 cfg[p]["batch"] = {**cfg[p].get("batch", {}), "max_events": int(spec["kameleoon_batch"])}
     cfg["pipeline"].update(spec.get("pipeline") or {})
+    cfg["kafka"]["isolation"] = spec.get("isolation", "provider")
     cfg["logging"] = {"level": "ERROR", "format": "json"}
     return cfg
 
@@ -202,12 +203,15 @@ def child_service(spec: dict[str, Any]) -> None:
     from consumer.app import Application
     from consumer.delivery import Status
     from consumer.metrics import Metrics
+    from consumer.pipeline import Hooks
 
     cfg = parsed_config(spec)
     total = int(spec["expect"])
     profile = spec.get("profile")
 
-    class BenchApp(Application):
+    class Watch(Hooks):
+        """The measurements, through the service's public hooks (consumer.pipeline.Hooks)."""
+
         first: float | None = None
         done_at: float | None = None
         cpu0: float | None = None  # process CPU time (all threads) at the first message and at the end
@@ -216,13 +220,12 @@ def child_service(spec: dict[str, Any]) -> None:
         delivered_batches = 0
         announced = False
 
-        def _process(self, messages: list[Any]) -> None:
+        def read(self, pipeline: Any, messages: list[Any]) -> None:
             if self.first is None:
                 self.first = time.monotonic()
                 self.cpu0 = time.process_time()
-            super()._process(messages)
 
-        def _on_results(self, items: Any, result: Any) -> None:
+        def results(self, pipeline: Any, items: Any, result: Any) -> None:
             if result.status is Status.DELIVERED:
                 self.delivered_batches += 1
                 # Every 4th request's conversions: enough for p50/p99, and the measured process does less
@@ -239,8 +242,8 @@ def child_service(spec: dict[str, Any]) -> None:
                         if ts_type and ts:
                             # (produced at, event->read, event->delivery): where in the run the tail is
                             timeline.append((ts / 1000, wall - delay - ts / 1000, wall - ts / 1000))
-            super()._on_results(items, result)
 
+    watch = Watch()
     read_delays: list[float] = []
     by_provider: dict[str, list[float]] = {}  # read->delivery per provider, in the half-throughput run
     timeline: list[tuple[float, float, float]] = []
@@ -253,28 +256,28 @@ def child_service(spec: dict[str, Any]) -> None:
 
     def sample(app: Application, now: float) -> None:
         next_sample[0] = now + 0.5
-        d = app.dispatcher
         samples.append({
             "t": round(time.time(), 3),
             "delivered": int(sum(metrics.registry.get_sample_value(
                 "offline_conversions_conversions_total", {"provider": p, "outcome": "delivered"}) or 0
                 for p in PROVIDERS)),
-            "limits": {f"{k[0].slug}/{k[1]}": lane.gate.limit for k, lane in (d.lanes.items() if d else ())},
+            "limits": {f"{k[0].slug}/{k[1]}": lane.gate.limit
+                       for pipeline in app.pipelines for k, lane in pipeline.dispatcher.lanes.items()},
         })
 
     def stop_when(app: Application) -> bool:
-        assert isinstance(app, BenchApp)
-        app.loops += 1
-        if spec.get("announce") and not app.announced and app.source is not None and app.source.assigned:
-            app.announced = True
+        watch.loops += 1
+        if spec.get("announce") and not watch.announced and app.pipelines \
+                and all(p.source.assigned for p in app.pipelines):
+            watch.announced = True
             print(READY, flush=True)
         now = time.monotonic()
         if duration is not None and now >= next_sample[0]:
             sample(app, now)
-        timed_out = duration is not None and app.first is not None and now - app.first >= duration
+        timed_out = duration is not None and watch.first is not None and now - watch.first >= duration
         if (app.consumed >= total and app.live == 0) or timed_out or time.monotonic() > deadline:
-            app.done_at = time.monotonic()
-            app.cpu1 = time.process_time()
+            watch.done_at = time.monotonic()
+            watch.cpu1 = time.process_time()
             return True
         return False
 
@@ -293,7 +296,7 @@ def child_service(spec: dict[str, Any]) -> None:
 
     gc.callbacks.append(on_gc)
     metrics = Metrics()
-    app = BenchApp(cfg, metrics=metrics, stop_when=stop_when, install_signals=False)
+    app = Application(cfg, metrics=metrics, stop_when=stop_when, install_signals=False, hooks=watch)
     profiler = None
     if profile == "cprofile":
         import cProfile
@@ -304,8 +307,8 @@ def child_service(spec: dict[str, Any]) -> None:
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(spec["profile_out"])
-    seconds = (app.done_at or time.monotonic()) - (app.first or time.monotonic())
-    cpu = app.cpu1 - app.cpu0 if app.cpu1 is not None and app.cpu0 is not None else None
+    seconds = (watch.done_at or time.monotonic()) - (watch.first or time.monotonic())
+    cpu = watch.cpu1 - watch.cpu0 if watch.cpu1 is not None and watch.cpu0 is not None else None
 
     def counter(name: str, **labels: str) -> float:
         return metrics.registry.get_sample_value(name, labels) or 0.0
@@ -324,7 +327,7 @@ def child_service(spec: dict[str, Any]) -> None:
             "complete": app.consumed >= total,
             "seconds": round(seconds, 3),
             "cpu_seconds": None if cpu is None else round(cpu, 3),
-            "poll_loops": app.loops,
+            "poll_loops": watch.loops,
             "gc_seconds": {str(g): round(t, 3) for g, t in gc_time.items()},
             "gc_runs": {str(g): n for g, n in gc_runs.items()},
             "events_per_s": round(app.consumed / max(seconds, 1e-9), 1),
@@ -332,8 +335,11 @@ def child_service(spec: dict[str, Any]) -> None:
             "conversions_per_s": round(conv / max(seconds, 1e-9), 1),
             "delivered": delivered,
             "not_accepted": not_accepted,
-            "attributed": int(counter("offline_conversions_purchases_total", result="attributed")),
-            "unattributed": int(counter("offline_conversions_purchases_total", result="unattributed")),
+            # Per provider group: a purchase seen by all three providers counts once in each group.
+            "attributed": int(sum(counter("offline_conversions_purchases_total", group=p.group, result="attributed")
+                                  for p in app.pipelines)),
+            "unattributed": int(sum(counter("offline_conversions_purchases_total", group=p.group,
+                                            result="unattributed") for p in app.pipelines)),
             "read_to_delivery_p50_s": pct(read_delays, 0.5),
             "read_to_delivery_p99_s": pct(read_delays, 0.99),
             "event_to_delivery_p50_s": pct([t[2] for t in timeline], 0.5),
@@ -346,7 +352,7 @@ def child_service(spec: dict[str, Any]) -> None:
             "dead_lettered": {p: int(counter("offline_conversions_conversions_total", provider=p,
                                              outcome="dead_lettered")) for p in PROVIDERS},
             "samples": samples,
-            "first_wall": None if app.first is None else round(time.time() - (time.monotonic() - app.first), 3),
+            "first_wall": None if watch.first is None else round(time.time() - (time.monotonic() - watch.first), 3),
         }
     )
 
@@ -1268,6 +1274,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--kameleoon-batch", type=int, default=0,
                     help="realistic: Kameleoon events per request (0: the service's 1,000); smaller batches make a "
                          "capacity above 2 the bound instead of the CPU")
+    ap.add_argument("--isolation", choices=("provider", "shared"), default="provider",
+                    help="the service's [kafka] isolation: a consumer group per provider, or one for all (to "
+                         "measure what isolation costs on the all-providers path)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(list(argv) if argv is not None else None)
 
@@ -1341,6 +1350,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                 "kind": kind,
                 "providers": list(SETS[providers]),
                 "group": f"bench-{kind}-{providers}-{uuid.uuid4().hex[:6]}",
+                "isolation": args.isolation,
                 **extra,
             }
 

@@ -399,6 +399,9 @@ def _to_decimal(v: int | float | str, key: str) -> Decimal:
 # --------------------------------------------------------------------------- sections
 
 
+ISOLATIONS = ("provider", "shared")
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap_servers: str
@@ -410,6 +413,9 @@ class KafkaConfig:
     producer: dict[str, str | int | float | bool] = field(default_factory=dict)
     # auto | consumer (KIP-848) | cooperative-sticky | eager: consumer/group_protocol.py
     group_protocol: str = "auto"
+    # provider: a consumer group per provider, `<group_id>.<provider>` (consumer/groups.py); shared: one group,
+    # `group_id`, for every provider (the layout before isolation: one provider's outage holds up the others).
+    isolation: str = "provider"
 
 
 @dataclass(frozen=True)
@@ -858,7 +864,10 @@ def _kafka(k: Table) -> KafkaConfig:
         consumer=k.passthrough("consumer"),
         producer=k.passthrough("producer"),
         group_protocol=k.get_str("group_protocol", "auto"),
+        isolation=k.get_str("isolation", "provider"),
     )
+    if kafka.isolation not in ISOLATIONS:
+        k.problem(k.key("isolation"), f"expected one of {', '.join(ISOLATIONS)}, got {kafka.isolation!r}")
     if kafka.group_protocol not in group_protocol.CHOICES:
         k.problem(k.key("group_protocol"), f"expected one of {', '.join(group_protocol.CHOICES)}, "
                                            f"got {kafka.group_protocol!r}")

@@ -52,7 +52,7 @@ Decisions worth knowing (tests pin each one to the millisecond):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Context, Decimal
 from operator import attrgetter
 from types import MappingProxyType
@@ -149,6 +149,9 @@ class MatchSettings:
     projects: Mapping[tuple[Provider, str], _Project]  # every configured project, prepared for the hot path
     max_exposures: int = 100
     consent_required: bool = False  # some project has require_consent: consent is looked at for every event
+    # The providers this matcher decides for (None: all). A provider pipeline (consumer/pipeline.py) sees the
+    # other providers' exposures too and passes over them in silence: they are not its to count.
+    providers: frozenset[Provider] | None = None
     # The rejection detail of projects seen in events but not configured, written once each.
     unknown_details: dict[tuple[Provider, str], str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -167,6 +170,12 @@ class MatchSettings:
             max_exposures=cfg.matcher.max_exposures,
             consent_required=any(p.require_consent for p in projects.values()),
         )
+
+    def only(self, providers: frozenset[Provider]) -> MatchSettings:
+        """These settings restricted to `providers`' projects: the matcher of one provider's pipeline."""
+        projects = {k: p for k, p in self.projects.items() if k[0] in providers}
+        return replace(self, projects=MappingProxyType(projects), providers=providers,
+                       consent_required=any(p.require_consent for p in projects.values()), unknown_details={})
 
     def currency_of(self, provider: Provider, project: str, purchase: Purchase) -> str:
         """The currency a conversion's revenue is in: the project's, or the purchase's when it sets none."""
@@ -341,6 +350,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
     # helpers above only to name the reason of a rejection.
     projects = settings.projects
     unknown = settings.unknown_details
+    mine = settings.providers
     skew = settings.clock_skew_ms
     channel = purchase.channel
     consent = purchase.consent
@@ -368,6 +378,8 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
             pk = (provider, exposure.project)
             project = projects.get(pk)
             if project is None:  # the common case for a buyer seen by several tools: no exception for it
+                if mine is not None and provider not in mine:
+                    continue  # another provider pipeline's exposure
                 if counts is not None:
                     key = (provider, _UNKNOWN_PROJECT)
                     counts[key] = counts.get(key, 0) + 1

@@ -27,9 +27,13 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.events_consumed = Counter(
-            f"{NS}_events_consumed_total", "Messages read from the source topic.", registry=r
+            f"{NS}_events_consumed_total", "Messages read from the source topic, per consumer group.", ["group"],
+            registry=r
         )
-        self.events_decoded = Counter(f"{NS}_events_decoded_total", "Messages decoded into purchases.", registry=r)
+        self.events_decoded = Counter(
+            f"{NS}_events_decoded_total", "Messages decoded into purchases, per consumer group.", ["group"],
+            registry=r,
+        )
         self.decode_failures = Counter(
             f"{NS}_decode_failures_total", "Messages that could not be decoded, by reason.", ["reason"], registry=r
         )
@@ -40,7 +44,9 @@ class Metrics:
             registry=r,
         )
         self.purchases = Counter(
-            f"{NS}_purchases_total", "Purchases by attribution result (attributed, unattributed).", ["result"],
+            f"{NS}_purchases_total",
+            "Purchases by consumer group and attribution result (attributed, unattributed): with a group per "
+            "provider, whether the purchase produced a conversion for that group's provider.", ["group", "result"],
             registry=r,
         )
         self.conversions = Counter(
@@ -87,15 +93,21 @@ class Metrics:
             f"{NS}_token_grants_total", "OAuth tokens obtained, by result.", ["provider", "result"], registry=r
         )
         self.in_flight = Gauge(
-            f"{NS}_in_flight_events", "Events read but not yet delivered or dead-lettered.", registry=r
+            f"{NS}_in_flight_events", "Events read but not yet delivered or dead-lettered, per consumer group.",
+            ["group"], registry=r,
         )
         self.paused_partitions = Gauge(
-            f"{NS}_paused_partitions", "Assigned partitions paused by backpressure.", registry=r
+            f"{NS}_paused_partitions", "Assigned partitions paused by backpressure, per consumer group.", ["group"],
+            registry=r,
         )
-        self.assigned_partitions = Gauge(f"{NS}_assigned_partitions", "Partitions assigned to this member.", registry=r)
+        self.assigned_partitions = Gauge(
+            f"{NS}_assigned_partitions", "Partitions assigned to this member, per consumer group.", ["group"],
+            registry=r,
+        )
         self.rebalances = Counter(
             f"{NS}_rebalance_callbacks_total",
-            "Group rebalance callbacks this member ran, by event (assigned, revoked, lost).", ["event"], registry=r,
+            "Group rebalance callbacks this member ran, by group and event (assigned, revoked, lost).",
+            ["group", "event"], registry=r,
         )
         self.dlq_produced = Counter(
             f"{NS}_dlq_messages_total", "Messages written to the dead-letter topic, by stage and provider.",
@@ -107,14 +119,17 @@ class Metrics:
             "Dead letters written without the original value because the topic refused them whole, by error.",
             ["reason"], registry=r,
         )
-        self.commits = Counter(f"{NS}_commits_total", "Offset commits, by result (ok, failed).", ["result"], registry=r)
+        self.commits = Counter(
+            f"{NS}_commits_total", "Offset commits, by group and result (ok, failed).", ["group", "result"], registry=r
+        )
         self.commit_failing_partitions = Gauge(
             f"{NS}_commit_failing_partitions",
-            "Assigned partitions whose last offset commit failed and is not yet confirmed by a retry.", registry=r,
+            "Assigned partitions whose last offset commit failed and is not yet confirmed by a retry, per group.",
+            ["group"], registry=r,
         )
         self.consumer_lag = Gauge(
-            f"{NS}_consumer_lag_messages", "Consumer lag per partition, from librdkafka statistics.",
-            ["topic", "partition"], registry=r,
+            f"{NS}_consumer_lag_messages", "Consumer lag per group and partition, from librdkafka statistics.",
+            ["group", "topic", "partition"], registry=r,
         )
         self.delivery_delay = Histogram(
             f"{NS}_delivery_delay_seconds",

@@ -28,11 +28,13 @@ CommitAnswer = Callable[[dict[TP, int], dict[TP, CommitFailed]], None]
 AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
-def consumer_config(kafka: KafkaConfig, protocol: group_protocol.Resolved | None = None) -> dict[str, Any]:
-    """The consumer's librdkafka settings; `protocol` as chosen at start-up (None: resolved without the broker)."""
+def consumer_config(kafka: KafkaConfig, protocol: group_protocol.Resolved | None = None,
+                    group: str | None = None) -> dict[str, Any]:
+    """The consumer's librdkafka settings; `protocol` as chosen at start-up (None: resolved without the broker),
+    `group` the pipeline's consumer group (None: [kafka] group_id)."""
     conf: dict[str, Any] = {
         "bootstrap.servers": kafka.bootstrap_servers,
-        "group.id": kafka.group_id,
+        "group.id": group or kafka.group_id,
         "auto.offset.reset": "earliest",
         "statistics.interval.ms": 5000,
         # librdkafka prefetches up to 64 MB per consumer by default; the in-flight bound already keeps
@@ -105,16 +107,21 @@ class Source:
         on_lost: Callable[[list[TP]], None] | None = None,
         protocol: group_protocol.Resolved | None = None,
         on_commit: CommitAnswer | None = None,
+        group: str | None = None,
     ) -> None:
         self.kafka = kafka
         self.metrics = metrics
+        self.group = group = group or kafka.group_id
+        # This member's gauges of its group, bound once.
+        self._assigned_gauge = metrics.assigned_partitions.labels(group)
+        self._paused_gauge = metrics.paused_partitions.labels(group)
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._on_lost = on_lost
         self._on_commit = on_commit
         chosen = protocol or group_protocol.resolve(kafka.group_protocol, kafka.consumer, None)
         self.consumer_protocol = chosen.protocol
-        conf = consumer_config(kafka, chosen)
+        conf = consumer_config(kafka, chosen, group)
         conf["stats_cb"] = self._stats
         conf["error_cb"] = self._error
         conf["on_commit"] = self._committed
@@ -136,8 +143,8 @@ class Source:
     def _assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self.assigned.update(tps)
-        self.metrics.rebalances.labels("assigned").inc()
-        self.metrics.assigned_partitions.set(len(self.assigned))
+        self.metrics.rebalances.labels(self.group, "assigned").inc()
+        self._assigned_gauge.set(len(self.assigned))
         log.info("partitions assigned", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
         # The assignment takes effect after this callback returns; pausing is done on the next poll.
         self._fresh.extend(partitions)
@@ -146,23 +153,23 @@ class Source:
     def _revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("partitions revoked", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
-        self.metrics.rebalances.labels("revoked").inc()
+        self.metrics.rebalances.labels(self.group, "revoked").inc()
         self._on_revoke(tps)
         self.assigned.difference_update(tps)
-        self.metrics.assigned_partitions.set(len(self.assigned))
+        self._assigned_gauge.set(len(self.assigned))
         for t, p in tps:
             with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(t, str(p))
+                self.metrics.consumer_lag.remove(self.group, t, str(p))
 
     def _lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not revoked: another member may own them already, so committing would be wrong.
         tps = [(p.topic, p.partition) for p in partitions]
         log.warning("partitions lost", extra={"partitions": [f"{t}[{p}]" for t, p in tps]})
-        self.metrics.rebalances.labels("lost").inc()
+        self.metrics.rebalances.labels(self.group, "lost").inc()
         if self._on_lost is not None:
             self._on_lost(tps)
         self.assigned.difference_update(tps)
-        self.metrics.assigned_partitions.set(len(self.assigned))
+        self._assigned_gauge.set(len(self.assigned))
 
     # ------------------------------------------------------------------ callbacks
 
@@ -184,7 +191,7 @@ class Source:
                 # consumer_lag (from the committed offset) is the lag this service really has.
                 lag = p.get("consumer_lag", -1)
                 if isinstance(lag, int) and lag >= 0:
-                    self.metrics.consumer_lag.labels(topic, pid).set(lag)
+                    self.metrics.consumer_lag.labels(self.group, topic, pid).set(lag)
 
     def _error(self, err: KafkaError) -> None:
         self.last_error = err.str()
@@ -203,7 +210,7 @@ class Source:
 
     def _answer(self, offsets: dict[TP, int], errors: Mapping[TP, KafkaError]) -> None:
         failures = {tp: CommitFailed(e.name(), e.str(), retriable=e.retriable()) for tp, e in errors.items()}
-        self.metrics.commits.labels("failed" if failures else "ok").inc()
+        self.metrics.commits.labels(self.group, "failed" if failures else "ok").inc()
         if failures:
             first = next(iter(failures.values()))
             log.warning("offset commit failed: %s", first.reason, extra={
@@ -221,7 +228,7 @@ class Source:
             fresh, self._fresh = self._fresh, []
             if self.paused:
                 self.consumer.pause(fresh)
-                self.metrics.paused_partitions.set(len(self.assigned))
+                self._paused_gauge.set(len(self.assigned))
         if messages:
             self.broker_up = True
         return messages
@@ -232,7 +239,7 @@ class Source:
             parts = [TopicPartition(t, p) for t, p in self.assigned]
             if parts:
                 self.consumer.pause(parts)
-            self.metrics.paused_partitions.set(len(parts))
+            self._paused_gauge.set(len(parts))
 
     def resume(self) -> None:
         if self.paused:
@@ -240,7 +247,7 @@ class Source:
             parts = [TopicPartition(t, p) for t, p in self.assigned]
             if parts:
                 self.consumer.resume(parts)
-            self.metrics.paused_partitions.set(0)
+            self._paused_gauge.set(0)
 
     def commit(self, offsets: Mapping[TP, int], *, asynchronous: bool) -> None:
         """Send a commit of `offsets`. Its answer goes to `on_commit`: from librdkafka's on_commit callback when

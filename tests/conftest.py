@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import pytest
 from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from consumer.apache_kafka import ApacheKafka
 from consumer.app import Application
@@ -19,6 +20,7 @@ from consumer.config import Config, parse
 from consumer.demo import EMBEDDED_CONSUMER, sample_config
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
+from consumer.model import Provider
 from consumer.sandbox import Sandbox
 
 FAST_GROUP = EMBEDDED_CONSUMER
@@ -139,13 +141,34 @@ def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -
     return out
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+PROVIDER_SLUGS = frozenset(p.slug for p in Provider)
+
+
+def service_groups(bootstrap: str, group: str) -> list[str]:
+    """The consumer groups a service configured with `group_id = group` runs: one per provider
+    (`<group>.<provider>`, consumer/groups.py), or `group` itself when there are none (isolation "shared")."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    listed = admin.list_consumer_groups(request_timeout=10).result(20)
+    names = sorted(g.group_id for g in listed.valid
+                   if g.group_id.startswith(group + ".") and g.group_id[len(group) + 1:] in PROVIDER_SLUGS)
+    return names or [group]
+
+
+def group_committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+    """One consumer group's committed offsets (-1001 where it has none)."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         parts = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return {p.partition: p.offset for p in parts}
     finally:
         c.close()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 3) -> dict[int, int]:
+    """The offsets every group of the service has committed: per partition, the least over its provider
+    groups (`service_groups`). Equal to the topic's ends only when every provider's group reached them."""
+    per_group = [group_committed(bootstrap, g, topic, partitions) for g in service_groups(bootstrap, group)]
+    return {p: min(offsets[p] for offsets in per_group) for p in range(partitions)}
 
 
 def _toml_value(v: Any) -> str:

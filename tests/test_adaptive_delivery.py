@@ -58,8 +58,7 @@ async def deliver(broker: EmbeddedBroker, sandbox: Sandbox, flow: dict[str, Any]
 
     def done(a: Application) -> bool:
         # Called on every poll loop: the Conductrics project's limit as it goes.
-        lanes = a.dispatcher.lanes if a.dispatcher is not None else {}
-        limits.extend((time.monotonic(), lane.gate.limit) for lane in lanes.values())
+        limits.extend((time.monotonic(), lane.gate.limit) for p in a.pipelines for lane in p.dispatcher.lanes.values())
         return a.consumed >= stream.total and a.live == 0
 
     app = Application(cfg, metrics=metrics, install_signals=False, stop_when=done)

@@ -12,6 +12,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from confluent_kafka.admin import AdminClient
+
 from consumer.config import parse
 from consumer.embedded import EmbeddedBroker
 from consumer.producer import encoded, produce_values
@@ -26,6 +28,20 @@ N = 600
 async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
     """The child's exit code; fails if it has not exited within `timeout` seconds."""
     return await asyncio.get_running_loop().run_in_executor(None, proc.wait, timeout)
+
+
+def wait_members(bootstrap: str, group: str, n: int, timeout: float) -> None:
+    """Until `group` has `n` members (bounded). Blocking."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    members: list[object] = []
+    while time.monotonic() < deadline:
+        described = admin.describe_consumer_groups([group], request_timeout=10)[group].result(20)
+        members = list(described.members or [])
+        if len(members) >= n:
+            return
+        time.sleep(0.2)  # a poll interval, bounded by the deadline
+    raise AssertionError(f"group {group} has {len(members)} members after {timeout}s, not {n}")
 
 
 async def test_two_workers_share_the_group_and_stop_cleanly_on_sigterm(
@@ -46,6 +62,10 @@ async def test_two_workers_share_the_group_and_stop_cleanly_on_sigterm(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
     try:
         await sandbox.wait_until(lambda s: set(s.kameleoon_nonces()) >= expected, 60)
+        # Both workers in the provider's group before the stop: on a loaded machine one worker can finish
+        # everything before the other has started, and a SIGTERM then would find it still importing.
+        group = f"{topics['group']}.kameleoon"
+        await asyncio.get_running_loop().run_in_executor(None, wait_members, broker.bootstrap, group, 2, 60.0)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = await wait_exit(proc, 40)

@@ -129,7 +129,12 @@ async def test_two_thousand_events_delivered_or_dead_lettered_once(
     assert committed(broker.bootstrap, topics["group"], topics["topic"]) == ends
 
     value = metrics.registry.get_sample_value
-    assert value("offline_conversions_events_consumed_total") == N_PURCHASES + N_MALFORMED
+    for g in app.pipelines:  # every provider's group read every message
+        assert value("offline_conversions_events_consumed_total", {"group": g.group}) == N_PURCHASES + N_MALFORMED
+    assert sorted(g.group for g in app.pipelines) == [f"{topics['group']}.{p}"
+                                                       for p in ("conductrics", "convert", "kameleoon")]
+    # Undecodable messages are dead-lettered once, not once per provider group.
+    assert value("offline_conversions_dlq_messages_total", {"stage": "decode", "provider": "none"}) == N_MALFORMED
     assert value("offline_conversions_conversions_total",
                  {"provider": "kameleoon", "outcome": "delivered"}) == len(got["kameleoon"])
     assert (value("offline_conversions_http_retries_total", {"provider": "kameleoon", "reason": "http"}) or 0) >= 3

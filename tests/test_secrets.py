@@ -33,6 +33,7 @@ from consumer.dlq import parse_headers
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Provider, Purchase
+from consumer.pipeline import Hooks, Pipeline
 from consumer.producer import encoded, produce_values
 from consumer.providers.base import TokenSpec
 from consumer.providers.conductrics import SAMPLE_PROJECT as CONDUCTRICS_PROJECT
@@ -188,14 +189,12 @@ async def run_and_check(broker: EmbeddedBroker, topics: dict[str, str], sandbox:
 
     results: list[tuple[Conversion, Result]] = []
     metrics = Metrics()
-    app = Application(cfg, metrics=metrics, install_signals=False, stop_when=None)
-    on_results = app._on_results
 
-    def spy(items: Sequence[Pending], result: Result) -> None:
-        results.extend((p.conversion, result) for p in items)
-        on_results(items, result)
+    class Spy(Hooks):
+        def results(self, pipeline: Pipeline, items: Sequence[Pending], result: Result) -> None:
+            results.extend((p.conversion, result) for p in items)
 
-    app._on_results = spy  # type: ignore[method-assign]
+    app = Application(cfg, metrics=metrics, install_signals=False, stop_when=None, hooks=Spy())
     assert produce_values(broker.bootstrap, topics["topic"],
                           list(encoded(first)) + [(b"bad", v) for v in bad]).delivered == len(first) + len(bad)
     task = asyncio.get_running_loop().create_task(app.run())

@@ -104,7 +104,7 @@ class RejectedWhenDone:
     def __call__(self) -> bool:
         if self.failed_when_done is None:
             done = {(self.topic, p): end for p, end in self.ends.items()}
-            if not self.ends or self.app.live or self.app.tracker.committable(done) != done:
+            if not self.ends or self.app.live or any(p.tracker.committable(done) != done for p in self.app.pipelines):
                 return False
             self.failed_when_done = commits(self.metrics, "failed")
             return False
@@ -112,7 +112,15 @@ class RejectedWhenDone:
 
 
 def commits(metrics: Metrics, result: str) -> float:
-    return metrics.registry.get_sample_value("offline_conversions_commits_total", {"result": result}) or 0.0
+    """Commits of every provider group together."""
+    return sum(s.value for m in metrics.registry.collect() if m.name == "offline_conversions_commits"
+               for s in m.samples if s.name.endswith("_total") and s.labels.get("result") == result)
+
+
+def failing(app: Application) -> list[float]:
+    """offline_conversions_commit_failing_partitions of each provider group."""
+    return [app.metrics.registry.get_sample_value("offline_conversions_commit_failing_partitions",
+                                                  {"group": p.group}) or 0.0 for p in app.pipelines]
 
 
 async def test_a_rejected_commit_is_retried_at_the_next_commit(apache: ApacheKafka, sandbox: Sandbox) -> None:
@@ -130,7 +138,7 @@ async def test_a_rejected_commit_is_retried_at_the_next_commit(apache: ApacheKaf
         ends = (await loop.run_in_executor(None, produce, apache.bootstrap, topics["topic"], N_PURCHASES)).ends()
         await wait_for(RejectedWhenDone(app, metrics, topics["topic"], ends), 30,
                        "every event done, then a commit rejected", every=0.05)
-        assert metrics.registry.get_sample_value("offline_conversions_commit_failing_partitions") == len(ends)
+        assert failing(app) == [len(ends)] * len(app.pipelines)
         before = await loop.run_in_executor(None, committed, apache.bootstrap, topics["group"], topics["topic"])
         assert all(before[p] < end for p, end in ends.items()), f"the broker took a commit: {before} vs {ends}"
 
@@ -138,8 +146,9 @@ async def test_a_rejected_commit_is_retried_at_the_next_commit(apache: ApacheKaf
         refused = False
         # Nothing new is read: only a retry of the rejected commit can move the committed offsets now.
         await wait_committed(apache.bootstrap, topics["group"], topics["topic"], ends, timeout=20)
-        await wait_for(lambda: app.checkpoint.failing == 0, 10, "the retry's confirmation to be read")
-        assert metrics.registry.get_sample_value("offline_conversions_commit_failing_partitions") == 0
+        await wait_for(lambda: all(p.checkpoint.failing == 0 for p in app.pipelines), 10,
+                       "the retry's confirmation to be read")
+        assert failing(app) == [0] * len(app.pipelines)
         assert not task.done(), "the retry happened while the service ran, at a commit tick"
     finally:
         if refused:

@@ -53,6 +53,9 @@ def protocol_config(broker: Broker, topics: dict[str, str], sandbox: Sandbox, pr
     consumer["fetch.wait.max.ms"] = 20
     data["kafka"]["consumer"] = consumer
     data["kafka"]["group_protocol"] = protocol
+    # One group for the three providers: these scenarios time one group's rebalances (each provider group
+    # of the default isolation rebalances the same way; tests/reliability/test_rebalance.py runs those).
+    data["kafka"]["isolation"] = "shared"
     return data
 
 
@@ -209,8 +212,7 @@ async def test_auto_joins_with_kip848_where_the_broker_offers_it(apache: ApacheK
     member = Member(to_config(data), "auto")
     try:
         await member.assigned()
-        assert member.app.source is not None
-        assert member.app.source.consumer_protocol == "consumer"
+        assert [p.source.consumer_protocol for p in member.app.pipelines] == ["consumer"]
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, group_type, apache.bootstrap, topics["group"]) == "CONSUMER"
     finally:

@@ -360,12 +360,20 @@ class Member:
         self.app.stop()
         return await asyncio.wait_for(self.task, 40)
 
-    def owned(self) -> list[int]:
-        return sorted(p for _, p in self.app.source.assigned) if self.app.source else []
+    def owned(self, group: str | None = None) -> list[int]:
+        """The partitions this member owns in `group` (None: in its first provider group)."""
+        pipelines = self.app.pipelines
+        if not pipelines:
+            return []
+        pipeline = next((p for p in pipelines if p.group == group), None) if group else pipelines[0]
+        return sorted(p for _, p in pipeline.source.assigned) if pipeline else []
+
+    def groups(self) -> list[str]:
+        return [p.group for p in self.app.pipelines]
 
     async def assigned(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        while not (self.app.source and self.app.source.assigned):
+        while not (self.app.pipelines and all(p.source.assigned for p in self.app.pipelines)):
             assert time.monotonic() < deadline, f"{self.name} got no partitions within {timeout}s"
             assert not self.task.done(), f"{self.name} exited: {self.app.fatal}"
             await asyncio.sleep(0.05)  # poll interval under a deadline
@@ -382,11 +390,15 @@ async def settled(members: list[Member], partitions: int = 6, timeout: float = 4
     deadline = time.monotonic() + timeout
     while True:
         live = [m for m in members if not m.task.done()]
-        owned = [p for m in live for p in m.owned()]
-        balanced = len(live) > partitions or all(m.owned() for m in live)
-        if sorted(owned) == list(range(partitions)) and balanced:
+        groups = sorted({g for m in live for g in m.groups()})
+        settled_groups = 0
+        for group in groups:  # every provider group of the members, each settled on its own
+            owned = [p for m in live for p in m.owned(group)]
+            balanced = len(live) > partitions or all(m.owned(group) for m in live)
+            settled_groups += sorted(owned) == list(range(partitions)) and balanced
+        if groups and settled_groups == len(groups):
             return time.time()
-        owners = [(m.name, m.owned()) for m in live]
+        owners = [(m.name, {g: m.owned(g) for g in m.groups()}) for m in live]
         assert time.monotonic() < deadline, f"the group did not settle: {owners}"
         await asyncio.sleep(0.02)  # poll interval under a deadline
 
@@ -404,6 +416,7 @@ class SteadyStream:
         self.produced = 0
         # (partition, offset) -> the purchase, as delivery reports arrive (read by monitors mid-run)
         self.landed: dict[tuple[int, int], Purchase] = {}
+        self.sent_at: dict[str, float] = {}  # order id -> wall time it was handed to the producer
 
     def start(self) -> SteadyStream:
         self._thread.start()
@@ -428,6 +441,7 @@ class SteadyStream:
         n = 0
         while n < len(values) and not self._stop.is_set():
             key, value = values[n]
+            self.sent_at[self.items[n].order_id] = time.time()
             producer.produce(self.topic, value=value, key=key, on_delivery=report(n))
             n += 1
             producer.poll(max(0.0, n / self.rate - (time.monotonic() - started)))

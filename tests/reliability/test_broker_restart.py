@@ -65,7 +65,7 @@ async def test_broker_restart_under_the_service(own_broker: EmbeddedBroker, sand
         # The broker goes away; the service notices and keeps running.
         stopped_at = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, b.stop)
-        await wait_for(lambda: app.source is not None and not app.source.broker_up, 30,
+        await wait_for(lambda: bool(app.pipelines) and not any(p.source.broker_up for p in app.pipelines), 30,
                        "the service to notice the broker is down")
         assert not task.done(), f"the service exited when the broker went away: {app.fatal}"
 
@@ -83,8 +83,9 @@ async def test_broker_restart_under_the_service(own_broker: EmbeddedBroker, sand
             raise AssertionError(
                 f"after the broker restart the service delivered {acc.received} of {acc.expected} conversions "
                 f"of the new events (lost {acc.lost}); consumed {app.consumed - consumed_before} new messages, "
-                f"fatal={app.fatal!r}, task done={task.done()}, assigned={app.source and app.source.assigned}, "
-                f"tracker partitions={app.tracker.partitions()}") from None
+                f"fatal={app.fatal!r}, task done={task.done()}, "
+                f"assigned={ {p.group: p.source.assigned for p in app.pipelines} }, "
+                f"tracker partitions={ {p.group: p.tracker.partitions() for p in app.pipelines} }") from None
         await wait_committed(b.bootstrap, topics["group"], topics["topic"], after.ends(), timeout=30)
         assert not task.done()
         recovered = time.monotonic() - stopped_at

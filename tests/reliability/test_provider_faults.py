@@ -110,11 +110,12 @@ async def test_slow_provider_pauses_partitions_and_bounds_in_flight(broker: Embe
         # Called by the service on every loop iteration, right after it polled and handled a batch.
         seen["iterations"] += 1
         seen["max_live"] = max(seen["max_live"], a.live)
-        if a.dispatcher is not None:
-            seen["max_outstanding"] = max(seen["max_outstanding"], a.dispatcher.outstanding)
-        if a.source is not None and a.source.paused:
+        seen["max_outstanding"] = max(seen["max_outstanding"], *(p.dispatcher.outstanding for p in a.pipelines))
+        if any(p.source.paused for p in a.pipelines):
             seen["paused_iterations"] += 1
-        gauge = a.metrics.registry.get_sample_value("offline_conversions_paused_partitions") or 0.0
+        gauge = max((a.metrics.registry.get_sample_value("offline_conversions_paused_partitions",
+                                                         {"group": p.group}) or 0.0 for p in a.pipelines),
+                    default=0.0)
         seen["max_paused_metric"] = max(seen["max_paused_metric"], gauge)
         return False
 

@@ -93,8 +93,8 @@ async def rebalance_round(broker: EmbeddedBroker, sandbox: Sandbox, seed: int) -
             state = {
                 m.name: {
                     "done": m.task.done(),
-                    "assigned": sorted(p for _, p in m.app.source.assigned) if m.app.source else None,
-                    "paused": m.app.source.paused if m.app.source else None,
+                    "assigned": {p.group: sorted(tp[1] for tp in p.source.assigned) for p in m.app.pipelines},
+                    "paused": {p.group: p.source.paused for p in m.app.pipelines},
                     "consumed": m.app.consumed,
                     "live": m.app.live,
                 }
