@@ -660,3 +660,26 @@ def test_json_string_is_a_json_literal_of_the_same_text(value: str) -> None:
     assert json.loads(literal) == value
     if not any("\ud800" <= ch <= "\udfff" for ch in value):  # lone surrogates take the json module's path
         assert literal == orjson.dumps(value).decode()  # the fast path writes what the encoder would
+
+
+def test_every_built_in_provider_is_one_registered_package() -> None:
+    from consumer.decoding import read_schema_json, with_providers
+    from consumer.providers import registry
+    from consumer.sandbox import Sandbox
+
+    specs = registry.specs()
+    assert [s.slug for s in specs] == ["kameleoon", "convert", "conductrics"]
+    sandbox = Sandbox()
+    for spec in specs:
+        assert spec.provider is Provider(spec.symbol) and spec.symbol == spec.slug.upper()
+        assert spec.emulator is not None and spec.emulator().names[0] == spec.slug
+        assert sandbox.emulator(spec.slug).slug == spec.slug
+        assert spec.sample is not None and spec.module.__module__.startswith(f"consumer.providers.{spec.slug}.")
+    # The published contract lists exactly the built-in providers: a reader with only them reads it as it is
+    # (the same JSON, so a writer with the contract's schema needs no resolution).
+    from consumer.config import DEFAULT_SCHEMA
+
+    contract = read_schema_json(DEFAULT_SCHEMA)
+    assert with_providers(contract, [s.symbol for s in specs]) == contract
+    extended = json.dumps(with_providers(contract, ["KAMELEOON", "NEWCO"]))
+    assert '"symbols": ["KAMELEOON", "CONVERT", "CONDUCTRICS", "NEWCO", "UNKNOWN"], "default": "UNKNOWN"' in extended

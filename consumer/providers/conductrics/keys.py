@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from consumer.model import Exposure, Identity, Purchase
+from decimal import Decimal
+
+from consumer.model import Conversion, Exposure, Identity, Purchase
 from consumer.providers.base import digest
-from consumer.providers.spec import Matching, NoIdentity
+from consumer.providers.spec import Matching, NoIdentity, Units
 
 
 def conductrics_key(project: str, vid: str, order_id: str) -> str:
@@ -25,3 +27,12 @@ class ConductricsMatching(Matching):
 
     def key(self, exposure: Exposure, purchase: Purchase, identity: Identity, visitor: str) -> str:
         return conductrics_key(exposure.project, visitor, purchase.order_id)
+
+    def emit(self, units: Units, exposure: Exposure, purchase: Purchase, identity: Identity, visitor: str,
+             revenue: Decimal | None) -> None:
+        # The default's body with the key inlined: one call fewer per exposure on the matcher's hot path.
+        key = conductrics_key(exposure.project, visitor, purchase.order_id)
+        if key not in units:
+            units[key] = Conversion(self.provider, exposure.project, visitor, self.goals, revenue, key,
+                                    purchase.event_id, purchase.order_id, purchase.occurred_at, purchase.item_count,
+                                    identity)

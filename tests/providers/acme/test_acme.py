@@ -179,3 +179,15 @@ def test_nothing_outside_its_package_names_it() -> None:
          ":!tests/providers/acme"],
         cwd=ROOT, capture_output=True, text=True, check=False)
     assert out.returncode == 1 and out.stdout == "", out.stdout  # 1: no match
+
+
+def test_the_sandbox_command_takes_its_emulator_options(tmp_path: Path) -> None:
+    from consumer.sandbox import load_options, option_names
+
+    assert "acme_keys" in option_names([MODULE]) and "acme_keys" not in option_names()
+    path = tmp_path / "sandbox.json"
+    path.write_text(json.dumps({"providers": [MODULE], "acme_keys": {"shop": API_KEY}}))
+    sandbox = Sandbox(**load_options(path))
+    assert sandbox.slugs == ("kameleoon", "convert", "conductrics", "acme")
+    with pytest.raises(TypeError, match="acme_keys"):
+        Sandbox(acme_keys={"shop": API_KEY})  # without the module, nobody takes the option
