@@ -981,8 +981,6 @@ def _providers(root: Table) -> tuple[tuple[str, ...], dict[str, Any]]:
     extra = tuple(loaded)
     sections: dict[str, Any] = {}
     for spec in registry.specs(extra):
-        if spec.slug == "providers":
-            continue
         t = root.table(spec.slug)
         sections[spec.slug] = spec.parse(t)
     return extra, sections

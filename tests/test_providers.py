@@ -683,3 +683,15 @@ def test_every_built_in_provider_is_one_registered_package() -> None:
     assert with_providers(contract, [s.symbol for s in specs]) == contract
     extended = json.dumps(with_providers(contract, ["KAMELEOON", "NEWCO"]))
     assert '"symbols": ["KAMELEOON", "CONVERT", "CONDUCTRICS", "NEWCO", "UNKNOWN"], "default": "UNKNOWN"' in extended
+
+
+def test_a_second_spec_under_a_taken_slug_is_refused() -> None:
+    import dataclasses
+
+    from consumer.providers import registry
+
+    kameleoon = registry.spec_of("kameleoon")
+    assert registry.register(kameleoon) is kameleoon  # the same spec again: nothing changes
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(dataclasses.replace(kameleoon, description="an impostor"))
+    assert registry.spec_of("kameleoon") is kameleoon

@@ -31,15 +31,19 @@ _SPECS: dict[str, ProviderSpec] = {}  # slug -> spec, in registration order
 _MODULES: dict[str, ProviderSpec] = {}  # module name -> its spec
 
 
+# Names a provider's slug cannot take: the config's other top-level tables, and the labels the pipeline
+# uses for "no provider" (metrics, DLQ headers) and for the shared pipeline of every provider.
+RESERVED = frozenset({"providers", "kafka", "decoding", "metrics", "pipeline", "logging", "matcher", "none", "all"})
+
+
 def register(spec: ProviderSpec) -> ProviderSpec:
-    """Add `spec`; registering the same provider again is a no-op, another spec under a taken slug an error."""
-    known = _SPECS.get(spec.slug)
-    if known is not None and known is not spec and (known.provider is not spec.provider
-                                                     or known.parse.__qualname__ != spec.parse.__qualname__):
-        raise ValueError(f"provider {spec.slug!r} is registered already, by another spec")
-    if known is None:
-        _SPECS[spec.slug] = spec
-    return _SPECS[spec.slug]
+    """Add `spec`; registering it again is a no-op, another spec under a taken slug (or a reserved one) an error."""
+    if spec.slug in RESERVED:
+        raise ValueError(f"{spec.slug!r} cannot name a provider: it is a config table or a reserved label")
+    known = _SPECS.setdefault(spec.slug, spec)
+    if known is not spec:
+        raise ValueError(f"provider {spec.slug!r} is registered already, by another module")
+    return spec
 
 
 def load(module: str) -> ProviderSpec:
