@@ -109,7 +109,8 @@ async def test_slow_provider_pauses_partitions_and_bounds_in_flight(broker: Embe
     def observe(a: Application) -> bool:
         # Called by the service on every loop iteration, right after it polled and handled a batch.
         seen["iterations"] += 1
-        seen["max_live"] = max(seen["max_live"], a.live)
+        # max_in_flight is each provider group's own budget (a pipeline per provider).
+        seen["max_live"] = max(seen["max_live"], *(p.live for p in a.pipelines))
         seen["max_outstanding"] = max(seen["max_outstanding"], *(p.dispatcher.outstanding for p in a.pipelines))
         if any(p.source.paused for p in a.pipelines):
             seen["paused_iterations"] += 1
