@@ -1,4 +1,4 @@
-"""The `offline-conversions` command: run, check-config, explain, sandbox, produce, demo, dlq replay."""
+"""The `offline-conversions` command: run, check-config, explain, sandbox, produce, demo, dlq replay, rewind."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -64,12 +65,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def for_worker(cfg: Config, index: int) -> Config:
-    """Worker `index` of a multi-process container: its own metrics port and static member id."""
+    """Worker `index` of a multi-process container: its own metrics and control ports and static member id."""
     consumer = dict(cfg.kafka.consumer)
     if "group.instance.id" in consumer:
         consumer["group.instance.id"] = f"{consumer['group.instance.id']}-{index}"
     port = cfg.metrics.port + index if cfg.metrics.port else 0
-    return replace(cfg, kafka=replace(cfg.kafka, consumer=consumer), metrics=replace(cfg.metrics, port=port))
+    control = cfg.control.port + index if cfg.control.port else 0
+    return replace(cfg, kafka=replace(cfg.kafka, consumer=consumer), metrics=replace(cfg.metrics, port=port),
+                   control=replace(cfg.control, port=control))
 
 
 def run_workers(config: str, workers: int) -> int:
@@ -170,6 +173,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_rewind(args: argparse.Namespace) -> int:
+    from consumer.ops.rewind import run_rewind
+
+    return run_rewind(args, _load_or_exit(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offline-conversions",
                                 description="Offline purchases from Kafka into A/B-testing conversions.")
@@ -237,11 +246,36 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true")
     replay.add_argument("--group-id", help="the replay's own consumer group (default: <group_id>.replay)")
     replay.set_defaults(func=cmd_dlq_replay)
+
+    rw = sub.add_parser("rewind", help="move one provider's consumer group to a point in time (re-send from it)",
+                        description="Moves the group <kafka.group_id>.<provider> to the first offset at or after "
+                                    "TIME on every partition of [kafka] topic, so that provider alone receives "
+                                    "everything since TIME again. Refused while the group has members.")
+    rw.add_argument("--config", required=True)
+    rw.add_argument("--provider", required=True, help="kameleoon, convert or conductrics")
+    rw.add_argument("--to", required=True, metavar="TIME",
+                    help="ISO-8601 with an offset (2026-12-01T09:00:00Z), epoch ms, or a duration ago (-2h, -7d)")
+    rw.add_argument("--dry-run", action="store_true", help="print the offsets before and after, change nothing")
+    rw.add_argument("--force", action="store_true",
+                    help="skip the check for active members and ask the broker anyway; Kafka refuses to alter "
+                         "a group with members, so this only helps when the members are known to have left")
+    rw.set_defaults(func=cmd_rewind)
     return p
 
 
+def _relative_times(argv: Sequence[str]) -> list[str]:
+    """`--to -2h` as `--to=-2h`: argparse would take `-2h` for an option and say --to has no value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--to" and re.fullmatch(r"-\d[\w.]*", arg):
+            out[-1] = f"--to={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     code: int = args.func(args)
     return code
 

@@ -118,6 +118,7 @@ class _Problems:
         self.errors: dict[str, ConfigError] = {}
         self.substituted: dict[str, str] = {}  # a value that came from ${…} -> the reference, to show instead
         self.unjudged: set[str] = set()  # keys whose value is a placeholder (--no-env): not validated
+        self.notes: list[ConfigError] = []  # warnings: the config is valid, but a key does not do what it did
 
     def add(self, err: ConfigError) -> None:
         if err.key.split("[", 1)[0] in self.unjudged:
@@ -203,6 +204,10 @@ class Table:
 
     def problem(self, key: str, message: str) -> None:
         self.problems.add(ConfigError(key, message))
+
+    def note(self, key: str, message: str) -> None:
+        """A warning about a valid key (`parse(..., warnings=)` and check-config show it)."""
+        self.problems.notes.append(ConfigError(key, message))
 
     def failed(self, name: str) -> bool:
         """Whether `name` (or an item of it) has an error already."""
@@ -468,6 +473,21 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """[control]: the control plane (consumer/ops/): its compacted Kafka topic and its HTTP API."""
+
+    topic: str | None = None  # None: "<kafka.group_id>.control" (Config.control_topic)
+    replication_factor: int | None = None  # of the topic when the service creates it; None: the broker's default
+    host: str = "127.0.0.1"  # loopback: reach it with kubectl port-forward / exec, or set a token to bind wider
+    port: int = 8083  # Kafka Connect's REST port; 0: any free port
+    token: Secret | None = None  # a bearer token every request must carry when set
+    start_timeout: float = 30.0  # reading the topic to its end at start-up
+
+
+CONTROL_TOKEN_MIN = 16  # characters: a shorter bearer token is guessable
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     max_in_flight: int = 20_000
     poll_batch: int = 500
@@ -493,10 +513,15 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class RetryConfig:
-    max_attempts: int = 8
-    max_elapsed: float = 300.0
+    """How transient failures are retried (consumer/retry.py), and how a project paused on refused
+    credentials is probed (consumer/delivery.py)."""
+
+    max_attempts: int = 8  # accepted from older configs, no longer ends retries (docs/operations.md)
+    max_elapsed: float = 300.0  # accepted from older configs, no longer ends retries: see give_up_after
     base_delay: float = 0.2
     max_delay: float = 30.0
+    give_up_after: float = 0.0  # seconds of transient failure before the DLQ; 0: never, wait for the provider
+    auth_probe_interval: float = 30.0  # a project paused on refused credentials retries one request this often
 
 
 @dataclass(frozen=True)
@@ -550,6 +575,11 @@ class Config:
     # slug -> that provider's parsed [<slug>] section (its package's config type), every registered provider
     providers: Mapping[str, Any] = field(default_factory=dict)
     provider_modules: tuple[str, ...] = ()  # [providers] modules: registered besides the built-in ones
+    control: ControlConfig = ControlConfig()
+
+    def control_topic(self) -> str:
+        """The control plane's compacted topic: `[control] topic`, by default `<kafka.group_id>.control`."""
+        return self.control.topic or f"{self.kafka.group_id}.control"
 
     def rules(self) -> dict[tuple[Provider, str], Rules]:
         """Every configured provider project's rules, keyed by (provider, exposure project)."""
@@ -573,6 +603,8 @@ class Config:
         reg = self.decoding.schema_registry
         for s in (reg.username, reg.password, reg.bearer_token, reg.tls.client_key_password):
             out += [s.reveal()] if s else []
+        if self.control.token:
+            out.append(self.control.token.reveal())
         return [s for s in out if s]
 
 
@@ -700,9 +732,19 @@ def parse_retry(t: Table) -> RetryConfig:
         max_elapsed=t.duration("max_elapsed", d.max_elapsed, positive=True),
         base_delay=t.duration("base_delay", d.base_delay),
         max_delay=t.duration("max_delay", d.max_delay),
+        give_up_after=t.duration("give_up_after", d.give_up_after),
+        auth_probe_interval=t.duration("auth_probe_interval", d.auth_probe_interval, positive=True),
     )
     if r.max_delay < r.base_delay:
         t.problem(t.key("max_delay"), "must not be below base_delay")
+    if 0 < r.give_up_after < r.base_delay and not t.failed("give_up_after"):
+        t.problem(t.key("give_up_after"), f"must be 0s (never give up) or at least base_delay "
+                                          f"({r.base_delay:g}s), got {r.give_up_after:g}s")
+    for legacy in ("max_attempts", "max_elapsed"):
+        if t.has(legacy) and not t.failed(legacy):
+            # A config written when these ended retries still loads; say what it now means instead.
+            t.note(t.key(legacy), "no longer dead-letters a conversion: transient failures are retried until "
+                                  "the provider answers, or for give_up_after when set (docs/operations.md)")
     t.done()
     return r
 
@@ -885,6 +927,49 @@ def _kafka(k: Table) -> KafkaConfig:
     return kafka
 
 
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _control(t: Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlConfig:
+    """[control]: the topic (a legal Kafka name, not the source or the DLQ), where the API listens, its token."""
+    d = ControlConfig()
+    topic = t.opt_str("topic")
+    if topic is not None and (not _TOPIC_NAME.fullmatch(topic) or topic in (".", "..")):
+        t.problem(t.key("topic"), f"{topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; "
+                                  "at most 249)")
+    for other, key in ((kafka.topic, "kafka.topic"), (kafka.dlq_topic, "kafka.dlq_topic")):
+        if other and (topic or f"{kafka.group_id}.control") == other:
+            t.problem(t.key("topic"), f"must differ from {key}")
+    rf: int | None = None
+    if t.has("replication_factor"):
+        rf = t.get_int("replication_factor", 1, minimum=1, maximum=32767)
+    host = t.get_str("host", d.host)
+    if not host.strip() and not t.failed("host"):
+        t.problem(t.key("host"), "must not be empty (127.0.0.1 keeps the API on this machine)")
+    port = t.get_int("port", d.port, minimum=0, maximum=65535)
+    if port and port == metrics.port and not t.failed("port"):
+        t.problem(t.key("port"), f"must differ from metrics.port ({metrics.port})")
+    token = t.secret("token")
+    if token is not None and len(token.reveal()) < CONTROL_TOKEN_MIN:
+        t.problem(t.key("token"), f"must be at least {CONTROL_TOKEN_MIN} characters (the value is not shown)")
+    if host.strip() and not _is_loopback(host) and token is None and not t.failed("token"):
+        t.problem(t.key("token"), f"is required when control.host ({host!r}) is not a loopback address: "
+                                  "anyone who reaches the port could pause deliveries")
+    cfg = ControlConfig(topic=topic, replication_factor=rf, host=host, port=port, token=token,
+                        start_timeout=t.duration("start_timeout", d.start_timeout, positive=True))
+    t.done()
+    return cfg
+
+
 def _parse(root: Table, base_dir: Path | None) -> Config:
     kafka = _kafka(root.table("kafka"))
 
@@ -949,6 +1034,7 @@ def _parse(root: Table, base_dir: Path | None) -> Config:
         matcher=_matcher(root.table("matcher")),
         providers=sections,
         provider_modules=extra,
+        control=_control(root.table("control"), kafka, metrics),
     )
     root.done()
     if not any(section.projects for section in sections.values()):
@@ -1009,6 +1095,8 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
         if warnings is not None:
             warnings.extend(problems.clean(notes))
     problems.raise_if_any()
+    if warnings is not None:
+        warnings.extend(problems.clean(problems.notes))
     return cfg
 
 

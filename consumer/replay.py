@@ -195,7 +195,9 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     transport = Transport.for_config(cfg)
     results: asyncio.Queue[tuple[Letter, Conversion, Result]] = asyncio.Queue()
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport), Metrics(),
-                            each(lambda t, c, r: results.put_nowait((t, c, r))))
+                            each(lambda t, c, r: results.put_nowait((t, c, r))),  # a pause waits: say why
+                            on_pause=lambda s: print(f"  {s.provider} {s.project} {s.state}: {s.reason or ''}",
+                                                     file=stream, flush=True))
     requeue: DeadLetterWriter | None = None
     if not dry_run:
         requeue = DeadLetterWriter(cfg.kafka.dlq_topic, producer_config(cfg), cfg.pipeline.dlq_timeout)

@@ -25,11 +25,17 @@ class HttpResponse:
 
 
 class TransportError(Exception):
-    """A request got no HTTP answer (connection refused or reset, timeout); its text names no secret."""
+    """A request got no HTTP answer (connection refused or reset, timeout); its text names no secret.
 
-    def __init__(self, kind: str, url: str) -> None:
+    `refused`: what was refused is ours to fix, not the provider's to recover from (the egress proxy
+    refused its credentials, or TLS refused a certificate): the delivery layer pauses the project
+    instead of retrying it as an outage.
+    """
+
+    def __init__(self, kind: str, url: str, *, refused: bool = False) -> None:
         super().__init__(f"{kind} on {url}")
         self.kind = kind
+        self.refused = refused
 
 
 class Transport:
@@ -80,7 +86,10 @@ class Transport:
             raise TransportError("timeout", safe_url) from None
         except aiohttp.ClientHttpProxyError as exc:
             # The proxy refused the tunnel (407: its credentials; 403: its policy): say so, not just the class.
-            raise TransportError(f"proxy answered {exc.status}", safe_url) from None
+            raise TransportError(f"proxy answered {exc.status}", safe_url,
+                                 refused=exc.status in (401, 403, 407)) from None
+        except aiohttp.ClientSSLError as exc:  # a certificate refused, by us or by the provider
+            raise TransportError(type(exc).__name__, safe_url, refused=True) from None
         except aiohttp.ClientError as exc:
             # aiohttp's own messages can include the full URL, query string and all: keep the class only.
             raise TransportError(type(exc).__name__, safe_url) from None
@@ -138,7 +147,8 @@ class TokenCache:
             resp = await self.transport.send(request, timeout, spec.provider)
         except TransportError as exc:
             self._count(spec, "error")
-            raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=False) from None
+            # Refused by the proxy or TLS: no retry will get a token until that is fixed.
+            raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=exc.refused) from None
         if resp.status != 200:
             self._count(spec, "refused" if resp.status in (400, 401, 403) else "error")
             permanent = resp.status in (400, 401, 403)

@@ -213,7 +213,7 @@ def test_every_error_is_reported_at_once_and_a_misspelt_key_gets_a_suggestion() 
     assert found["metrics.prot"] == "unknown key 'prot' (did you mean 'port'?)"
     assert found["pipeline.max_in_flight"] == "must be at least 1, got 0"
     assert found["kameleoon.projects.site1.base_url"].startswith("contains a space")
-    assert found["colour"].startswith("unknown key 'colour' (the keys here: conductrics, convert, decoding")
+    assert found["colour"].startswith("unknown key 'colour' (the keys here: conductrics, control, convert, decoding")
     # The librdkafka tables themselves are sound, so the clients are built too (with a stand-in group).
     assert found['kafka.consumer."session.timeot.ms"'].endswith('(did you mean "session.timeout.ms"?)')
     assert len(found) == 6

@@ -33,7 +33,8 @@ _MODULES: dict[str, ProviderSpec] = {}  # module name -> its spec
 
 # Names a provider's slug cannot take: the config's other top-level tables, and the labels the pipeline
 # uses for "no provider" (metrics, DLQ headers) and for the shared pipeline of every provider.
-RESERVED = frozenset({"providers", "kafka", "decoding", "metrics", "pipeline", "logging", "matcher", "none", "all"})
+RESERVED = frozenset({"providers", "kafka", "decoding", "metrics", "pipeline", "logging", "matcher", "control", "none",
+                      "all"})
 
 
 def register(spec: ProviderSpec) -> ProviderSpec:

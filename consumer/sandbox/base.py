@@ -20,6 +20,7 @@ from consumer.sandbox.common import (
     Profile,
     Record,
     RequestEntry,
+    SpecError,
     _ActiveFault,
     _ActiveProfile,
     _dumps,
@@ -88,9 +89,30 @@ class SandboxState:
         self._queued: dict[str, deque[asyncio.Future[None]]] = {}
 
     def add_fault(self, fault: Fault) -> None:
-        self._faults.append(_ActiveFault(fault))
+        self._faults.append(_ActiveFault(fault, time.monotonic()))
+
+    def set_credentials(self, **credentials: Any) -> None:
+        """Replace credentials the emulators accept, as a provider's console would (e.g. `kameleoon_clients`:
+        client_id -> client_secret for POST /oauth/token, `conductrics_keys`: account -> key or keys; see each
+        emulator's `credentials`). A credential not given keeps what is in force; tokens issued already stay
+        valid (`revoke_tokens()` ends them). Every one is checked before any is applied: a refused change
+        changes nothing."""
+        known = {c for e in self.emulators for c in e.credentials}
+        unknown = sorted(set(credentials) - known)
+        if unknown:
+            raise SpecError(f"unknown credentials {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        apply: list[Callable[[], None]] = []
+        for e in self.emulators:
+            mine = {k: v for k, v in credentials.items() if k in e.credentials and v is not None}
+            if mine:
+                apply.append(e.check_credentials(mine))
+        for step in apply:
+            step()
 
     def _take_fault(self, provider: str) -> Fault | None:
+        now = time.monotonic()
+        if any(af.until is not None and af.until <= now for af in self._faults):
+            self._faults = [af for af in self._faults if af.until is None or af.until > now]  # outages over
         for af in self._faults:
             f = af.fault
             if f.provider != provider and f.provider != ANY:

@@ -116,7 +116,9 @@ class Fault:
     `seconds` (default: the sandbox's hang_seconds) then closes the connection without an answer; `reset`
     closes the connection at once without an answer; `json_status` (an emulator with `json_status_faults`)
     answers HTTP 200 with a JSON `status` of `status`. With `probability` < 1 each request is faulted with
-    that chance, drawn from a random generator seeded with `seed`.
+    that chance, drawn from a random generator seeded with `seed`. With `duration` the fault ends by itself
+    that many seconds after it was added (an outage of a known length: `times=None, duration=5` is "down for
+    5 s"), or after `times` requests, whichever comes first.
     """
 
     provider: str
@@ -127,6 +129,7 @@ class Fault:
     retry_after: str | None = None
     seconds: float | None = None
     seed: int = 0
+    duration: float | None = None
 
     def __post_init__(self) -> None:
         names = provider_names()
@@ -142,15 +145,18 @@ class Fault:
             raise ValueError("fault times cannot be negative")
         if not 100 <= self.status <= 599:
             raise ValueError(f"fault status must be an HTTP status, got {self.status}")
+        if self.duration is not None and not (math.isfinite(self.duration) and self.duration > 0):
+            raise ValueError(f"fault duration must be a positive number of seconds, got {self.duration}")
 
 
 class _ActiveFault:
-    __slots__ = ("fault", "remaining", "rng")
+    __slots__ = ("fault", "remaining", "rng", "until")
 
-    def __init__(self, fault: Fault) -> None:
+    def __init__(self, fault: Fault, now: float) -> None:
         self.fault = fault
         self.remaining = fault.times
         self.rng = random.Random(fault.seed)
+        self.until = None if fault.duration is None else now + fault.duration  # on time.monotonic
 
 
 class SpecError(ValueError):

@@ -7,6 +7,7 @@ and lets it add its routes: the sandbox's router names no provider.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
@@ -20,7 +21,8 @@ class Emulator:
 
     `names`: what its requests are logged, counted, faulted and profiled under; the first is the
     provider's slug (Kameleoon adds "token" for its OAuth endpoint). `options`: the keyword options of
-    `Sandbox(...)` (and of `--options` files) it takes. `json_status_faults`: it answers errors as a
+    `Sandbox(...)` (and of `--options` files) it takes; `credentials`: those of them a console can change
+    at runtime (`Sandbox.set_credentials`, POST /_sandbox/credentials). `json_status_faults`: it answers errors as a
     JSON `status` under HTTP 200, so `json_status` faults apply to it. Public attributes and methods of an
     emulator are reachable on the sandbox itself (`sandbox.expire_tokens()`).
     """
@@ -28,6 +30,7 @@ class Emulator:
     names: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()
     json_status_faults: ClassVar[bool] = False
+    credentials: ClassVar[tuple[str, ...]] = ()  # of its options, those `Sandbox.set_credentials` replaces
     max_body: int = 3_000_000  # the largest request body it reads (the server's own limit follows the largest)
 
     def __init__(self, sandbox: SandboxState, **options: Any) -> None:
@@ -42,6 +45,11 @@ class Emulator:
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add its endpoints (paths at the root: every provider's base URL is the sandbox URL)."""
+        raise NotImplementedError
+
+    def check_credentials(self, credentials: Mapping[str, Any]) -> Callable[[], None]:
+        """Validate new values of its `credentials` (SpecError naming the bad one) and return what applies
+        them: `Sandbox.set_credentials` checks every emulator's before applying any."""
         raise NotImplementedError
 
     def clear_faults(self) -> None:

@@ -60,6 +60,7 @@ class Sandbox(SandboxState):
             r.add_post("/_sandbox/faults", self._ctl_add_faults)
             r.add_delete("/_sandbox/faults", self._ctl_clear_faults)
             r.add_post("/_sandbox/reset", self._ctl_reset)
+            r.add_post("/_sandbox/credentials", self._ctl_credentials)
             for e in self.emulators:
                 e.add_routes(r)
             self._app = app
@@ -107,12 +108,14 @@ class Sandbox(SandboxState):
         retry_after: str | float | None = None,
         probability: float = 1.0,
         seed: int = 0,
+        duration: float | None = None,
     ) -> Fault:
-        """Answer `status` for the next `times` requests (None: until cleared), optionally with a probability."""
+        """Answer `status` for the next `times` requests (None: until cleared or, with `duration`, for that
+        many seconds from now), optionally with a probability."""
         ra = retry_after
         if isinstance(ra, int | float):
             ra = str(int(ra))
-        f = Fault(provider, "status", status, times, probability, ra, None, seed)
+        f = Fault(provider, "status", status, times, probability, ra, None, seed, duration)
         self.add_fault(f)
         return f
 
@@ -158,6 +161,7 @@ class Sandbox(SandboxState):
 
         {"kind": "status", "provider": "kameleoon", "status": 503, "times": 2, "retry_after": "1",
          "probability": 1.0, "seed": 0}          # also "hang" (+ "seconds"), "reset", "json_status"
+        {"kind": "status", "provider": "convert", "status": 503, "times": null, "duration": 40}  # down for 40 s
         {"kind": "latency", "provider": "convert", "seconds": 0.05}
         {"kind": "profile", "provider": "convert", "median": 0.12, "p99": 0.8, "capacity": 64,
          "over_capacity": "reject", "retry_after": "1", "error_rate": 0.002, "error_status": 503, "seed": 1}
@@ -196,7 +200,7 @@ class Sandbox(SandboxState):
 
             return apply_profiles
         known = {"kind", "provider", "status", "times", "probability", "retry_after", "seconds", "seed",
-                 "visitors", "goals"}
+                 "duration", "visitors", "goals"}
         unknown = sorted(set(item) - known)
         if unknown:
             raise SpecError(f"unknown key {unknown[0]!r}")
@@ -214,6 +218,7 @@ class Sandbox(SandboxState):
             ra = item.get("retry_after")
             times = item.get("times", 1)
             seconds = item.get("seconds")
+            duration = item.get("duration")
             fault = Fault(
                 provider=provider,
                 kind=str(kind),
@@ -223,6 +228,7 @@ class Sandbox(SandboxState):
                 retry_after=None if ra is None else str(ra),
                 seconds=None if seconds is None else float(seconds),
                 seed=int(item.get("seed", 0)),
+                duration=None if duration is None else float(duration),
             )
         except (TypeError, ValueError) as exc:
             raise SpecError(str(exc)) from None
@@ -338,6 +344,22 @@ class Sandbox(SandboxState):
     async def _ctl_reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         return web.Response(status=204)
+
+    async def _ctl_credentials(self, request: web.Request) -> web.StreamResponse:
+        """{"kameleoon_clients": {"id": "secret"}, "conductrics_keys": {"account": "key"}}: see set_credentials."""
+        try:
+            spec = _loads(await request.read())
+            known = sorted({c for e in self.emulators for c in e.credentials})
+            if not isinstance(spec, dict) or set(spec) - set(known):
+                raise SpecError(f"expected an object with any of {', '.join(known)}")
+            for name in known:
+                if name in spec and not isinstance(spec[name], dict):
+                    raise SpecError(f"{name!r} must be an object")
+            self.set_credentials(**spec)
+        except ValueError as exc:  # SpecError and JSON errors
+            return web.Response(status=400, body=_dumps({"error": str(exc)}), content_type="application/json")
+        return web.Response(status=204)
+
 
 SHARED_OPTIONS = ("hang_seconds", "request_log", "records", "profiles", "providers")
 

@@ -37,21 +37,36 @@ class ConductricsEmulator(Emulator):
     names = (CONDUCTRICS,)
     options = ("conductrics_keys", "conductrics_no_selection", "conductrics_no_selection_all")
     json_status_faults = True
+    credentials = ("conductrics_keys",)
 
     def __init__(self, sandbox: SandboxState, *, conductrics_keys: Mapping[str, str | Iterable[str]] | None = None,
                  conductrics_no_selection: Iterable[str] = (), conductrics_no_selection_all: bool = False) -> None:
         super().__init__(sandbox)
         self._conductrics_keys: dict[str, list[bytes]] | None = None
         if conductrics_keys is not None:
-            self._conductrics_keys = {
-                acc: [_digest(k)] if isinstance(k, str) else [_digest(x) for x in k]
-                for acc, k in conductrics_keys.items()
-            }
+            self.check_credentials({"conductrics_keys": conductrics_keys})()
         self._base_no_selection = frozenset(conductrics_no_selection)
         self._base_no_selection_all = bool(conductrics_no_selection_all)
         self._no_selection: set[str] = set(self._base_no_selection)  # clear_faults() returns to these
         self._no_selection_all = self._base_no_selection_all
         self.unrewarded: list[Record] = []  # goals no agent accepted (answered with an empty rs)
+
+    def check_credentials(self, credentials: Mapping[str, Any]) -> Callable[[], None]:
+        """conductrics_keys: account -> API key or keys, what the agent API accepts from now on."""
+        conductrics_keys = credentials["conductrics_keys"]
+        if not isinstance(conductrics_keys, Mapping):
+            raise SpecError("conductrics_keys maps each account to an API key or a list of them")
+        keys: dict[str, list[bytes]] = {}
+        for acc, k in conductrics_keys.items():
+            values = [k] if isinstance(k, str) else list(k)
+            if not isinstance(acc, str) or not all(isinstance(x, str) and x for x in values):
+                raise SpecError("conductrics_keys maps each account to an API key or a list of them")
+            keys[acc] = [_digest(x) for x in values]
+
+        def apply() -> None:
+            self._conductrics_keys = keys
+
+        return apply
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/{account}/v3/agent-api", self._conductrics)

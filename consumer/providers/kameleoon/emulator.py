@@ -6,13 +6,13 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
 
 from consumer.sandbox.base import SandboxState
-from consumer.sandbox.common import Record, _digest, _dumps, _Invalid, _is_number, _loads
+from consumer.sandbox.common import Record, SpecError, _digest, _dumps, _Invalid, _is_number, _loads
 from consumer.sandbox.emulator import Emulator
 
 KAMELEOON = "kameleoon"
@@ -36,17 +36,32 @@ class KameleoonEmulator(Emulator):
 
     names = (KAMELEOON, TOKEN)
     options = ("kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body")
+    credentials = ("kameleoon_clients",)
 
     def __init__(self, sandbox: SandboxState, *, kameleoon_auth_sites: Iterable[str] = (),
                  kameleoon_clients: Mapping[str, str] | None = None, token_lifetime: float = 3600.0,
                  kameleoon_max_body: int = 3_000_000) -> None:
         super().__init__(sandbox)
         self.auth_sites = frozenset(kameleoon_auth_sites)
-        self._clients = {cid: _digest(sec) for cid, sec in (kameleoon_clients or {}).items()}
+        self._clients: dict[str, bytes] = {}
+        self.check_credentials({"kameleoon_clients": kameleoon_clients or {}})()
         self.token_lifetime = float(token_lifetime)
         self.max_body = int(kameleoon_max_body)
         self.token_grants = 0
         self._tokens: dict[bytes, float] = {}  # digest -> monotonic expiry
+
+    def check_credentials(self, credentials: Mapping[str, Any]) -> Callable[[], None]:
+        """kameleoon_clients: client_id -> client_secret, what POST /oauth/token accepts from now on."""
+        kameleoon_clients = credentials["kameleoon_clients"]
+        if not isinstance(kameleoon_clients, Mapping) or not all(
+                isinstance(c, str) and isinstance(v, str) and c and v for c, v in kameleoon_clients.items()):
+            raise SpecError("kameleoon_clients maps each client_id to its client_secret (non-empty strings)")
+        clients = {cid: _digest(sec) for cid, sec in kameleoon_clients.items()}
+
+        def apply() -> None:
+            self._clients = clients
+
+        return apply
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post("/visit/events", self._kameleoon_events)
