@@ -216,8 +216,8 @@ class Application:
             # 1. Connections to the providers.
             transport = Transport.for_config(cfg)
             stack.push_async_callback(transport.close)
-            tokens = TokenCache(transport, cfg.kameleoon.user_agent,
-                                on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
+            # Each token request carries its provider's user agent (TokenSpec.user_agent), counted under its slug.
+            tokens = TokenCache(transport, on_grant=lambda p, r: self.metrics.token_grants.labels(p, r).inc())
             decoder = make_decoder(cfg.decoding)
             stack.push_async_callback(decoder.close)
             # 2. The dead-letter writer.

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from consumer.config import ClientCheck, Config, ConfigError, ConfigErrors, load
+from consumer.providers.registry import ProviderModuleError
 
 EXIT_CONFIG = 2
 
@@ -97,11 +98,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.file, clients=True, placeholders=args.no_env, warnings=warnings)
     for w in warnings:
         print(f"offline-conversions: warning: {w}", file=sys.stderr)
-    projects = {
-        "kameleoon": sorted(cfg.kameleoon.projects),
-        "convert": sorted(cfg.convert.projects),
-        "conductrics": sorted(cfg.conductrics.projects),
-    }
+    projects = {slug: sorted(section.projects) for slug, section in cfg.providers.items()}
     print(f"{args.file}: ok — topic {cfg.kafka.topic!r}, group {cfg.kafka.group_id!r}, "
           f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}"
           + (" (${…} not read: values from them not checked)" if args.no_env else ""))
@@ -133,15 +130,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from consumer.providers.registry import load_all as load_options_of
     from consumer.sandbox import load_options, parse_profile, profiles_of, serve
 
     try:
         options = load_options(args.options) if args.options else {}
+        if args.provider_module:  # emulate these providers too (as [providers] modules registers them)
+            options["providers"] = [*options.get("providers", ()), *args.provider_module]
+            load_options_of(options["providers"])
         if args.profile:
             options["profiles"] = [*options.get("profiles", ()), *(s for t in args.profile for s in parse_profile(t))]
         for spec in options.get("profiles", ()):
             profiles_of(spec)  # a bad profile fails here, naming its setting, not once the server runs
-    except (OSError, TypeError, ValueError) as exc:
+    except (OSError, TypeError, ValueError, ProviderModuleError) as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     serve(args.host, args.port, **options)
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--profile", action="append", metavar="PROVIDER:SETTINGS",
                     help="a latency profile, e.g. 'convert:median=120ms,p99=800ms,capacity=64,over=reject,"
                          "retry_after=1,errors=0.002,seed=1' ('*' for every provider; repeatable)")
+    sb.add_argument("--provider-module", action="append", metavar="MODULE",
+                    help="also emulate the provider of this module (as [providers] modules names it; repeatable)")
     sb.set_defaults(func=cmd_sandbox)
 
     pr = sub.add_parser("produce", help="produce sample purchases to a topic")
@@ -235,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = dlq_sub.add_parser("replay", help="re-drive dead-lettered events to the provider(s) that failed")
     replay.add_argument("--config", required=True)
     replay.add_argument("--provider", action="append",
-                        help="only this provider: kameleoon, convert, conductrics (repeatable)")
+                        help="only this provider, by its slug (e.g. kameleoon; see [providers]) (repeatable)")
     replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch (repeatable)")
     replay.add_argument("--error-class", action="append")
     replay.add_argument("--since", type=int, help="dead-lettered at or after this epoch ms")

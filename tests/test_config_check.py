@@ -248,7 +248,7 @@ def test_an_invalid_url_is_rejected_naming_its_key(url: str, why: str) -> None:
 def test_valid_urls_pass(url: str) -> None:
     data = copy.deepcopy(BASE)
     data["conductrics"]["projects"]["ac-1"]["agent_api_url"] = url
-    assert parse(data, env={}).conductrics.projects["ac-1"].agent_api_url == url.rstrip("/")
+    assert parse(data, env={}).providers["conductrics"].projects["ac-1"].agent_api_url == url.rstrip("/")
 
 
 def test_check_config_prints_every_error_and_exits_2(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ async def test_without_a_token_only_requests_to_localhost_are_answered(control_c
 async def test_answers_never_quote_a_configured_secret(control_config: Callable[..., Config],
                                                        http: aiohttp.ClientSession) -> None:
     cfg = control_config()
-    key = cfg.conductrics.projects["ac-xxx"].api_key.reveal()
+    key = cfg.providers["conductrics"].projects["ac-xxx"].api_key.reveal()
     service = Service()
     old = service.projects[("conductrics", "ac-xxx")]
     service.projects[("conductrics", "ac-xxx")] = replace(old, last_error=f"401 for key {key}")

@@ -585,9 +585,10 @@ def test_compose_service_config_is_valid_and_uses_the_stack() -> None:
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert cfg.decoding.format == "confluent"
     assert cfg.decoding.schema_registry_url == "http://schema-registry:8081"
-    urls = [p.base_url for p in cfg.kameleoon.projects.values()] + [p.base_url for p in cfg.convert.projects.values()]
-    urls += [p.agent_api_url for p in cfg.conductrics.projects.values()]
-    assert cfg.kameleoon.projects and cfg.convert.projects and cfg.conductrics.projects
+    kameleoon, convert, conductrics = (cfg.providers[p] for p in ("kameleoon", "convert", "conductrics"))
+    urls = [p.base_url for p in kameleoon.projects.values()] + [p.base_url for p in convert.projects.values()]
+    urls += [p.agent_api_url for p in conductrics.projects.values()]
+    assert kameleoon.projects and convert.projects and conductrics.projects
     assert all(u.startswith("http://sandbox:8080") for u in urls), urls
     assert int(re.sub(r"\D", "", svc["stop_grace_period"])) > cfg.pipeline.shutdown_deadline
     init = next(s for n, s in compose()["services"].items() if "init" in n)

@@ -21,7 +21,7 @@ import pytest
 from consumer.config import parse
 from consumer.model import Conversion, Identity, Provider
 from consumer.providers.base import Verdict
-from consumer.providers.convert import ConvertModule, order_id_of, transaction_id
+from consumer.providers.convert.request import ConvertModule, order_id_of, transaction_id
 from consumer.sandbox import Fault, Record, Sandbox, SpecError, load_options, redact_query
 from consumer.transport import Transport
 
@@ -362,7 +362,7 @@ def convert_module(sandbox: Sandbox, api: str) -> ConvertModule:
     cfg = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
                  "convert": {"projects": {"1111_2222": {"base_url": sandbox.url, "api": api, "goals": [100],
                                                         "transaction_goals": [100]}}}}, env={})
-    return ConvertModule(cfg.convert)
+    return ConvertModule(cfg.providers["convert"])
 
 
 def convert_conversion(order_id: str) -> Conversion:
