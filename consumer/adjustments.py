@@ -27,7 +27,7 @@ Per provider project (docs/operations.md, "Refunds and cancellations"):
   not_supported). Kameleoon with `refunds = "skip"`: counted as skipped.
 
 Nonces: 16 hex of sha256("kameleoon-adjustment", site, adjustment event id, original key, role), role
-"cancel" or "restate" (`consumer.providers.kameleoon.adjustment_nonce`).
+"cancel" or "restate" (`consumer.providers.kameleoon.keys.adjustment_nonce`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from consumer.model import (
     RefundPolicy,
     RevenueShare,
 )
-from consumer.providers.kameleoon import adjustment_nonce
+from consumer.providers.kameleoon.keys import adjustment_nonce
 
 
 class DeliveredConversion(Protocol):

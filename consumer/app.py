@@ -7,7 +7,8 @@ what was opened before it, in reverse):
  3. the metrics and health server;
  4. the group protocol (asked of the broker) and, with a group per provider, the upgrade: provider groups
     without offsets of their own start from the shared group's (consumer/groups.py);
- 5. one Pipeline per provider (consumer/pipeline.py), each a member of its own consumer group.
+ 5. one Pipeline per provider (consumer/pipeline.py), each a member of its own consumer group;
+ 6. the control plane (consumer/ops/): the pauses kept in the control topic, and its HTTP API.
 Then every pipeline's poll loop runs until a stop (SIGTERM, SIGINT, `stop()`) or a fatal error in any of
 them, and shutdown drains all pipelines at once, commits what is done, leaves the groups and closes the
 rest.
@@ -27,9 +28,12 @@ from collections.abc import Callable
 from consumer import groups
 from consumer.config import Config
 from consumer.decoding import make_event_decoder
+from consumer.delivery import AmbiguousProject, ProjectStatus, UnknownProject
 from consumer.dlq import DeadLetterWriter, producer_config
 from consumer.metrics import HealthServer, Metrics, Tally
 from consumer.model import Provider
+from consumer.ops.control_plane import ControlPlane
+from consumer.ops.control_store import ControlStoreError
 from consumer.pipeline import EXIT_DLQ, EXIT_KAFKA_AUTH, Hooks, Pipeline, Shared
 from consumer.providers.base import ProviderModule
 from consumer.providers.registry import modules
@@ -100,6 +104,7 @@ class Application:
         self.pipelines: list[Pipeline] = []
         self.dlq: DeadLetterWriter | None = None
         self.health: HealthServer | None = None
+        self.control_port: int | None = None  # where the control API listens, once it does
         self._halt = asyncio.Event()
         self._stopping = False
         self._ready = False  # what offline_conversions_ready says, kept by the service itself
@@ -122,6 +127,36 @@ class Application:
             if p.name == name:
                 return p
         raise KeyError(f"no pipeline {name!r}; there are {[p.name for p in self.pipelines]}")
+
+    # ------------------------------------------------------------------ the control plane's view (Controlled)
+
+    def statuses(self) -> list[ProjectStatus]:
+        """Every provider project of every pipeline, as its dispatcher reports it."""
+        return [s for p in self.pipelines for s in p.dispatcher.statuses()]
+
+    def lag(self) -> dict[str, int]:
+        """Per provider, this member's lag in that provider's group (its partitions' share)."""
+        out: dict[str, int] = {}
+        for p in self.pipelines:
+            for provider in p.providers:
+                out[provider.slug] = out.get(provider.slug, 0) + sum(p.source.lag.values())
+        return out
+
+    def _on_control(self, provider: str, project: str, paused: bool, reason: str | None) -> None:
+        """A pause or resume from the control topic (this member's API or another member's): applied here."""
+        for p in self.pipelines:
+            if not any(pr.slug == provider for pr in p.providers):
+                continue
+            try:
+                if paused:
+                    p.dispatcher.pause(project, reason or "paused by an operator", provider)
+                else:
+                    p.dispatcher.resume(project, provider)
+            except (UnknownProject, AmbiguousProject):
+                # A record for a project this member's configuration does not have: nothing to apply.
+                log.info("control record for a project not configured here", extra={
+                    "provider": provider, "project": project})
+            return
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,8 +219,8 @@ class Application:
             # 1. Connections to the providers.
             transport = Transport.for_config(cfg)
             stack.push_async_callback(transport.close)
-            tokens = TokenCache(transport, cfg.kameleoon.user_agent,
-                                on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
+            # Each token request carries its provider's user agent (TokenSpec.user_agent), counted under its slug.
+            tokens = TokenCache(transport, on_grant=lambda p, r: self.metrics.token_grants.labels(p, r).inc())
             if cfg.adjustments.enabled and (self.ledger is None or cfg.adjustments.topic):
                 # Refused, not ignored: adjustments read and never applied would be lost silently.
                 self._fail("[adjustments] enabled needs the ledger (consumer/refunds.py OrderLedger) and, for now, "
@@ -226,8 +261,17 @@ class Application:
                          should_stop=should_stop)
                 for i, (name, group, mods) in enumerate(plan)
             ]
+            # 6. The control plane: standing pauses (written by any member, kept in the control topic) are
+            # applied before anything is delivered; then its API listens.
+            if cfg.control.enabled:
+                try:
+                    control = await stack.enter_async_context(ControlPlane(cfg, self, self._on_control))
+                except ControlStoreError as exc:
+                    self._fail(f"the control topic cannot be used: {exc}", EXIT_FATAL)
+                    return self.fatal_exit
+                self.control_port = control.port
             log.info("started", extra={"topic": cfg.kafka.topic, "groups": [p.group for p in self.pipelines],
-                                       "metrics_port": health.port})
+                                       "metrics_port": health.port, "control_port": self.control_port})
             gc_settings = tune_gc(cfg.pipeline.gc_threshold)
             if gc_settings is not None:
                 stack.callback(gc.unfreeze)

@@ -1,4 +1,4 @@
-"""The `offline-conversions` command: run, check-config, explain, sandbox, produce, demo, dlq replay."""
+"""The `offline-conversions` command: run, check-config, explain, sandbox, produce, demo, dlq replay, rewind."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from consumer.config import ClientCheck, Config, ConfigError, ConfigErrors, load
+from consumer.providers.registry import ProviderModuleError
 
 EXIT_CONFIG = 2
 
@@ -63,12 +65,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def for_worker(cfg: Config, index: int) -> Config:
-    """Worker `index` of a multi-process container: its own metrics port and static member id."""
+    """Worker `index` of a multi-process container: its own metrics and control ports and static member id."""
     consumer = dict(cfg.kafka.consumer)
     if "group.instance.id" in consumer:
         consumer["group.instance.id"] = f"{consumer['group.instance.id']}-{index}"
     port = cfg.metrics.port + index if cfg.metrics.port else 0
-    return replace(cfg, kafka=replace(cfg.kafka, consumer=consumer), metrics=replace(cfg.metrics, port=port))
+    control = cfg.control.port + index if cfg.control.port else 0
+    return replace(cfg, kafka=replace(cfg.kafka, consumer=consumer), metrics=replace(cfg.metrics, port=port),
+                   control=replace(cfg.control, port=control))
 
 
 def run_workers(config: str, workers: int) -> int:
@@ -94,11 +98,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.file, clients=True, placeholders=args.no_env, warnings=warnings)
     for w in warnings:
         print(f"offline-conversions: warning: {w}", file=sys.stderr)
-    projects = {
-        "kameleoon": sorted(cfg.kameleoon.projects),
-        "convert": sorted(cfg.convert.projects),
-        "conductrics": sorted(cfg.conductrics.projects),
-    }
+    projects = {slug: sorted(section.projects) for slug, section in cfg.providers.items()}
     print(f"{args.file}: ok — topic {cfg.kafka.topic!r}, group {cfg.kafka.group_id!r}, "
           f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}"
           + (" (${…} not read: values from them not checked)" if args.no_env else ""))
@@ -157,15 +157,19 @@ def _explain_adjustment(args: argparse.Namespace, cfg: Config, event: dict[str, 
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from consumer.providers.registry import load_all as load_options_of
     from consumer.sandbox import load_options, parse_profile, profiles_of, serve
 
     try:
         options = load_options(args.options) if args.options else {}
+        if args.provider_module:  # emulate these providers too (as [providers] modules registers them)
+            options["providers"] = [*options.get("providers", ()), *args.provider_module]
+            load_options_of(options["providers"])
         if args.profile:
             options["profiles"] = [*options.get("profiles", ()), *(s for t in args.profile for s in parse_profile(t))]
         for spec in options.get("profiles", ()):
             profiles_of(spec)  # a bad profile fails here, naming its setting, not once the server runs
-    except (OSError, TypeError, ValueError) as exc:
+    except (OSError, TypeError, ValueError, ProviderModuleError) as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     serve(args.host, args.port, **options)
@@ -194,6 +198,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     code: int = run_replay(args)
     return code
+
+
+def cmd_rewind(args: argparse.Namespace) -> int:
+    from consumer.ops.rewind import run_rewind
+
+    return run_rewind(args, _load_or_exit(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--profile", action="append", metavar="PROVIDER:SETTINGS",
                     help="a latency profile, e.g. 'convert:median=120ms,p99=800ms,capacity=64,over=reject,"
                          "retry_after=1,errors=0.002,seed=1' ('*' for every provider; repeatable)")
+    sb.add_argument("--provider-module", action="append", metavar="MODULE",
+                    help="also emulate the provider of this module (as [providers] modules names it; repeatable)")
     sb.set_defaults(func=cmd_sandbox)
 
     pr = sub.add_parser("produce", help="produce sample purchases to a topic")
@@ -257,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = dlq_sub.add_parser("replay", help="re-drive dead-lettered events to the provider(s) that failed")
     replay.add_argument("--config", required=True)
     replay.add_argument("--provider", action="append",
-                        help="only this provider: kameleoon, convert, conductrics (repeatable)")
+                        help="only this provider, by its slug (e.g. kameleoon; see [providers]) (repeatable)")
     replay.add_argument("--stage", action="append",
                         help="only this stage: decode, match, dispatch, adjust (repeatable)")
     replay.add_argument("--error-class", action="append")
@@ -266,11 +278,36 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dry-run", action="store_true")
     replay.add_argument("--group-id", help="the replay's own consumer group (default: <group_id>.replay)")
     replay.set_defaults(func=cmd_dlq_replay)
+
+    rw = sub.add_parser("rewind", help="move one provider's consumer group to a point in time (re-send from it)",
+                        description="Moves the group <kafka.group_id>.<provider> to the first offset at or after "
+                                    "TIME on every partition of [kafka] topic, so that provider alone receives "
+                                    "everything since TIME again. Refused while the group has members.")
+    rw.add_argument("--config", required=True)
+    rw.add_argument("--provider", required=True, help="kameleoon, convert or conductrics")
+    rw.add_argument("--to", required=True, metavar="TIME",
+                    help="ISO-8601 with an offset (2026-12-01T09:00:00Z), epoch ms, or a duration ago (-2h, -7d)")
+    rw.add_argument("--dry-run", action="store_true", help="print the offsets before and after, change nothing")
+    rw.add_argument("--force", action="store_true",
+                    help="skip the check for active members and ask the broker anyway; Kafka refuses to alter "
+                         "a group with members, so this only helps when the members are known to have left")
+    rw.set_defaults(func=cmd_rewind)
     return p
 
 
+def _relative_times(argv: Sequence[str]) -> list[str]:
+    """`--to -2h` as `--to=-2h`: argparse would take `-2h` for an option and say --to has no value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--to" and re.fullmatch(r"-\d[\w.]*", arg):
+            out[-1] = f"--to={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     code: int = args.func(args)
     return code
 

@@ -14,7 +14,17 @@ import fastavro
 from fastavro.types import Schema
 
 from consumer.config import AdjustmentsConfig, DecodingConfig
-from consumer.model import NO_CONSENT_STATED, AdjustmentKind, Channel, Exposure, OrderAdjusted, Provider, Purchase
+from consumer.model import (
+    NO_CONSENT_STATED,
+    UNKNOWN_SYMBOL,
+    AdjustmentKind,
+    Channel,
+    Exposure,
+    OrderAdjusted,
+    Provider,
+    Purchase,
+)
+from consumer.providers import registry
 from consumer.schema_registry import RegistryUnavailable, SchemaNotFound, SchemaRegistry
 
 # Every DecodeError.reason is one of these, so the reason can be used as a metric label as it is.
@@ -79,9 +89,11 @@ def contract_revenue(value: Decimal) -> Decimal:
 
 
 _CHANNELS: dict[str, Channel] = {c.value: c for c in Channel}
-_PROVIDERS: dict[str, Provider] = {p.value: p for p in Provider}
+# Every registered provider by Avro symbol: the registry's own live mapping, so a provider registered from
+# config ([providers] modules) is known here without a copy to refresh.
+_PROVIDERS: Mapping[str, Provider] = registry.by_symbol()
 # The reader schema's Provider enum default: what Avro resolution gives for a newer writer's provider symbol.
-UNKNOWN_PROVIDER = "UNKNOWN"
+UNKNOWN_PROVIDER = UNKNOWN_SYMBOL
 
 
 class DecodeError(Exception):
@@ -149,6 +161,42 @@ def read_schema_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: an Avro schema file must hold a JSON object")
     return data
+
+
+def with_providers(schema: Any, symbols: Sequence[str]) -> Any:
+    """The reader schema with every registered provider's symbol in its `Provider` enum.
+
+    schemas/purchase_completed.avsc is the published contract and lists the built-in providers; a reader
+    extends it from the registry, so an event naming a provider registered from config decodes. A symbol
+    it lacks goes before UNKNOWN, which becomes the default if it was not. Nothing lacking: unchanged (the
+    same JSON, so a writer with the contract's schema still skips resolution).
+    """
+    def walk(t: Any) -> Any:
+        if isinstance(t, list):
+            return [walk(x) for x in t]
+        if not isinstance(t, dict):
+            return t
+        out = dict(t)
+        kind = out.get("type")
+        if kind == "enum" and str(out.get("name", "")).rsplit(".", 1)[-1] == "Provider":
+            have = list(out.get("symbols", ()))
+            missing = [s for s in symbols if s not in have]
+            if missing:
+                known = [s for s in have if s != UNKNOWN_SYMBOL]
+                out["symbols"] = [*known, *missing, UNKNOWN_SYMBOL]
+                out["default"] = UNKNOWN_SYMBOL
+            return out
+        if kind in ("record", "error"):
+            out["fields"] = [{**f, "type": walk(f["type"])} for f in out.get("fields", [])]
+        elif kind == "array":
+            out["items"] = walk(out["items"])
+        elif kind == "map":
+            out["values"] = walk(out["values"])
+        elif isinstance(kind, dict | list):
+            out["type"] = walk(kind)
+        return out
+
+    return walk(schema)
 
 
 def load_schema(path: str | Path) -> Schema:
@@ -545,12 +593,13 @@ class _AvroDecoder(Generic[T]):
     needs_headers = False
 
     def __init__(self, reader_schema_path: str | Path, max_message_bytes: int,
-                 from_record: Callable[[Mapping[str, Any]], T]) -> None:
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
         self.max_message_bytes = max_message_bytes
         self._from_record: Callable[[Mapping[str, Any]], T] = from_record
-        self._reader_json = read_schema_json(reader_schema_path)
+        # The contract's Provider enum, extended with the config's providers (see with_providers).
+        self._reader_json = with_providers(read_schema_json(reader_schema_path), providers)
         stripped = strip_logical_types(self._reader_json)
         self._reader, _ = _parse_with_names(stripped)
         self._reader_stripped_json = stripped
@@ -616,9 +665,11 @@ class _RawDecoder(_AvroDecoder[T]):
     """Schemaless Avro: every message is written with the same known writer schema."""
 
     def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int,
-                 from_record: Callable[[Mapping[str, Any]], T]) -> None:
-        super().__init__(reader_schema_path, max_message_bytes, from_record)
-        self._writer = self._compile(read_schema_json(writer_schema_path))
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
+        super().__init__(reader_schema_path, max_message_bytes, from_record, providers)
+        # Raw Avro's writers write the configured contract; one that sends a provider registered from config
+        # writes it with that provider's symbol added the same way (K, C, D keep their indexes).
+        self._writer = self._compile(with_providers(read_schema_json(writer_schema_path), providers))
 
     def decode(self, value: bytes | None, headers: Headers = None) -> T:
         return self._read(self._check_size(value), 0, self._writer)
@@ -633,8 +684,9 @@ class _RawDecoder(_AvroDecoder[T]):
 class RawAvroDecoder(_RawDecoder[Purchase]):
     """Schemaless Avro purchases: every message is written with the same known writer schema."""
 
-    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int) -> None:
-        super().__init__(writer_schema_path, reader_schema_path, max_message_bytes, purchase_from_record)
+    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int,
+                 providers: Sequence[str] = ()) -> None:
+        super().__init__(writer_schema_path, reader_schema_path, max_message_bytes, purchase_from_record, providers)
 
 
 class RawAdjustmentDecoder(_RawDecoder[OrderAdjusted]):
@@ -648,8 +700,8 @@ class _ConfluentDecoder(_AvroDecoder[T]):
     """Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body; writer schemas from the registry."""
 
     def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int,
-                 from_record: Callable[[Mapping[str, Any]], T]) -> None:
-        super().__init__(reader_schema_path, max_message_bytes, from_record)
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
+        super().__init__(reader_schema_path, max_message_bytes, from_record, providers)
         self.registry = registry
         self._writers: dict[int, _Compiled] = {}
         # A schema id whose content is unusable stays unusable (ids are immutable): remember the verdict.
@@ -718,8 +770,9 @@ class _ConfluentDecoder(_AvroDecoder[T]):
 class ConfluentDecoder(_ConfluentDecoder[Purchase]):
     """Confluent-framed purchases; writer schemas from the registry, the contract as the reader."""
 
-    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int) -> None:
-        super().__init__(registry, reader_schema_path, max_message_bytes, purchase_from_record)
+    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int,
+                 providers: Sequence[str] = ()) -> None:
+        super().__init__(registry, reader_schema_path, max_message_bytes, purchase_from_record, providers)
 
 
 class ConfluentAdjustmentDecoder(_ConfluentDecoder[OrderAdjusted]):
@@ -732,10 +785,10 @@ class ConfluentAdjustmentDecoder(_ConfluentDecoder[OrderAdjusted]):
 def make_decoder(cfg: DecodingConfig) -> Decoder:
     """The decoder the configuration asks for; the local schema is always the reader schema."""
     if cfg.format == "avro":
-        return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes)
+        return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes, cfg.providers)
     if cfg.format == "confluent":
         registry = SchemaRegistry.from_config(cfg.schema_registry_url, cfg.schema_registry)
-        return ConfluentDecoder(registry, cfg.schema, cfg.max_message_bytes)
+        return ConfluentDecoder(registry, cfg.schema, cfg.max_message_bytes, cfg.providers)
     raise ValueError(f"unknown decoding format {cfg.format!r}")
 
 
@@ -825,14 +878,14 @@ class ConfluentEventDecoder:
     """Schema Registry framing: the writer schema's record name (cached per id) picks the reader."""
 
     def __init__(self, registry: SchemaRegistry, purchase_schema: str | Path | None,
-                 adjustment_schema: str | Path | None, max_message_bytes: int) -> None:
+                 adjustment_schema: str | Path | None, max_message_bytes: int, providers: Sequence[str] = ()) -> None:
         if purchase_schema is None and adjustment_schema is None:
             raise ValueError("a topic carries purchases, adjustments or both")
         self.registry = registry
         self.needs_headers = False  # the writer schema's name says it
         self._by_name: dict[str, ConfluentDecoder | ConfluentAdjustmentDecoder] = {}
         if purchase_schema is not None:
-            self._by_name[PURCHASE_RECORD] = ConfluentDecoder(registry, purchase_schema, max_message_bytes)
+            self._by_name[PURCHASE_RECORD] = ConfluentDecoder(registry, purchase_schema, max_message_bytes, providers)
         if adjustment_schema is not None:
             self._by_name[ADJUSTMENT_RECORD] = ConfluentAdjustmentDecoder(registry, adjustment_schema,
                                                                           max_message_bytes)
@@ -906,7 +959,7 @@ def make_event_decoder(cfg: DecodingConfig, adjustments: AdjustmentsConfig, *, a
         return make_decoder(cfg)
     if cfg.format == "avro":
         return RawEventDecoder(
-            RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes) if carries_purchases else None,
+            RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes, cfg.providers) if carries_purchases else None,
             RawAdjustmentDecoder(adjustments.schema, adjustments.schema, cfg.max_message_bytes)
             if carries_adjustments else None,
             adjustments.event_type_header,
@@ -914,5 +967,6 @@ def make_event_decoder(cfg: DecodingConfig, adjustments: AdjustmentsConfig, *, a
     if cfg.format == "confluent":
         registry = SchemaRegistry.from_config(cfg.schema_registry_url, cfg.schema_registry)
         return ConfluentEventDecoder(registry, cfg.schema if carries_purchases else None,
-                                     adjustments.schema if carries_adjustments else None, cfg.max_message_bytes)
+                                     adjustments.schema if carries_adjustments else None, cfg.max_message_bytes,
+                                     cfg.providers)
     raise ValueError(f"unknown decoding format {cfg.format!r}")

@@ -1,9 +1,10 @@
-"""Per-route flow control: a concurrency limit (fixed or adaptive), an optional request rate, and a circuit breaker.
+"""Per-route flow control: a concurrency limit (fixed or adaptive), a request rate, a circuit breaker, a pause.
 
-The breaker's state machine is pure (time is passed in) so it is tested without waiting, as is the
-adaptive limit (`consumer/concurrency.py`); the `Gate` wraps them with asyncio primitives. A request
-that finds the breaker open waits for the cool-down instead of hammering a provider that is down;
-after it one probe goes through, and its result closes or re-opens the breaker.
+The breaker's and the pause's state machines are pure (time is passed in) so they are tested without
+waiting, as is the adaptive limit (`consumer/concurrency.py`); the `Gate` wraps them with asyncio
+primitives. A request that finds the breaker open waits for the cool-down instead of hammering a
+provider that is down; after it one probe goes through, and its result closes or re-opens the breaker.
+The others wait for that probe's answer (not a poll): an outage of hours costs one request per cool-down.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class CircuitBreaker:
             self.state = BreakerState.HALF_OPEN
         if self.state is BreakerState.HALF_OPEN:
             if self.probing:
-                return min(self.cooldown, 0.05)
+                return self.cooldown  # at most: the Gate wakes its waiters when the probe is answered
             self.probing = True
         return None
 
@@ -146,6 +147,7 @@ class Gate:
         self.on_state = on_state
         self.on_limit = on_limit
         self._state = BreakerState.CLOSED
+        self._probe_answered: asyncio.Future[None] | None = None  # what requests behind a probe wait for
         if on_limit is not None:
             on_limit(self.slots.limit)
 
@@ -157,16 +159,20 @@ class Gate:
     async def enter(self) -> None:
         while (wait := self.breaker.wait_time(self.clock())) is not None:
             self._publish()
-            await asyncio.sleep(wait)
+            if self.breaker.state is BreakerState.HALF_OPEN:
+                await self._after_probe(wait)
+            else:
+                await asyncio.sleep(wait)
         self._publish()
-        if self.rate is not None:
-            delay = self.rate.delay()
-            if delay > 0:
-                await asyncio.sleep(delay)
         try:
+            if self.rate is not None:
+                delay = self.rate.delay()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             await self.slots.acquire()
-        except BaseException:
+        except BaseException:  # cancelled holding the probe: free it, or those behind it wait a cool-down
             self.breaker.release_probe()
+            self._wake_probe_waiters()
             raise
         if self.adaptive is not None:
             self.adaptive.started()
@@ -181,14 +187,124 @@ class Gate:
             self.breaker.release_probe()
         else:
             self.breaker.record(ok, self.clock())
+        self._wake_probe_waiters()
         self._publish()
         if self.adaptive is not None and self.adaptive.finished(self.clock(), signal, rtt):
             self.slots.resize(self.adaptive.limit)
             if self.on_limit is not None:
                 self.on_limit(self.adaptive.limit)
 
+    def cancel_entry(self) -> None:
+        """Undo an `enter` whose request will not be sent (its project was paused meanwhile)."""
+        self.slots.release()
+        self.breaker.release_probe()
+        self._wake_probe_waiters()
+
+    async def _after_probe(self, timeout: float) -> None:
+        """Wait until the probe in flight is answered (or `timeout`): one timer for all who wait, no polling."""
+        fut = self._probe_answered
+        if fut is None or fut.done():
+            fut = self._probe_answered = asyncio.get_running_loop().create_future()
+        await asyncio.wait((fut,), timeout=timeout)
+
+    def _wake_probe_waiters(self) -> None:
+        fut, self._probe_answered = self._probe_answered, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
     def _publish(self) -> None:
         if self.breaker.state is not self._state:
             self._state = self.breaker.state
             if self.on_state is not None:
                 self.on_state(self._state)
+
+
+class PausedBy(enum.StrEnum):
+    CREDENTIALS = "credentials"  # the provider refused them: a 401 after re-authentication, or a 403
+    OPERATOR = "operator"  # someone asked (Dispatcher.pause, the control API)
+
+
+class Pause:
+    """Whether a provider project's requests may be sent, and why not; pure (time is passed in).
+
+    Two holds, each independent of the other: an operator's, until resumed; and the credentials',
+    set by a refused request and lifted by a probe that is not refused (one request retried every
+    `interval`, re-authenticating first) or by a resume. `held` is a plain attribute: the hot path
+    reads it once per batch. Every method that changes what `held`, `paused_by` or `reason` say
+    returns True, so the caller publishes the change once.
+    """
+
+    __slots__ = ("credentials", "credentials_since", "held", "next_probe", "operator", "operator_since", "probing")
+
+    def __init__(self) -> None:
+        self.held = False
+        self.operator: str | None = None  # the operator's reason while held by one
+        self.operator_since: float | None = None
+        self.credentials: str | None = None  # what the provider answered while held on refused credentials
+        self.credentials_since: float | None = None
+        self.next_probe: float | None = None  # when a probe is due (held on credentials only)
+        self.probing = False
+
+    @property
+    def paused_by(self) -> PausedBy | None:
+        """The operator's hold is named first: nothing is sent, not even a probe, until it is lifted."""
+        if self.operator is not None:
+            return PausedBy.OPERATOR
+        return PausedBy.CREDENTIALS if self.credentials is not None else None
+
+    @property
+    def reason(self) -> str | None:
+        return self.operator if self.operator is not None else self.credentials
+
+    @property
+    def since(self) -> float | None:
+        return self.operator_since if self.operator is not None else self.credentials_since
+
+    def hold(self, reason: str, now: float) -> bool:
+        """An operator's pause (again: its reason is replaced, its start kept)."""
+        changed = self.operator != reason
+        if self.operator is None:
+            self.operator_since = now
+        self.operator = reason
+        self.held = True
+        return changed
+
+    def refused(self, reason: str, now: float, interval: float) -> bool:
+        """A request was refused for its credentials; the first probe is due `interval` from now."""
+        if self.credentials is not None:
+            return False  # the others already in flight when it was paused: nothing new
+        self.credentials, self.credentials_since = reason, now
+        self.next_probe = now + interval
+        self.held = True
+        return True
+
+    def probe_due(self, now: float) -> bool:
+        """Whether a probe should go now: held on credentials alone, none in flight, its time come."""
+        return (self.operator is None and self.credentials is not None and not self.probing
+                and self.next_probe is not None and now >= self.next_probe)
+
+    def start_probe(self) -> None:
+        self.probing = True
+
+    def probe_answered(self, accepted: bool, now: float, interval: float) -> bool:
+        """`accepted`: the credentials were not refused (and the provider answered); else the next probe
+        is due `interval` from now. True when that lifted the hold on credentials."""
+        self.probing = False
+        if not accepted or self.credentials is None:
+            if self.credentials is not None:
+                self.next_probe = now + interval
+            return False
+        self._lift_credentials()
+        return True
+
+    def resume(self) -> bool:
+        """Lift both holds (a project resumed on credentials retries at once)."""
+        changed = self.held
+        self.operator = self.operator_since = None
+        self._lift_credentials()
+        return changed
+
+    def _lift_credentials(self) -> None:
+        self.credentials = self.credentials_since = self.next_probe = None
+        self.probing = False
+        self.held = self.operator is not None

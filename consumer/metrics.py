@@ -97,6 +97,12 @@ class Metrics:
             "Requests allowed at once per provider project: the fixed concurrency, or the adaptive limit now.",
             ["provider", "project"], registry=r,
         )
+        self.project_paused = Gauge(
+            f"{NS}_project_paused",
+            "1 while a provider project is paused, by reason: credentials (refused: probed until accepted) or "
+            "operator (until resumed). Its conversions wait; nothing is dead-lettered.",
+            ["provider", "project", "reason"], registry=r,
+        )
         self.token_grants = Counter(
             f"{NS}_token_grants_total", "OAuth tokens obtained, by result.", ["provider", "result"], registry=r
         )

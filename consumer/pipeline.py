@@ -172,7 +172,10 @@ class Pipeline:
             self.refunds = Refunds(shared.ledger, config.rules(), self.providers, designated=designated,
                                    clock_ms=shared.clock_ms, orphan_wait=config.adjustments.orphan_wait,
                                    halt=shared.halt)
-        self.dispatcher = Dispatcher(modules, shared.transport, shared.tokens, m, self._on_results)
+        # Every configured project of this pipeline's providers is known to the dispatcher from the start, so
+        # the control plane can show and pause a project before its first conversion.
+        self.dispatcher = Dispatcher(modules, shared.transport, shared.tokens, m, self._on_results,
+                                     projects=[k for k in config.rules() if k[0] in self.providers])
         self.source = Source(config.kafka, m, self._on_assign, self._on_revoke, self._on_lost, protocol,
                              on_commit=self._on_commit, group=group)
 
@@ -186,7 +189,7 @@ class Pipeline:
     def detail(self) -> dict[str, object]:
         src = self.source
         return {"assigned": len(src.assigned), "broker": src.broker_up, "paused": src.paused,
-                "in_flight": self.live}
+                "in_flight": self.live, "paused_projects": self.dispatcher.paused()}
 
     async def run(self) -> None:
         """The poll loop, until the Application halts (a stop, or a fatal error anywhere)."""

@@ -1,4 +1,4 @@
-"""Retry policy, pure: exponential backoff with full jitter, bounded by attempts and elapsed time."""
+"""Retry policy, pure: capped exponential backoff with full jitter, and when (if ever) a transient failure gives up."""
 
 from __future__ import annotations
 
@@ -6,6 +6,10 @@ import random
 from collections.abc import Callable
 
 from consumer.config import RetryConfig
+
+# 2**62 times any base delay is past every max_delay; a larger exponent would overflow a float for
+# nothing (a conversion may be retried for days while its provider is down).
+_MAX_EXPONENT = 62
 
 
 def backoff(attempt: int, cfg: RetryConfig, retry_after: float | None = None,
@@ -15,13 +19,19 @@ def backoff(attempt: int, cfg: RetryConfig, retry_after: float | None = None,
     Full jitter (uniform in [0, min(max_delay, base * 2^(attempt-1))]) spreads a thundering herd
     of retries after an outage; a provider's Retry-After is a floor we honour, not a suggestion.
     """
-    ceiling = min(cfg.max_delay, cfg.base_delay * (2 ** max(0, attempt - 1)))
+    exponent = min(max(0, attempt - 1), _MAX_EXPONENT)
+    ceiling = min(cfg.max_delay, cfg.base_delay * float(1 << exponent))
     delay = rand() * ceiling
     if retry_after is not None:
         delay = max(delay, retry_after)
     return float(delay)
 
 
-def budget_left(attempt: int, elapsed: float, delay: float, cfg: RetryConfig) -> bool:
-    """Whether another attempt fits: fewer than max_attempts so far and the wait ends inside max_elapsed."""
-    return attempt < cfg.max_attempts and elapsed + delay <= cfg.max_elapsed
+def gives_up(age: float, delay: float, cfg: RetryConfig) -> bool:
+    """Whether a transient failure ends a conversion's delivery (the DLQ) instead of a retry after `delay`.
+
+    `age`: seconds since the conversion's batch opened. Never by default (`give_up_after` 0): its offset
+    stays uncommitted and it waits for the provider however long the outage lasts. With `give_up_after`
+    set, it gives up once waiting `delay` more would take it past that age.
+    """
+    return cfg.give_up_after > 0 and age + delay > cfg.give_up_after

@@ -13,6 +13,7 @@ import aiohttp
 from consumer.config import Config
 from consumer.egress import Egress, EnvProxies
 from consumer.model import Provider
+from consumer.providers import registry
 from consumer.providers.base import HttpRequest, TokenSpec, token_request
 
 
@@ -24,11 +25,17 @@ class HttpResponse:
 
 
 class TransportError(Exception):
-    """A request got no HTTP answer (connection refused or reset, timeout); its text names no secret."""
+    """A request got no HTTP answer (connection refused or reset, timeout); its text names no secret.
 
-    def __init__(self, kind: str, url: str) -> None:
+    `refused`: what was refused is ours to fix, not the provider's to recover from (the egress proxy
+    refused its credentials, or TLS refused a certificate): the delivery layer pauses the project
+    instead of retrying it as an outage.
+    """
+
+    def __init__(self, kind: str, url: str, *, refused: bool = False) -> None:
         super().__init__(f"{kind} on {url}")
         self.kind = kind
+        self.refused = refused
 
 
 class Transport:
@@ -50,11 +57,8 @@ class Transport:
     def for_config(cls, cfg: Config) -> Transport:
         """A transport with every provider's [<provider>.http] settings."""
         env = EnvProxies()
-        return cls(egress={
-            Provider.KAMELEOON: Egress.from_config(cfg.kameleoon.http, env),
-            Provider.CONVERT: Egress.from_config(cfg.convert.http, env),
-            Provider.CONDUCTRICS: Egress.from_config(cfg.conductrics.http, env),
-        })
+        return cls(egress={registry.spec_of(slug).provider: Egress.from_config(section.http, env)
+                           for slug, section in cfg.providers.items()})
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -82,7 +86,10 @@ class Transport:
             raise TransportError("timeout", safe_url) from None
         except aiohttp.ClientHttpProxyError as exc:
             # The proxy refused the tunnel (407: its credentials; 403: its policy): say so, not just the class.
-            raise TransportError(f"proxy answered {exc.status}", safe_url) from None
+            raise TransportError(f"proxy answered {exc.status}", safe_url,
+                                 refused=exc.status in (401, 403, 407)) from None
+        except aiohttp.ClientSSLError as exc:  # a certificate refused, by us or by the provider
+            raise TransportError(type(exc).__name__, safe_url, refused=True) from None
         except aiohttp.ClientError as exc:
             # aiohttp's own messages can include the full URL, query string and all: keep the class only.
             raise TransportError(type(exc).__name__, safe_url) from None
@@ -105,10 +112,11 @@ class TokenError(Exception):
 class TokenCache:
     """Client-credentials tokens per spec: fetched once, shared, refreshed `refresh_margin` before expiry."""
 
-    def __init__(self, transport: Transport, user_agent: str, clock: Callable[[], float] = time.monotonic,
-                 on_grant: Callable[[str], None] | None = None) -> None:
+    def __init__(self, transport: Transport, user_agent: str | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_grant: Callable[[str, str], None] | None = None) -> None:
         self.transport = transport
-        self.user_agent = user_agent
+        self.user_agent = user_agent  # None: each spec's own (its provider's user agent)
         self.clock = clock
         self.on_grant = on_grant
         self._tokens: dict[TokenSpec, tuple[str, float]] = {}
@@ -138,10 +146,11 @@ class TokenCache:
         try:
             resp = await self.transport.send(request, timeout, spec.provider)
         except TransportError as exc:
-            self._count("error")
-            raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=False) from None
+            self._count(spec, "error")
+            # Refused by the proxy or TLS: no retry will get a token until that is fixed.
+            raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=exc.refused) from None
         if resp.status != 200:
-            self._count("refused" if resp.status in (400, 401, 403) else "error")
+            self._count(spec, "refused" if resp.status in (400, 401, 403) else "error")
             permanent = resp.status in (400, 401, 403)
             raise TokenError(f"token endpoint answered {resp.status}", permanent=permanent, status=resp.status)
         try:
@@ -149,11 +158,12 @@ class TokenCache:
             token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
-            self._count("error")
+            self._count(spec, "error")
             raise TokenError("token endpoint answered without an access_token", permanent=False) from None
-        self._count("ok")
+        self._count(spec, "ok")
         return token, expires_in
 
-    def _count(self, result: str) -> None:
+    def _count(self, spec: TokenSpec, result: str) -> None:
+        """Tell `on_grant` (provider slug, result) how a grant went."""
         if self.on_grant is not None:
-            self.on_grant(result)
+            self.on_grant(spec.provider.slug if spec.provider is not None else "none", result)

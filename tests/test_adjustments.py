@@ -26,7 +26,7 @@ from consumer.adjustments import (
 )
 from consumer.config import Rules
 from consumer.model import AdjustmentKind, Identity, OrderAdjusted, Provider, RefundPolicy, RevenueShare
-from consumer.providers.kameleoon import adjustment_nonce
+from consumer.providers.kameleoon.keys import adjustment_nonce
 
 SITE = "site1"
 K, CV, CD = Provider.KAMELEOON, Provider.CONVERT, Provider.CONDUCTRICS

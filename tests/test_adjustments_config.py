@@ -23,9 +23,9 @@ def test_defaults_off_with_each_providers_policy() -> None:
     assert cfg.adjustments == AdjustmentsConfig()
     assert cfg.adjustments.enabled is False and cfg.adjustments.orphan_wait == 600.0
     assert cfg.adjustments.schema.name == "order_adjusted.avsc" and cfg.adjustments.schema.exists()
-    assert cfg.kameleoon.projects["site1"].rules.refunds is RefundPolicy.RETRACT
-    assert cfg.convert.projects["1111_2222"].rules.refunds is RefundPolicy.SKIP
-    assert cfg.conductrics.projects["ac-1"].rules.refunds is RefundPolicy.SKIP
+    assert cfg.providers["kameleoon"].projects["site1"].rules.refunds is RefundPolicy.RETRACT
+    assert cfg.providers["convert"].projects["1111_2222"].rules.refunds is RefundPolicy.SKIP
+    assert cfg.providers["conductrics"].projects["ac-1"].rules.refunds is RefundPolicy.SKIP
 
 
 def test_the_example_documents_the_section() -> None:
@@ -39,7 +39,7 @@ def test_a_configured_section() -> None:
     cfg = parse(d, env={})
     assert (cfg.adjustments.enabled, cfg.adjustments.topic, cfg.adjustments.event_type_header,
             cfg.adjustments.orphan_wait) == (True, "orders.adj", "type", 1800.0)
-    assert cfg.kameleoon.projects["site1"].rules.refunds is RefundPolicy.SKIP
+    assert cfg.providers["kameleoon"].projects["site1"].rules.refunds is RefundPolicy.SKIP
 
 
 def _error(d: dict[str, Any]) -> ConfigError:

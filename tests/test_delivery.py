@@ -12,10 +12,11 @@ from consumer.config import parse
 from consumer.delivery import Dispatcher, Result, Status, each
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.kameleoon import nonce
+from consumer.providers.kameleoon.keys import nonce
 from consumer.providers.registry import modules
 from consumer.sandbox import Sandbox
 from consumer.transport import TokenCache, Transport
+from tests.reliability.harness import wait_for
 
 SITE = "f17c21u1ag"
 
@@ -130,12 +131,19 @@ async def test_transient_errors_are_retried_within_the_budget(sandbox: Sandbox, 
     assert results[conversion(1).key].attempts == 4
 
 
-async def test_an_exhausted_budget_fails_with_the_last_reason(sandbox: Sandbox, harness: Harness) -> None:
+async def test_an_outage_past_give_up_after_fails_with_the_last_reason(sandbox: Sandbox) -> None:
+    # Without give_up_after a transient failure waits for the provider (tests/test_delivery_pause.py).
+    cfg = kameleoon_config(sandbox.url)
+    cfg["kameleoon"]["retry"]["give_up_after"] = "300ms"
+    h = Harness(cfg)
     sandbox.fail("kameleoon", 500, times=None)
-    results = await harness.deliver([conversion(1)])
+    try:
+        results = await h.deliver([conversion(1)])
+    finally:
+        await h.close()
     r = results[conversion(1).key]
-    assert r.status is Status.FAILED and r.attempts == 4
-    assert r.outcome.reason == "retries exhausted: http 500" and r.outcome.status == 500
+    assert r.status is Status.FAILED and r.attempts >= 2
+    assert r.outcome.reason == "gave up after 0.3s: http 500" and r.outcome.status == 500
 
 
 async def test_a_hang_times_out_and_is_retried(sandbox: Sandbox, harness: Harness) -> None:
@@ -164,16 +172,18 @@ async def test_oauth_token_is_fetched_once_and_replaced_after_a_401() -> None:
         await sandbox.stop()
 
 
-async def test_refused_client_credentials_fail_permanently_without_the_secret() -> None:
+async def test_refused_client_credentials_pause_without_the_secret(caplog: pytest.LogCaptureFixture) -> None:
     sandbox = Sandbox(kameleoon_auth_sites=[SITE], kameleoon_clients={"client-1": "very-secret"})
     await sandbox.start()
     h = Harness(kameleoon_config(sandbox.url, client_id="client-1", client_secret="wrong-secret-value"))
     try:
-        results = await h.deliver([conversion(1)])
-        r = results[conversion(1).key]
-        assert r.status is Status.FAILED and r.outcome.status == 401
-        assert "wrong-secret-value" not in repr(r) and "wrong-secret-value" not in r.outcome.reason
-        assert sandbox.counts()["kameleoon"] == 0
+        h.dispatcher.submit(conversion(1), None)
+        await wait_for(lambda: any(s.state == "paused" for s in h.dispatcher.statuses()), 10, "the pause")
+        (status,) = h.dispatcher.statuses()
+        assert (status.state, status.paused_by, status.in_flight) == ("paused", "credentials", 1)
+        assert status.reason == "credentials refused: token endpoint answered 401"
+        assert h.results == {} and sandbox.counts()["kameleoon"] == 0
+        assert "wrong-secret-value" not in repr(status) and "wrong-secret-value" not in caplog.text
     finally:
         await h.close()
         await sandbox.stop()

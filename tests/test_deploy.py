@@ -29,7 +29,9 @@ import yaml
 
 from consumer.config import load as load_config
 from consumer.config import parse as parse_config
+from consumer.groups import group_of
 from consumer.metrics import Metrics
+from consumer.providers.registry import modules
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -83,11 +85,23 @@ def series_names() -> set[str]:
     return names
 
 
+def group_series() -> set[str]:
+    """The series names of the metrics labelled with the consumer group (one series set per provider group)."""
+    out: set[str] = set()
+    for fam, (kind, labels) in catalogue().items():
+        if "group" in labels:
+            out |= ({f"{fam}_total"} if kind == "counter" else
+                    {f"{fam}_bucket", f"{fam}_count", f"{fam}_sum"} if kind == "histogram" else {fam})
+    return out
+
+
 def test_catalogue_is_read_from_the_service() -> None:
     names = series_names()
     assert "offline_conversions_consumer_lag_messages" in names
     assert "offline_conversions_http_request_duration_seconds_count" in names
     assert len(catalogue()) >= 20
+    assert {"offline_conversions_consumer_lag_messages", "offline_conversions_events_consumed_total",
+            "offline_conversions_in_flight_events", "offline_conversions_paused_partitions"} <= group_series()
 
 
 def test_metrics_doc_describes_every_metric_with_type_and_labels() -> None:
@@ -147,11 +161,14 @@ def github_anchors(markdown: str) -> set[str]:
 
 
 REQUIRED_ALERTS = {
-    "OfflineConversionsConsumerLagGrowing": ["deriv(offline_conversions_consumer_lag_messages[10m])"],
+    # Per consumer group: every provider's group reads the whole topic, so groups are never added up.
+    "OfflineConversionsConsumerLagGrowing": ["deriv(offline_conversions_consumer_lag_messages[10m])",
+                                             "sum by (group, topic) (max by (group, topic, partition) ("],
     "OfflineConversionsDeadLetterRateHigh": ["offline_conversions_dlq_messages_total"],
     "OfflineConversionsProviderErrorRatioHigh": ["offline_conversions_http_request_duration_seconds_count"],
     "OfflineConversionsCircuitOpen": ["offline_conversions_circuit_state", "== 2"],
-    "OfflineConversionsNoEventsConsumed": ["offline_conversions_events_consumed_total", "consumer_lag_messages"],
+    "OfflineConversionsNoEventsConsumed": ["sum by (group) (rate(offline_conversions_events_consumed_total",
+                                           "sum by (group) (max by (group, topic, partition) ("],
     "OfflineConversionsNotReady": ["offline_conversions_ready == 0"],
 }
 
@@ -169,6 +186,9 @@ def test_alerts_have_severity_annotations_and_runbooks() -> None:
     for r in rules:
         assert r["labels"]["severity"] in {"warning", "critical"}, r["alert"]
         ann = r["annotations"]
+        if set(METRIC_NAME.findall(r["expr"])) & group_series():
+            assert "$labels.group" in ann["summary"] and "$labels.group" in ann["description"], (
+                f"{r['alert']}: a per-group alert names its group (and so its provider)")
         assert ann.get("summary") and ann.get("description"), r["alert"]
         path, _, anchor = ann["runbook_url"].partition("#")
         assert path.endswith("docs/operations.md"), r["alert"]
@@ -218,6 +238,8 @@ GRAFANA_VARS = {
     "${__range}": "1h",
     "$instance": ".*",
     "${instance}": ".*",
+    "$group": ".*",
+    "${group}": ".*",
 }
 
 
@@ -234,7 +256,7 @@ def test_dashboard_structure() -> None:
     ids = [p["id"] for p in d["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     variables = {v["name"] for v in d["templating"]["list"]}
-    assert {"datasource", "instance"} <= variables
+    assert {"datasource", "instance", "group"} <= variables
     for p in d["panels"]:
         assert {"h", "w", "x", "y"} <= set(p["gridPos"]), p["title"]
         if p["type"] != "row":
@@ -251,15 +273,20 @@ def test_dashboard_covers_the_required_views() -> None:
     for needle in [
         "offline_conversions_events_consumed_total",  # throughput consumed
         'outcome="delivered"',  # throughput delivered
-        "max by (topic, partition) (offline_conversions_consumer_lag_messages",  # lag per partition
+        "sum by (group) (max by (group, topic, partition) (offline_conversions_consumer_lag_messages",  # per group
+        "max by (group, topic, partition) (offline_conversions_consumer_lag_messages",  # per group and partition
+        "sum by (group) (rate(offline_conversions_events_consumed_total",  # consumed per group
         "sum by (provider, outcome) (rate(offline_conversions_conversions_total",  # outcomes per provider
         'status_class!="2xx"',  # error rate
         "offline_conversions_http_retries_total",  # retry rate
         "histogram_quantile(0.5, sum by (provider, le) (rate(offline_conversions_http_request_duration_seconds_bucket",
         "histogram_quantile(0.99, sum by (provider, le) (rate(offline_conversions_http_request_duration_seconds_bucket",
         "offline_conversions_dlq_messages_total",
-        "offline_conversions_in_flight_events",
-        "offline_conversions_paused_partitions",
+        "sum by (group) (offline_conversions_in_flight_events",
+        "sum by (group) (offline_conversions_paused_partitions",
+        "sum by (group) (offline_conversions_assigned_partitions",
+        "sum by (group) (offline_conversions_commit_failing_partitions",
+        "sum by (group, result) (rate(offline_conversions_commits_total",
         "offline_conversions_circuit_state",
         "sum by (provider, project) (offline_conversions_concurrency_limit",  # the (adaptive) limit
         "histogram_quantile(0.5, sum by (provider, le) (rate(offline_conversions_delivery_delay_seconds_bucket",
@@ -273,6 +300,22 @@ def test_dashboard_references_only_exported_metrics() -> None:
     for title, expr in dashboard_exprs():
         for name in METRIC_NAME.findall(expr):
             assert name in known, f"panel {title!r} uses {name}, which the service does not export"
+
+
+def test_dashboard_filters_group_metrics_by_the_group_variable() -> None:
+    """Every query of a metric labelled with the group selects `group=~"$group"` in each of its selectors."""
+    group_metrics = group_series()
+    seen = 0
+    for title, expr in dashboard_exprs():
+        for m in re.finditer(r"\b(offline_conversions_[a-z_]+)\b(\{[^}]*\})?", expr):
+            if m.group(1) in group_metrics:
+                seen += 1
+                assert m.group(2) and 'group=~"$group"' in m.group(2), (
+                    f"panel {title!r}: {m.group(1)} is not filtered by the group variable in {expr!r}")
+    assert seen >= 10
+    group_var = next(v for v in dashboard()["templating"]["list"] if v["name"] == "group")
+    assert group_var["includeAll"] and group_var["multi"] and group_var["allValue"] == ".*"
+    assert re.fullmatch(r"label_values\(offline_conversions_[a-z_]+(\{[^}]*\})?, group\)", group_var["definition"])
 
 
 def free_port() -> int:
@@ -289,15 +332,30 @@ def get_json(url: str) -> dict[str, Any]:
         return dict(json.loads(e.read()))
 
 
+PROVIDERS = ("kameleoon", "convert", "conductrics")
+GROUPS = tuple(f"offline-conversions.{p}" for p in PROVIDERS)
+
+
 def populate(m: Metrics) -> None:
-    """Give every metric series with realistic label values, as a running service would."""
-    m.events_consumed.inc(100)
-    m.events_decoded.inc(99)
+    """Give every metric series with realistic label values, as a running service would: a pipeline per provider,
+    each in its own consumer group, reading every message of the topic."""
+    for group in GROUPS:
+        m.events_consumed.labels(group).inc(100)
+        m.events_decoded.labels(group).inc(99)
+        m.purchases.labels(group, "attributed").inc(20)
+        m.purchases.labels(group, "unattributed").inc(79)
+        m.in_flight.labels(group).set(5)
+        m.paused_partitions.labels(group).set(0)
+        m.assigned_partitions.labels(group).set(3)
+        m.rebalances.labels(group, "assigned").inc()
+        m.commits.labels(group, "ok").inc(4)
+        m.commit_failing_partitions.labels(group).set(0)
+        m.consumer_lag.labels(group, "purchases.completed", "0").set(10)
+        m.consumer_lag.labels(group, "purchases.completed", "1").set(0)
     m.decode_failures.labels("schema").inc()
-    m.purchases.labels("attributed").inc(60)
-    m.purchases.labels("unattributed").inc(39)
-    for provider in ("kameleoon", "convert", "conductrics"):
+    for provider in PROVIDERS:
         m.match_decisions.labels(provider, "matched").inc(20)
+        m.match_decisions.labels(provider, "outside_window").inc(3)
         m.conversions.labels(provider, "delivered").inc(20)
         m.conversions.labels(provider, "dead_lettered").inc(1)
         m.http_duration.labels(provider, "2xx").observe(0.05)
@@ -307,16 +365,15 @@ def populate(m: Metrics) -> None:
         m.batch_bytes.labels(provider).observe(2048)
         m.circuit_state.labels(provider, "p1").set(0)
         m.concurrency_limit.labels(provider, "p1").set(64)
+        m.project_paused.labels(provider, "p1", "credentials").set(0)
+        m.project_paused.labels(provider, "p1", "operator").set(0)
         m.delivery_delay.labels(provider).observe(120)
         m.dlq_produced.labels("dispatch", provider).inc()
+        m.adjustments.labels(provider, "retracted" if provider == "kameleoon" else "not_supported").inc()
+    m.adjustments.labels("none", "orphan").inc()
     m.token_grants.labels("kameleoon", "ok").inc()
-    m.in_flight.set(5)
-    m.paused_partitions.set(0)
-    m.assigned_partitions.set(3)
     m.dlq_failures.inc(0)
-    m.commits.labels("ok").inc(4)
-    m.consumer_lag.labels("purchases.completed", "0").set(10)
-    m.consumer_lag.labels("purchases.completed", "1").set(0)
+    m.dlq_values_omitted.labels("MSG_SIZE_TOO_LARGE").inc()
     m.processing_delay.observe(0.3)
     m.ready.set(1)
 
@@ -391,6 +448,42 @@ def test_dashboard_queries_parse_and_return_data(prometheus: str) -> None:
             problems.append(f"{title}: {expr}: {body.get('error')}")
         elif not body["data"]["result"]:
             problems.append(f"{title}: {expr}: no series (wrong metric or label name?)")
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_shows_group_metrics_per_group(prometheus: str) -> None:
+    """A query of a group-labelled metric keeps the group: one series (set) per provider group, none summed away."""
+    group_metrics = group_series()
+    problems = []
+    for title, expr in dashboard_exprs():
+        if not set(METRIC_NAME.findall(expr)) & group_metrics:
+            continue
+        body = get_json(f"{prometheus}/api/v1/query?query={urllib.parse.quote(substitute(expr))}")
+        result = body.get("data", {}).get("result", [])
+        groups = {r["metric"].get("group") for r in result}
+        if groups != set(GROUPS):
+            problems.append(f"{title}: {expr}: groups {groups}, expected one series set per group {set(GROUPS)}")
+    assert not problems, "\n".join(problems)
+
+
+def metrics_doc_queries() -> list[str]:
+    """Every example query of docs/metrics.md: the ```promql blocks, one query per paragraph."""
+    blocks = re.findall(r"```promql\n(.*?)```", METRICS_DOC.read_text(), flags=re.S)
+    return [q.strip() for b in blocks for q in re.split(r"\n\s*\n", b) if q.strip()]
+
+
+def test_metrics_doc_examples_are_valid_queries(prometheus: str) -> None:
+    """The documented queries parse and evaluate on the service's series (a wrong label set errors or is empty
+    only where the query filters: comparisons such as `== 2` may rightly return nothing)."""
+    queries = metrics_doc_queries()
+    assert len(queries) >= 26
+    problems = []
+    for q in queries:
+        body = get_json(f"{prometheus}/api/v1/query?query={urllib.parse.quote(q)}")
+        if body.get("status") != "success":
+            problems.append(f"{q}: {body.get('error')}")
+        elif not body["data"]["result"] and not re.search(r"(==|>|<)\s*[\d.]+\s*$", q):
+            problems.append(f"{q}: no series")
     assert not problems, "\n".join(problems)
 
 
@@ -494,9 +587,10 @@ def test_compose_service_config_is_valid_and_uses_the_stack() -> None:
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert cfg.decoding.format == "confluent"
     assert cfg.decoding.schema_registry_url == "http://schema-registry:8081"
-    urls = [p.base_url for p in cfg.kameleoon.projects.values()] + [p.base_url for p in cfg.convert.projects.values()]
-    urls += [p.agent_api_url for p in cfg.conductrics.projects.values()]
-    assert cfg.kameleoon.projects and cfg.convert.projects and cfg.conductrics.projects
+    kameleoon, convert, conductrics = (cfg.providers[p] for p in ("kameleoon", "convert", "conductrics"))
+    urls = [p.base_url for p in kameleoon.projects.values()] + [p.base_url for p in convert.projects.values()]
+    urls += [p.agent_api_url for p in conductrics.projects.values()]
+    assert kameleoon.projects and convert.projects and conductrics.projects
     assert all(u.startswith("http://sandbox:8080") for u in urls), urls
     assert int(re.sub(r"\D", "", svc["stop_grace_period"])) > cfg.pipeline.shutdown_deadline
     init = next(s for n, s in compose()["services"].items() if "init" in n)
@@ -634,27 +728,42 @@ def test_service_pdb_and_servicemonitor_select_the_pods() -> None:
     assert svc["metadata"]["name"] == "offline-conversions", "job label must match rules.yml up{job=...}"
 
 
-def test_scaledobject_scales_on_group_lag_capped_at_partitions() -> None:
+def test_scaledobject_scales_on_each_provider_groups_lag_capped_at_partitions() -> None:
+    """One kafka trigger per consumer group the ConfigMap's configuration runs: a group per configured provider."""
     so = by_kind("ScaledObject")
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     dep = by_kind("Deployment")
     assert so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    (trigger,) = so["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
     cm = by_kind("ConfigMap")
     cfg = parse_config(
         tomllib.loads(cm["data"]["config.toml"]),
         env=dict.fromkeys(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", cm["data"]["config.toml"]), "x"),
     )
-    assert trigger["metadata"]["consumerGroup"] == cfg.kafka.group_id
-    assert trigger["metadata"]["topic"] == cfg.kafka.topic
-    assert trigger["metadata"]["bootstrapServers"] == cfg.kafka.bootstrap_servers
-    assert all(isinstance(v, str) for v in trigger["metadata"].values()), "KEDA trigger metadata values are strings"
+    providers = sorted(p.slug for p in modules(cfg))
+    assert providers == sorted(PROVIDERS), "the example ConfigMap configures every provider"
+    groups = ({group_of(cfg.kafka, None)} if cfg.kafka.isolation == "shared"
+              else {group_of(cfg.kafka, p) for p in providers})
+    assert groups == {f"{cfg.kafka.group_id}.{p}" for p in providers}, "isolation is per provider in the ConfigMap"
+    triggers = so["spec"]["triggers"]
+    # A trigger for a group the service does not run would hold KEDA at maxReplicaCount (no committed offsets).
+    assert sorted(t["metadata"]["consumerGroup"] for t in triggers) == sorted(groups), "one trigger per group"
+    assert len({t["name"] for t in triggers}) == len(triggers), "trigger names are unique"
+    auth = by_kind("TriggerAuthentication")
+    for trigger in triggers:
+        assert trigger["type"] == "kafka"
+        meta = trigger["metadata"]
+        assert meta["topic"] == cfg.kafka.topic
+        assert meta["bootstrapServers"] == cfg.kafka.bootstrap_servers
+        assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata values are strings"
+        assert meta["excludePersistentLag"] == "true", "a stalled provider's group must not scale the Deployment out"
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    # The triggers differ in their group alone.
+    same = [{k: v for k, v in t["metadata"].items() if k != "consumerGroup"} for t in triggers]
+    assert all(m == same[0] for m in same), "the groups' triggers differ only in consumerGroup"
     assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
     text = (K8S / "keda-scaledobject.yaml").read_text()
     assert re.search(r"#.*partition count", text), "maxReplicaCount must say it equals the partition count"
-    auth = by_kind("TriggerAuthentication")
-    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert re.search(r"#.*[Kk]eep only the triggers of the providers configured", text)
 
 
 # --------------------------------------------------------------------------- Dockerfile

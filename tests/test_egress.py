@@ -24,19 +24,20 @@ from pki import Pki, make_pki
 from registry_server import RegistryServer
 
 from consumer.config import Config, ConfigError, parse
-from consumer.delivery import Dispatcher, Result, Status, each
+from consumer.delivery import Dispatcher, ProjectStatus, Result, Status, each
 from consumer.egress import EnvProxies
 from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
 from consumer.producer import encoded, produce_values
-from consumer.providers.kameleoon import nonce
+from consumer.providers.kameleoon.keys import nonce
 from consumer.providers.registry import modules
 from consumer.samples import purchases
 from consumer.sandbox import Sandbox
 from consumer.schema_registry import SchemaRegistry
 from consumer.transport import TokenCache, Transport
 from tests.conftest import config_dict, run_until_done
+from tests.reliability.harness import wait_for
 from tests.test_pipeline import expected_conversions, sandbox_view, view_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "config.example.toml"
@@ -208,18 +209,32 @@ def conversion(i: int) -> Conversion:
 
 async def deliver(cfg: Config, conversions: list[Conversion]) -> dict[str, Result]:
     """What the service's dispatcher makes of these conversions, sent with the transport the service builds."""
+    results, stalled = await deliver_or_stall(cfg, conversions)
+    assert stalled is None, stalled
+    return results
+
+
+async def deliver_or_stall(cfg: Config, conversions: list[Conversion],
+                           ) -> tuple[dict[str, Result], ProjectStatus | None]:
+    """The results once all are in; or those so far and the project's status once it stalls: paused
+    (refused credentials or certificates wait for a fix) or failed (its circuit open: the failure looks
+    transient, so its conversions wait and are retried instead of failing)."""
     transport = Transport.for_config(cfg)
     results: dict[str, Result] = {}
     dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, "tests/1.0"), Metrics(),
                             each(lambda _t, c, r: results.__setitem__(c.key, r)))
+
+    def stalled() -> ProjectStatus | None:
+        return next((s for s in dispatcher.statuses() if s.state != "running"), None)
+
     try:
         for c in conversions:
             dispatcher.submit(c, None)
-        assert await dispatcher.wait_idle(30)
+        await wait_for(lambda: dispatcher.outstanding == 0 or stalled() is not None, 30, "every result or a stall")
+        return results, stalled()
     finally:
         await dispatcher.close()
         await transport.close()
-    return results
 
 
 async def test_https_proxy_from_the_environment_then_no_proxy(
@@ -261,31 +276,34 @@ async def test_the_configured_proxy_wins_over_the_environment(
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # NO_PROXY governs the environment's proxy only
     cfg = parse(kameleoon_config(tls_sandbox.url, http_table(
         pki, proxy=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")), env={})
-    assert cfg.kameleoon.http.proxy == proxy.url and PROXY_PASSWORD not in repr(cfg)
+    assert cfg.providers["kameleoon"].http.proxy == proxy.url and PROXY_PASSWORD not in repr(cfg)
     results = await deliver(cfg, [conversion(1)])
     assert {r.status for r in results.values()} == {Status.DELIVERED}
     assert proxy.requests() and open_proxy.requests() == []
 
 
-async def test_wrong_proxy_credentials_fail_the_delivery_saying_why(
+async def test_wrong_proxy_credentials_pause_the_project_saying_why(
     tls_sandbox: Sandbox, proxy: Tinyproxy, pki: Pki, caplog: pytest.LogCaptureFixture,
 ) -> None:
     cfg = parse(kameleoon_config(tls_sandbox.url, http_table(
         pki, proxy=proxy.url, proxy_username=PROXY_USER, proxy_password="not-the-pr0xy-pw")), env={})
     with caplog.at_level(logging.DEBUG):
-        results = await deliver(cfg, [conversion(1)])
-    (result,) = results.values()
-    # tinyproxy refuses a CONNECT with bad credentials with 401 (407 for a plain request without any).
-    assert result.status is Status.FAILED and "proxy answered 401" in result.outcome.reason
+        results, stalled = await deliver_or_stall(cfg, [conversion(1)])
+    # tinyproxy refuses a CONNECT with bad credentials with 401 (407 for a plain request without any): the
+    # project pauses (nothing dead-lettered, it waits for the fix) saying why.
+    assert results == {} and stalled is not None and stalled.paused_by == "credentials"
+    assert stalled.reason == "credentials refused: token endpoint unreachable (proxy answered 401)"
     assert tls_sandbox.counts()["kameleoon"] == 0
     assert "not-the-pr0xy-pw" not in caplog.text
 
 
-async def test_without_the_ca_bundle_the_provider_certificate_is_refused(tls_sandbox: Sandbox) -> None:
+async def test_without_the_ca_bundle_the_provider_certificate_is_refused_and_the_project_paused(
+    tls_sandbox: Sandbox,
+) -> None:
     cfg = parse(kameleoon_config(tls_sandbox.url), env={})
-    results = await deliver(cfg, [conversion(1)])
-    (result,) = results.values()
-    assert result.status is Status.FAILED and "ClientConnectorCertificateError" in result.outcome.reason
+    results, stalled = await deliver_or_stall(cfg, [conversion(1)])
+    assert results == {} and stalled is not None and stalled.paused_by == "credentials"
+    assert stalled.reason is not None and "ClientConnectorCertificateError" in stalled.reason
     assert tls_sandbox.requests == []
 
 
@@ -301,8 +319,12 @@ async def test_a_provider_requiring_a_client_certificate(pki: Pki) -> None:
         assert sb.counts()["kameleoon"] == 4
 
         without = parse(kameleoon_config(sb.url, http_table(pki)), env={})
-        (result,) = (await deliver(without, [conversion(9)])).values()
-        assert result.status is Status.FAILED and sb.counts()["kameleoon"] == 4
+        results, stalled = await deliver_or_stall(without, [conversion(9)])
+        # TLS 1.3 refuses the missing certificate after the handshake: the client sees a connection reset,
+        # as in an outage, so the conversion waits behind the open circuit instead of failing.
+        assert results == {} and stalled is not None and sb.counts()["kameleoon"] == 4
+        assert (stalled.state, stalled.in_flight, stalled.last_error) == (
+            "failed", 1, "token endpoint unreachable (ClientOSError)")
     finally:
         await sb.stop()
 
@@ -365,7 +387,7 @@ def test_provider_tls_files_are_checked_at_load_naming_the_key(pki: Pki, tmp_pat
     both.write_bytes(pki.client_cert.read_bytes() + pki.client_key.read_bytes())
     data = kameleoon_config("https://eu-data.kameleoon.io")
     data["kameleoon"]["http"] = {"client_cert": str(both)}
-    assert parse(data, env={}).kameleoon.http.tls.client_cert == both
+    assert parse(data, env={}).providers["kameleoon"].http.tls.client_cert == both
 
 
 def test_proxy_keys_are_checked_at_load_and_never_echoed() -> None:
@@ -397,8 +419,9 @@ def test_the_examples_commented_http_and_registry_keys_are_real(pki: Pki) -> Non
     env = {"CONDUCTRICS_API_KEY": "k", "PROXY_USER": PROXY_USER, "PROXY_PASSWORD": PROXY_PASSWORD,
            "SCHEMA_REGISTRY_USER": "svc", "SCHEMA_REGISTRY_PASSWORD": "reg-pw", "TLS_KEY_PASSWORD": pki.passphrase}
     cfg = parse(tomllib.loads("\n".join(out)), env=env)
-    http, registry = cfg.kameleoon.http, cfg.decoding.schema_registry
+    http, registry = cfg.providers["kameleoon"].http, cfg.decoding.schema_registry
     assert http.proxy == "http://proxy.corp.example:3128" and http.tls.client_key == pki.client_key_encrypted
     assert http.proxy_password is not None and http.proxy_password.reveal() == PROXY_PASSWORD
     assert registry.username is not None and registry.tls.ca_bundle == pki.ca and registry.timeout == 5.0
-    assert cfg.convert.http == cfg.conductrics.http == type(http)()  # untouched tables keep the defaults
+    # untouched tables keep the defaults
+    assert cfg.providers["convert"].http == cfg.providers["conductrics"].http == type(http)()

@@ -3,7 +3,8 @@
 The service runs on the embedded broker against the sandbox; a Prometheus server on loopback scrapes its
 /metrics every second. The counters (events consumed, conversions delivered per provider, dead letters) and
 the consumer lag are read back through Prometheus' query API, so the exposition format, the metric names
-and the label sets are checked the way an operator's dashboard would see them.
+and the label sets are checked the way an operator's dashboard would see them. Each provider reads in a consumer
+group of its own: consumption, lag, assignment and in-flight are checked per group, bad input once for all.
 
 Consumer lag on the embedded broker (Tansu): its high watermark is wrong after a multi-record batch
 (/work/shared/toolcheck.md), so the events are produced one per batch (linger.ms=0, a flush after each)
@@ -35,6 +36,7 @@ from consumer.app import Application
 from consumer.config import Config, parse
 from consumer.dlq import parse_headers
 from consumer.embedded import EmbeddedBroker
+from consumer.groups import group_of
 from consumer.metrics import Metrics
 from consumer.producer import Tally, encoded
 from consumer.samples import malformed, purchases
@@ -247,6 +249,8 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
     broker: EmbeddedBroker, topics: dict[str, str], sandbox: Sandbox, tmp_path: Path, log_stream: io.StringIO,
 ) -> None:
     cfg = slow_config(broker, topics, sandbox.url)
+    assert cfg.kafka.isolation == "provider"
+    groups = {group_of(cfg.kafka, p) for p in PROVIDERS}  # each provider reads the topic in a group of its own
     logs.setup("INFO", "json", cfg.secrets(), stream=log_stream)
     items = list(purchases(N_PURCHASES, now_ms=int(time.time() * 1000), seed=21))
     bad = list(malformed(N_MALFORMED, seed=5))
@@ -280,7 +284,11 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
 
             status, body = await poll_until(readyz, lambda r: r[0] == 200, 30, "/readyz to answer 200")
             detail = json.loads(body)
-            assert detail == {"ready": True, "assigned": 3, "broker": True, "dlq": True, "stopping": False}, detail
+            per_group = detail.pop("groups")
+            assert detail == {"ready": True, "assigned": 3 * len(groups), "broker": True, "dlq": True,
+                              "stopping": False}, detail
+            assert set(per_group) == groups, per_group
+            assert all(g["assigned"] == 3 and g["broker"] is True for g in per_group.values()), per_group
             assert (await http_get(f"{base}/healthz"))[0] == 200
 
             await prom.wait_scraping()
@@ -290,6 +298,11 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
             assert lag is not None and 0 < lag <= total
             assert app.consumed < total, "the backlog was gone before Prometheus saw the lag"
             assert await prom.value("offline_conversions_ready") == 1
+            # Every group has its own partitions and its own in-flight budget (max_in_flight = 8 each).
+            assigned = await prom.by_label("sum by (group) (offline_conversions_assigned_partitions)", "group")
+            assert assigned == dict.fromkeys(groups, 3.0), assigned
+            in_flight = await prom.by_label("max by (group) (offline_conversions_in_flight_events)", "group")
+            assert set(in_flight) == groups and all(v <= 8 for v in in_flight.values()), in_flight
 
             # The providers recover; the service catches up.
             sandbox.set_latency("*", 0.0)
@@ -302,25 +315,34 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
             assert all(delivered[p] > 0 for p in PROVIDERS), delivered
 
             async def final() -> dict[str, Any]:
+                lag_series = await prom.query(LAG) or []
                 return {
-                    "consumed": await prom.value("offline_conversions_events_consumed_total"),
+                    # Each group reads every message: every group's count is the whole topic.
+                    "consumed": await prom.by_label(
+                        "sum by (group) (offline_conversions_events_consumed_total)", "group"),
                     "delivered": await prom.by_label(
                         'sum by (provider) (offline_conversions_conversions_total{outcome="delivered"})', "provider"),
+                    # Bad input is dead-lettered once, not once per group.
                     "dlq": await prom.by_label("sum by (stage) (offline_conversions_dlq_messages_total)", "stage"),
-                    "lag": await prom.by_label(LAG, "partition"),
+                    "lag": {(r["metric"]["group"], r["metric"]["partition"]): float(r["value"][1])
+                            for r in lag_series},
                 }
 
             want = {
-                "consumed": float(total),
+                "consumed": dict.fromkeys(groups, float(total)),
                 "delivered": {p: float(delivered[p]) for p in PROVIDERS},
                 "dlq": {"decode": float(N_MALFORMED)},
-                "lag": {"0": 0.0, "1": 0.0, "2": 0.0},
+                "lag": {(g, p): 0.0 for g in groups for p in ("0", "1", "2")},
             }
             seen = await poll_until(final, lambda v: v == want, 20, "Prometheus to scrape the final values")
             assert seen == want
             # The same, by the service's own registry (Prometheus did not invent or drop anything).
             value = metrics.registry.get_sample_value
-            assert value("offline_conversions_events_consumed_total") == total
+            for g in groups:
+                assert value("offline_conversions_events_consumed_total", {"group": g}) == total
+            failures = sum(s.value for f in metrics.decode_failures.collect() for s in f.samples
+                           if s.name.endswith("_total"))
+            assert failures == N_MALFORMED, "an undecodable message is counted once, not once per group"
             for p in PROVIDERS:
                 assert value("offline_conversions_conversions_total",
                              {"provider": p, "outcome": "delivered"}) == delivered[p]
@@ -335,7 +357,7 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
             leaked = {i for i in ids if i in exposition}
             assert not leaked, f"ids in /metrics: {sorted(leaked)[:5]}"
             names = (await prom.api("/api/v1/labels"))["data"]
-            assert {"provider", "partition", "outcome"} <= set(names), names
+            assert {"provider", "partition", "outcome", "group"} <= set(names), names
             label_values: dict[str, list[str]] = {}
             for name in names:
                 if name != "__name__":
@@ -343,6 +365,7 @@ async def test_prometheus_scrapes_counters_lag_and_health_of_a_running_service(
             stored = [v for vals in label_values.values() for v in vals]
             assert not {v for v in stored if v in ids or any(i in v for i in ids)}, label_values
             assert set(label_values["provider"]) <= {*PROVIDERS, "none"}, label_values["provider"]
+            assert set(label_values["group"]) == groups, label_values["group"]
             assert len(stored) < 100, f"unbounded label values? {label_values}"
 
             await stop_app(app, task)

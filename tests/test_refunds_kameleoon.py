@@ -10,10 +10,13 @@ import aiohttp
 import pytest
 
 from consumer.adjustments import AdjustmentPlan, Delivered, plan
-from consumer.config import KameleoonConfig, KameleoonProject, Rules
+from consumer.config import Rules
 from consumer.model import AdjustmentKind, Conversion, Identity, OrderAdjusted, Provider, RefundPolicy, RevenueShare
-from consumer.providers.kameleoon import KameleoonModule, adjustment_nonce, event_json, nonce
-from consumer.sandbox import ReportLine, Sandbox
+from consumer.providers.kameleoon.config import KameleoonConfig, KameleoonProject
+from consumer.providers.kameleoon.emulator import ReportLine
+from consumer.providers.kameleoon.keys import adjustment_nonce, nonce
+from consumer.providers.kameleoon.request import KameleoonModule, event_json
+from consumer.sandbox import Sandbox
 
 SITE = "f17c21u1ag"
 GOAL = "36151"

@@ -24,8 +24,10 @@ from consumer.delivery import Pending, Result, Status
 from consumer.metrics import Metrics
 from consumer.model import AdjustmentKind, Channel, Exposure, OrderAdjusted, Provider, Purchase
 from consumer.pipeline import Hooks, Pipeline
+from consumer.providers.conductrics import SAMPLE_PROJECT as CONDUCTRICS_PROJECT
+from consumer.providers.convert import SAMPLE_PROJECT as CONVERT_PROJECT
+from consumer.providers.kameleoon import SAMPLE_SITE as KAMELEOON_SITE
 from consumer.refunds import OrderHistory
-from consumer.samples import CONDUCTRICS_PROJECT, CONVERT_PROJECT, KAMELEOON_SITE
 from consumer.sandbox import Sandbox
 from tests.conftest import Broker, config_dict, read_all
 

@@ -21,7 +21,7 @@ import pytest
 from consumer.config import parse
 from consumer.model import Conversion, Identity, Provider
 from consumer.providers.base import Verdict
-from consumer.providers.convert import ConvertModule, order_id_of, transaction_id
+from consumer.providers.convert.request import ConvertModule, order_id_of, transaction_id
 from consumer.sandbox import Fault, Record, Sandbox, SpecError, load_options, redact_query
 from consumer.transport import Transport
 
@@ -362,7 +362,7 @@ def convert_module(sandbox: Sandbox, api: str) -> ConvertModule:
     cfg = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
                  "convert": {"projects": {"1111_2222": {"base_url": sandbox.url, "api": api, "goals": [100],
                                                         "transaction_goals": [100]}}}}, env={})
-    return ConvertModule(cfg.convert)
+    return ConvertModule(cfg.providers["convert"])
 
 
 def convert_conversion(order_id: str) -> Conversion:
@@ -698,6 +698,40 @@ async def test_reject_rule_fails_chosen_visitors_and_goals_permanently(
     assert sandbox.counts() == {"kameleoon": 1, "convert": 0, "conductrics": 0}
 
 
+async def test_a_fault_with_a_duration_ends_by_itself(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    started = time.monotonic()
+    sandbox.fail("convert", 503, times=None, duration=0.4)  # down for 0.4 s, then up without being told
+    statuses = []
+    while time.monotonic() - started < 10:
+        statuses.append((await convert_get(http, sandbox, "c=1&p=2&e=3-4&g=5&ga=1"))[0])
+        if statuses[-1] != 503:
+            break
+    assert statuses[0] == 503 and statuses[-1] == 200 and set(statuses) == {503, 200}
+    assert time.monotonic() - started >= 0.4
+    assert sandbox._faults == []  # expired faults are dropped
+    # The same over the control API; `times` still bounds it.
+    async with http.post(f"{sandbox.url}/_sandbox/faults",
+                         json={"provider": "convert", "status": 502, "times": 1, "duration": 60}) as r:
+        assert r.status == 200
+    assert [(await convert_get(http, sandbox, "c=1&p=2&e=3-4&g=5&ga=1"))[0] for _ in range(2)] == [502, 200]
+
+
+async def test_credentials_can_be_changed_while_it_runs(sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
+    assert (await get_token(http, sandbox, "new-secret"))[0] == 401
+    assert (await conductrics(http, sandbox, {"commands": [{"g": "g"}]}, "vid=v&session=s&apikey=new-key"))[0] == 401
+    sandbox.set_credentials(kameleoon_clients={CLIENT_ID: "new-secret"})
+    assert (await get_token(http, sandbox, "new-secret"))[0] == 200
+    assert (await get_token(http, sandbox))[0] == 401  # the old secret no longer works
+    async with http.post(f"{sandbox.url}/_sandbox/credentials", json={"conductrics_keys": {"ac-xxx": "new-key"}}) as r:
+        assert r.status == 204
+    assert (await conductrics(http, sandbox, {"commands": [{"g": "g"}]}, "vid=v&session=s&apikey=new-key"))[0] == 200
+    assert (await conductrics(http, sandbox, {"commands": [{"g": "g"}]}))[0] == 401
+    for bad in ({"kameleoon_clients": {CLIENT_ID: ""}}, {"conductrics_keys": ["k"]}, {"tokens": {}}, [1]):
+        async with http.post(f"{sandbox.url}/_sandbox/credentials", json=bad) as r:
+            assert r.status == 400, bad
+    assert (await get_token(http, sandbox, "new-secret"))[0] == 200  # a refused change changed nothing
+
+
 def test_fault_validation() -> None:
     with pytest.raises(ValueError, match="provider"):
         Fault("nobody")
@@ -707,7 +741,12 @@ def test_fault_validation() -> None:
         Fault("kameleoon", kind="json_status", status=500)
     with pytest.raises(ValueError, match="probability"):
         Fault("kameleoon", probability=1.5)
+    for duration in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="duration"):
+            Fault("kameleoon", duration=duration)
     sb = Sandbox()
+    with pytest.raises(SpecError):
+        sb.apply_spec({"provider": "kameleoon", "duration": "soon"})
     with pytest.raises(SpecError):
         sb.apply_spec({"provider": "kameleoon", "colour": "red"})
     with pytest.raises(SpecError):

@@ -14,7 +14,7 @@ from consumer.dlq import DeadLetter, SourceRef, dead_letter_headers, parse_heade
 from consumer.flow import BreakerState, CircuitBreaker, RateLimiter
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.base import Verdict, classify_status, parse_retry_after
-from consumer.retry import backoff, budget_left
+from consumer.retry import backoff, gives_up
 
 TP = ("purchases", 0)
 
@@ -151,7 +151,7 @@ def test_no_linger_sends_at_once() -> None:
 
 # ------------------------------------------------------------------ retries
 
-RETRY = RetryConfig(max_attempts=5, max_elapsed=10.0, base_delay=0.1, max_delay=1.0)
+RETRY = RetryConfig(base_delay=0.1, max_delay=1.0)
 
 
 @pytest.mark.parametrize(("attempt", "ceiling"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (5, 1.0), (9, 1.0)])
@@ -162,11 +162,30 @@ def test_backoff_is_exponential_with_full_jitter_and_capped(attempt: int, ceilin
     assert all(0 <= d <= ceiling for d in draws) and len(set(draws)) > 100
 
 
-def test_retry_after_is_a_floor_and_the_budget_bounds_attempts_and_time() -> None:
+def test_retry_after_is_a_floor() -> None:
     assert backoff(1, RETRY, retry_after=3.0, rand=lambda: 0.5) == 3.0
-    assert budget_left(4, 1.0, 0.5, RETRY)
-    assert not budget_left(5, 1.0, 0.5, RETRY)
-    assert not budget_left(1, 9.8, 0.5, RETRY)
+    assert backoff(1, RETRY, retry_after=0.01, rand=lambda: 0.5) == pytest.approx(0.05)
+
+
+def test_backoff_stays_capped_however_long_the_outage() -> None:
+    # A provider down for days: the attempt count grows without bound, the wait does not (nor overflows).
+    assert backoff(10_000, RETRY, rand=lambda: 1.0) == 1.0
+    assert backoff(2**40, RETRY, rand=lambda: 1.0) == 1.0
+    assert backoff(0, RETRY, rand=lambda: 1.0) == pytest.approx(0.1)
+
+
+def test_transient_failures_never_give_up_by_default() -> None:
+    assert RetryConfig().give_up_after == 0.0
+    assert not gives_up(10 * 86400.0, 30.0, RETRY)  # ten days old, the legacy max_elapsed long past
+    assert not gives_up(1e9, 30.0, RetryConfig(max_elapsed=1.0, max_attempts=1))
+
+
+def test_give_up_after_bounds_the_age_including_the_next_wait() -> None:
+    cfg = RetryConfig(base_delay=0.1, max_delay=1.0, give_up_after=10.0)
+    assert not gives_up(9.0, 0.5, cfg)
+    assert not gives_up(9.5, 0.5, cfg)  # the retry is still inside the age
+    assert gives_up(9.8, 0.5, cfg)
+    assert gives_up(10.5, 0.0, cfg)
 
 
 @pytest.mark.parametrize(("status", "verdict"), [
