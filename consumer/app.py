@@ -246,6 +246,10 @@ class Application:
                 wanted = [group for _, group, _ in plan]
                 try:
                     seeded = await loop.run_in_executor(None, groups.seed, cfg.kafka, wanted)
+                except groups.SeedAuthError as exc:
+                    self._fail(f"Kafka refused the credentials ({exc}): check [kafka.common] sasl.mechanisms, "
+                               "sasl.username and sasl.password", EXIT_KAFKA_AUTH)
+                    return self.fatal_exit
                 except groups.SeedError as exc:
                     # Joining without the old group's offsets would re-send (or, with "latest", skip) everything.
                     self._fail(f"cannot start the provider groups from the shared group's offsets: {exc}", EXIT_FATAL)
