@@ -50,13 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PROVIDERS = ("kameleoon", "convert", "conductrics")
-SETS: dict[str, tuple[str, ...]] = {
-    "kameleoon": ("kameleoon",),
-    "convert": ("convert",),
-    "conductrics": ("conductrics",),
-    "all": PROVIDERS,
-}
+from consumer.providers import registry  # noqa: E402  (after the path set-up above)
+
+# The providers with a sample project (the demo's), from the registry: one set each, and all of them.
+PROVIDERS = tuple(spec.slug for spec in registry.specs() if spec.sample)
+SETS: dict[str, tuple[str, ...]] = {**{p: (p,) for p in PROVIDERS}, "all": PROVIDERS}
 SEED = 7
 RESULT = "RESULT "
 READY = "READY"

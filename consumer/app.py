@@ -7,7 +7,8 @@ what was opened before it, in reverse):
  3. the metrics and health server;
  4. the group protocol (asked of the broker) and, with a group per provider, the upgrade: provider groups
     without offsets of their own start from the shared group's (consumer/groups.py);
- 5. one Pipeline per provider (consumer/pipeline.py), each a member of its own consumer group.
+ 5. one Pipeline per provider (consumer/pipeline.py), each a member of its own consumer group;
+ 6. the control plane (consumer/ops/): the pauses kept in the control topic, and its HTTP API.
 Then every pipeline's poll loop runs until a stop (SIGTERM, SIGINT, `stop()`) or a fatal error in any of
 them, and shutdown drains all pipelines at once, commits what is done, leaves the groups and closes the
 rest.
@@ -26,13 +27,17 @@ from collections.abc import Callable
 
 from consumer import groups
 from consumer.config import Config
-from consumer.decoding import make_decoder
+from consumer.decoding import make_event_decoder
+from consumer.delivery import AmbiguousProject, ProjectStatus, UnknownProject
 from consumer.dlq import DeadLetterWriter, producer_config
 from consumer.metrics import HealthServer, Metrics, Tally
 from consumer.model import Provider
+from consumer.ops.control_plane import ControlPlane
+from consumer.ops.control_store import ControlStoreError
 from consumer.pipeline import EXIT_DLQ, EXIT_KAFKA_AUTH, Hooks, Pipeline, Shared
 from consumer.providers.base import ProviderModule
 from consumer.providers.registry import modules
+from consumer.refunds import OrderLedger
 from consumer.source import choose_group_protocol
 from consumer.transport import TokenCache, Transport
 
@@ -84,8 +89,10 @@ class Application:
         stop_when: Callable[[Application], bool] | None = None,
         install_signals: bool = True,
         hooks: Hooks | None = None,
+        ledger: OrderLedger | None = None,
     ) -> None:
         self.config = config
+        self.ledger = ledger  # what order adjustments are planned from; required by [adjustments] enabled
         self.metrics = metrics or Metrics()
         self.tally = Tally()
         self.clock_ms = clock_ms
@@ -97,6 +104,7 @@ class Application:
         self.pipelines: list[Pipeline] = []
         self.dlq: DeadLetterWriter | None = None
         self.health: HealthServer | None = None
+        self.control_port: int | None = None  # where the control API listens, once it does
         self._halt = asyncio.Event()
         self._stopping = False
         self._ready = False  # what offline_conversions_ready says, kept by the service itself
@@ -119,6 +127,36 @@ class Application:
             if p.name == name:
                 return p
         raise KeyError(f"no pipeline {name!r}; there are {[p.name for p in self.pipelines]}")
+
+    # ------------------------------------------------------------------ the control plane's view (Controlled)
+
+    def statuses(self) -> list[ProjectStatus]:
+        """Every provider project of every pipeline, as its dispatcher reports it."""
+        return [s for p in self.pipelines for s in p.dispatcher.statuses()]
+
+    def lag(self) -> dict[str, int]:
+        """Per provider, this member's lag in that provider's group (its partitions' share)."""
+        out: dict[str, int] = {}
+        for p in self.pipelines:
+            for provider in p.providers:
+                out[provider.slug] = out.get(provider.slug, 0) + sum(p.source.lag.values())
+        return out
+
+    def _on_control(self, provider: str, project: str, paused: bool, reason: str | None) -> None:
+        """A pause or resume from the control topic (this member's API or another member's): applied here."""
+        for p in self.pipelines:
+            if not any(pr.slug == provider for pr in p.providers):
+                continue
+            try:
+                if paused:
+                    p.dispatcher.pause(project, reason or "paused by an operator", provider)
+                else:
+                    p.dispatcher.resume(project, provider)
+            except (UnknownProject, AmbiguousProject):
+                # A record for a project this member's configuration does not have: nothing to apply.
+                log.info("control record for a project not configured here", extra={
+                    "provider": provider, "project": project})
+            return
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,9 +219,14 @@ class Application:
             # 1. Connections to the providers.
             transport = Transport.for_config(cfg)
             stack.push_async_callback(transport.close)
-            tokens = TokenCache(transport, cfg.kameleoon.user_agent,
-                                on_grant=lambda r: self.metrics.token_grants.labels("kameleoon", r).inc())
-            decoder = make_decoder(cfg.decoding)
+            # Each token request carries its provider's user agent (TokenSpec.user_agent), counted under its slug.
+            tokens = TokenCache(transport, on_grant=lambda p, r: self.metrics.token_grants.labels(p, r).inc())
+            if cfg.adjustments.enabled and (self.ledger is None or cfg.adjustments.topic):
+                # Refused, not ignored: adjustments read and never applied would be lost silently.
+                self._fail("[adjustments] enabled needs the ledger (consumer/refunds.py OrderLedger) and, for now, "
+                           "adjustments on [kafka] topic (a topic of their own is not read yet)", EXIT_FATAL)
+                return self.fatal_exit
+            decoder = make_event_decoder(cfg.decoding, cfg.adjustments)
             stack.push_async_callback(decoder.close)
             # 2. The dead-letter writer.
             self.dlq = dlq = DeadLetterWriter(cfg.kafka.dlq_topic, self.producer_config(cfg), cfg.pipeline.dlq_timeout)
@@ -203,6 +246,10 @@ class Application:
                 wanted = [group for _, group, _ in plan]
                 try:
                     seeded = await loop.run_in_executor(None, groups.seed, cfg.kafka, wanted)
+                except groups.SeedAuthError as exc:
+                    self._fail(f"Kafka refused the credentials ({exc}): check [kafka.common] sasl.mechanisms, "
+                               "sasl.username and sasl.password", EXIT_KAFKA_AUTH)
+                    return self.fatal_exit
                 except groups.SeedError as exc:
                     # Joining without the old group's offsets would re-send (or, with "latest", skip) everything.
                     self._fail(f"cannot start the provider groups from the shared group's offsets: {exc}", EXIT_FATAL)
@@ -211,15 +258,24 @@ class Application:
                     log.info("upgraded to a consumer group per provider", extra={"seeded": groups.describe(seeded)})
             # 5. A pipeline per provider.
             shared = Shared(cfg, self.metrics, self.tally, decoder, dlq, transport, tokens, self.clock_ms,
-                            self._halt, self._fail, self.hooks)
+                            self._halt, self._fail, self.hooks, self.ledger)
             should_stop = self._should_stop if self.stop_when is not None else None
             self.pipelines = [
                 Pipeline(shared, name=name, group=group, modules=mods, designated=i == 0, protocol=protocol,
                          should_stop=should_stop)
                 for i, (name, group, mods) in enumerate(plan)
             ]
+            # 6. The control plane: standing pauses (written by any member, kept in the control topic) are
+            # applied before anything is delivered; then its API listens.
+            if cfg.control.enabled:
+                try:
+                    control = await stack.enter_async_context(ControlPlane(cfg, self, self._on_control))
+                except ControlStoreError as exc:
+                    self._fail(f"the control topic cannot be used: {exc}", EXIT_FATAL)
+                    return self.fatal_exit
+                self.control_port = control.port
             log.info("started", extra={"topic": cfg.kafka.topic, "groups": [p.group for p in self.pipelines],
-                                       "metrics_port": health.port})
+                                       "metrics_port": health.port, "control_port": self.control_port})
             gc_settings = tune_gc(cfg.pipeline.gc_threshold)
             if gc_settings is not None:
                 stack.callback(gc.unfreeze)

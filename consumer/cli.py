@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from consumer.config import ClientCheck, Config, ConfigError, ConfigErrors, load
+from consumer.providers.registry import ProviderModuleError
 
 EXIT_CONFIG = 2
 
@@ -97,11 +98,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load_or_exit(args.file, clients=True, placeholders=args.no_env, warnings=warnings)
     for w in warnings:
         print(f"offline-conversions: warning: {w}", file=sys.stderr)
-    projects = {
-        "kameleoon": sorted(cfg.kameleoon.projects),
-        "convert": sorted(cfg.convert.projects),
-        "conductrics": sorted(cfg.conductrics.projects),
-    }
+    projects = {slug: sorted(section.projects) for slug, section in cfg.providers.items()}
     print(f"{args.file}: ok — topic {cfg.kafka.topic!r}, group {cfg.kafka.group_id!r}, "
           f"decoding {cfg.decoding.format}, projects {json.dumps(projects)}"
           + (" (${…} not read: values from them not checked)" if args.no_env else ""))
@@ -123,6 +120,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from consumer.explain_adjustment import is_adjustment
+
+    if is_adjustment(event):
+        return _explain_adjustment(args, cfg, event, now_ms)
     try:
         report = explain(cfg, event, now_ms)
     except ValueError as exc:
@@ -132,16 +133,43 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain_adjustment(args: argparse.Namespace, cfg: Config, event: dict[str, object], now_ms: int) -> int:
+    """`explain` of an order adjustment: needs the purchase it adjusts (--purchase), and the earlier ones."""
+    from consumer.explain_adjustment import explain_adjustment, render_adjustment_text
+
+    if args.purchase is None:
+        print("offline-conversions: an order adjustment is explained with the purchase it adjusts: "
+              "--purchase PURCHASE.json", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        purchase = json.loads(Path(args.purchase).read_text())
+        previous = [json.loads(Path(f).read_text()) for f in args.previous]
+    except (OSError, ValueError) as exc:
+        print(f"offline-conversions: cannot read an event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        report = explain_adjustment(cfg, event, purchase, previous, now_ms)
+    except ValueError as exc:
+        print(f"offline-conversions: invalid event: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(json.dumps(report, indent=2, default=str) if args.json else render_adjustment_text(report))
+    return 0
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    from consumer.providers.registry import load_all as load_options_of
     from consumer.sandbox import load_options, parse_profile, profiles_of, serve
 
     try:
         options = load_options(args.options) if args.options else {}
+        if args.provider_module:  # emulate these providers too (as [providers] modules registers them)
+            options["providers"] = [*options.get("providers", ()), *args.provider_module]
+            load_options_of(options["providers"])
         if args.profile:
             options["profiles"] = [*options.get("profiles", ()), *(s for t in args.profile for s in parse_profile(t))]
         for spec in options.get("profiles", ()):
             profiles_of(spec)  # a bad profile fails here, naming its setting, not once the server runs
-    except (OSError, TypeError, ValueError) as exc:
+    except (OSError, TypeError, ValueError, ProviderModuleError) as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     serve(args.host, args.port, **options)
@@ -244,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", required=True)
     ex.add_argument("--now", help="evaluate at this time instead of now: epoch milliseconds or ISO-8601 with an offset")
     ex.add_argument("--json", action="store_true", help="print the report as JSON")
-    ex.add_argument("event", help="the event as a JSON file, or - for standard input")
+    ex.add_argument("--purchase", help="for an order adjustment: the purchase it adjusts, as a JSON file")
+    ex.add_argument("--previous", action="append", default=[], metavar="ADJUSTMENT",
+                    help="for an order adjustment: an earlier adjustment of the order, as a JSON file "
+                         "(repeat, in the order they were applied)")
+    ex.add_argument("event", help="the event (a purchase, or an order adjustment) as a JSON file, or - for stdin")
     ex.set_defaults(func=cmd_explain)
 
     sb = sub.add_parser("sandbox", help="serve the provider emulator")
@@ -254,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--profile", action="append", metavar="PROVIDER:SETTINGS",
                     help="a latency profile, e.g. 'convert:median=120ms,p99=800ms,capacity=64,over=reject,"
                          "retry_after=1,errors=0.002,seed=1' ('*' for every provider; repeatable)")
+    sb.add_argument("--provider-module", action="append", metavar="MODULE",
+                    help="also emulate the provider of this module (as [providers] modules names it; repeatable)")
     sb.set_defaults(func=cmd_sandbox)
 
     pr = sub.add_parser("produce", help="produce sample purchases to a topic")
@@ -278,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = dlq_sub.add_parser("replay", help="re-drive dead-lettered events to the provider(s) that failed")
     replay.add_argument("--config", required=True)
     replay.add_argument("--provider", action="append",
-                        help="only this provider: kameleoon, convert, conductrics (repeatable)")
-    replay.add_argument("--stage", action="append", help="only this stage: decode, match, dispatch (repeatable)")
+                        help="only this provider, by its slug (e.g. kameleoon; see [providers]) (repeatable)")
+    replay.add_argument("--stage", action="append",
+                        help="only this stage: decode, match, dispatch, adjust (repeatable)")
     replay.add_argument("--error-class", action="append")
     replay.add_argument("--since", type=int, help="dead-lettered at or after this epoch ms")
     replay.add_argument("--until", type=int, help="dead-lettered before this epoch ms")

@@ -10,14 +10,14 @@ import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from consumer import group_protocol
-from consumer.model import Attribution, Channel, Provider, RevenueShare
+from consumer.model import Attribution, Channel, Provider, RefundPolicy, RevenueShare
 from consumer.tls import TlsFileError, client_context
 
 T = TypeVar("T")
@@ -30,6 +30,7 @@ DEFAULT_SCHEMA = next(
      if p.exists()),
     PACKAGE_ROOT.parent / "schemas" / _SCHEMA_NAME,
 )
+DEFAULT_ADJUSTMENT_SCHEMA = DEFAULT_SCHEMA.parent / "order_adjusted.avsc"
 
 
 class ConfigError(ValueError):
@@ -182,7 +183,7 @@ class _Problems:
             raise ConfigErrors(self.clean(self.errors.values()))
 
 
-class _Table:
+class Table:
     """A TOML table being validated: typed getters that name the key, and no unknown keys.
 
     A getter that meets a bad value records the error and returns the default (or an empty value), so
@@ -342,13 +343,13 @@ class _Table:
             out.append(s)
         return tuple(out)
 
-    def table(self, name: str) -> _Table:
+    def table(self, name: str) -> Table:
         self.used.add(name)
         v = self.data.get(name, {})
         if not isinstance(v, dict):
             self.problem(self.key(name), f"expected a table, got {type(v).__name__}")
             v = {}
-        return _Table(v, self.key(name), self.problems)
+        return Table(v, self.key(name), self.problems)
 
     def passthrough(self, name: str) -> dict[str, str | int | float | bool]:
         """A table of librdkafka properties, passed on as they are (strings interpolated)."""
@@ -461,6 +462,9 @@ class DecodingConfig:
     schema_registry_url: str = ""
     max_message_bytes: int = 1_048_576
     schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
+    # The Avro symbols of the providers this config registers (built-in and [providers] modules): the
+    # reader schema's Provider enum gets each one it lacks (consumer.decoding.with_providers).
+    providers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -473,6 +477,7 @@ class MetricsConfig:
 class ControlConfig:
     """[control]: the control plane (consumer/ops/): its compacted Kafka topic and its HTTP API."""
 
+    enabled: bool = True  # false: no control topic, no API (pauses only by credentials, none by an operator)
     topic: str | None = None  # None: "<kafka.group_id>.control" (Config.control_topic)
     replication_factor: int | None = None  # of the topic when the service creates it; None: the broker's default
     host: str = "127.0.0.1"  # loopback: reach it with kubectl port-forward / exec, or set a token to bind wider
@@ -548,70 +553,11 @@ class Rules:
     experiments_deny: tuple[str, ...] = ()
     min_revenue: Decimal | None = None
     send_revenue: bool = True
-    attribution: Attribution = Attribution.ALL  # the provider's default: DEFAULT_MODELS
+    attribution: Attribution = Attribution.ALL  # the provider's default: its package's DEFAULT_MODEL
     revenue_share: RevenueShare = RevenueShare.FULL
     require_consent: bool = False  # send only when the event says the buyer consented to this provider
-
-
-@dataclass(frozen=True)
-class KameleoonProject:
-    site_code: str
-    rules: Rules
-    base_url: str = "https://eu-data.kameleoon.io"
-    use_mapping_identifier: bool = False
-    client_id: Secret | None = None
-    client_secret: Secret | None = None
-    flow: FlowConfig = FlowConfig()
-
-
-@dataclass(frozen=True)
-class ConvertProject:
-    key: str  # "account_project"
-    account_id: str
-    project_id: str
-    rules: Rules
-    base_url: str
-    api: str = "track"  # "track" (the seed's GET) or "v1" (batched POST)
-    transaction_goals: tuple[str, ...] = ()
-    flow: FlowConfig = FlowConfig()
-
-
-@dataclass(frozen=True)
-class ConductricsProject:
-    key: str
-    agent_api_url: str
-    api_key: Secret
-    rules: Rules
-    session: str = "{vid}"  # template: {vid}, {order_id}, {event_id}
-    flow: FlowConfig = FlowConfig()
-
-
-@dataclass(frozen=True)
-class KameleoonConfig:
-    user_agent: str = "offline-conversions/1.0"
-    token_url: str = "https://api.kameleoon.com/oauth/token"
-    token_refresh_margin: float = 60.0
-    batch: BatchConfig = BatchConfig()
-    retry: RetryConfig = RetryConfig()
-    projects: dict[str, KameleoonProject] = field(default_factory=dict)
-    http: HttpConfig = HttpConfig()
-
-
-@dataclass(frozen=True)
-class ConvertConfig:
-    user_agent: str = "ConvertAgent/1.0 (offline-conversions)"
-    batch: BatchConfig = BatchConfig(max_events=100, max_bytes=1_000_000)
-    retry: RetryConfig = RetryConfig()
-    projects: dict[str, ConvertProject] = field(default_factory=dict)
-    http: HttpConfig = HttpConfig()
-
-
-@dataclass(frozen=True)
-class ConductricsConfig:
-    user_agent: str = "offline-conversions/1.0"
-    retry: RetryConfig = RetryConfig()
-    projects: dict[str, ConductricsProject] = field(default_factory=dict)
-    http: HttpConfig = HttpConfig()
+    # Order adjustments (consumer/adjustments.py); parse_rules gives each provider its default (its REFUNDS).
+    refunds: RefundPolicy = RefundPolicy.SKIP
 
 
 @dataclass(frozen=True)
@@ -642,6 +588,18 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True)
+class AdjustmentsConfig:
+    """[adjustments]: order adjustments (refunds, cancellations) and where they are read from."""
+
+    enabled: bool = False
+    topic: str = ""  # a topic of their own; "" = on the purchases topic, beside the purchases
+    # Raw Avro on the purchases topic: the header naming the record type (Schema Registry: the writer's name).
+    event_type_header: str = "event_type"
+    orphan_wait: float = 600.0  # seconds an adjustment waits for its purchase before it is dead-lettered
+    schema: Path = DEFAULT_ADJUSTMENT_SCHEMA
+
+
+@dataclass(frozen=True)
 class Config:
     kafka: KafkaConfig
     decoding: DecodingConfig = DecodingConfig()
@@ -649,11 +607,12 @@ class Config:
     pipeline: PipelineConfig = PipelineConfig()
     logging: LoggingConfig = LoggingConfig()
     matcher: MatcherConfig = MatcherConfig()
-    kameleoon: KameleoonConfig = KameleoonConfig()
-    convert: ConvertConfig = ConvertConfig()
-    conductrics: ConductricsConfig = ConductricsConfig()
+    # slug -> that provider's parsed [<slug>] section (its package's config type), every registered provider
+    providers: Mapping[str, Any] = field(default_factory=dict)
+    provider_modules: tuple[str, ...] = ()  # [providers] modules: registered besides the built-in ones
     ledger: LedgerConfig = LedgerConfig()
     control: ControlConfig = ControlConfig()
+    adjustments: AdjustmentsConfig = AdjustmentsConfig()
 
     def control_topic(self) -> str:
         """The control plane's compacted topic: `[control] topic`, by default `<kafka.group_id>.control`."""
@@ -661,21 +620,19 @@ class Config:
 
     def rules(self) -> dict[tuple[Provider, str], Rules]:
         """Every configured provider project's rules, keyed by (provider, exposure project)."""
-        out: dict[tuple[Provider, str], Rules] = {}
-        for k, kp in self.kameleoon.projects.items():
-            out[(Provider.KAMELEOON, k)] = kp.rules
-        for k, cp in self.convert.projects.items():
-            out[(Provider.CONVERT, k)] = cp.rules
-        for k, dp in self.conductrics.projects.items():
-            out[(Provider.CONDUCTRICS, k)] = dp.rules
-        return out
+        from consumer.providers import registry  # the provider packages import this module
+
+        return {(registry.spec_of(slug).provider, name): p.rules for slug, section in self.providers.items()
+                for name, p in section.projects.items()}
 
     def secrets(self) -> list[str]:
         """Every secret's value, so tests and log filters can look for leaks."""
         out: list[str] = []
-        for kp in self.kameleoon.projects.values():
-            out += [s.reveal() for s in (kp.client_id, kp.client_secret) if s]
-        out += [dp.api_key.reveal() for dp in self.conductrics.projects.values()]
+        for section in self.providers.values():
+            out += section.secrets()
+            http = section.http
+            for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
+                out += [s.reveal()] if s else []
         # librdkafka's credentials: its log lines go through the same redacting logger.
         k = self.kafka
         out += [str(v) for section in (k.common, k.consumer, k.producer) for name, v in section.items()
@@ -683,9 +640,6 @@ class Config:
         reg = self.decoding.schema_registry
         for s in (reg.username, reg.password, reg.bearer_token, reg.tls.client_key_password):
             out += [s.reveal()] if s else []
-        for http in (self.kameleoon.http, self.convert.http, self.conductrics.http):
-            for s in (http.proxy_username, http.proxy_password, http.tls.client_key_password):
-                out += [s.reveal()] if s else []
         if self.control.token:
             out.append(self.control.token.reveal())
         return [s for s in out if s]
@@ -695,17 +649,6 @@ _KAFKA_SECRET = re.compile(r"password|secret|ssl\.key\.pem|ssl_key|private\.key|
 
 
 # --------------------------------------------------------------------------- parsing
-
-DEFAULT_WINDOWS = {Provider.KAMELEOON: 7 * 86400.0, Provider.CONVERT: 30 * 86400.0, Provider.CONDUCTRICS: 72 * 3600.0}
-# From how each provider counts conversions (docs/operations.md, "Attribution models"): Kameleoon and
-# Conductrics attribute through the visitor, so every identity keeps its experiments and shares the
-# revenue; a Convert conversion names its experiment, so one identity per experiment gets all of it.
-DEFAULT_MODELS = {
-    Provider.KAMELEOON: (Attribution.ALL, RevenueShare.SPLIT),
-    Provider.CONVERT: (Attribution.LAST_TOUCH, RevenueShare.FULL),
-    Provider.CONDUCTRICS: (Attribution.ALL, RevenueShare.SPLIT),
-}
-
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
 
@@ -745,7 +688,7 @@ def shown_url(url: str) -> str:
     return repr(f"{scheme}{sep}{netloc}{slash}{path}")
 
 
-def _url(t: _Table, name: str, default: str | None = None, *, required: bool = False,
+def parse_url(t: Table, name: str, default: str | None = None, *, required: bool = False,
          optional: bool = False) -> str:
     """An http(s) URL without its trailing slash; `optional`: the empty string is allowed (not set)."""
     v = t.get_str(name, default, required=required)
@@ -757,14 +700,17 @@ def _url(t: _Table, name: str, default: str | None = None, *, required: bool = F
     return v.rstrip("/")
 
 
-def _rules(t: _Table, provider: Provider) -> Rules:
+def parse_rules(t: Table, window: float, attribution: Attribution = Attribution.ALL,
+                revenue_share: RevenueShare = RevenueShare.FULL,
+                refunds: tuple[RefundPolicy, ...] = (RefundPolicy.SKIP,)) -> Rules:
+    """The matcher's rules of one project table; `window`, `attribution`, `revenue_share`: the provider's defaults.
+
+    `refunds`: the policies the provider can apply to an order adjustment, its default first (a provider
+    that documents no way to take a conversion back has only `skip`).
+    """
     goals = t.str_list("goals", required=True)
     if not goals and not t.failed("goals"):
         t.problem(t.key("goals"), "must name at least one goal")
-    if provider is Provider.KAMELEOON or provider is Provider.CONVERT:
-        for i, g in enumerate(goals):
-            if not g.isdigit():
-                t.problem(f"{t.key('goals')}[{i}]", f"{provider.slug} goal ids are integers, got {g!r}")
     channels = t.str_list("channels", [c.value for c in Channel])
     for i, c in enumerate(channels):
         if c.upper() not in Channel.__members__:
@@ -775,10 +721,9 @@ def _rules(t: _Table, provider: Provider) -> Rules:
     allow, deny = t.str_list("experiments_allow"), t.str_list("experiments_deny")
     if allow and deny:
         t.problem(t.key("experiments_deny"), "set experiments_allow or experiments_deny, not both")
-    attribution, revenue_share = DEFAULT_MODELS[provider]
     return Rules(
         goals=goals,
-        attribution_window=t.duration("attribution_window", DEFAULT_WINDOWS[provider], positive=True),
+        attribution_window=t.duration("attribution_window", window, positive=True),
         currency=currency,
         channels=tuple(Channel(c.upper()) for c in channels if c.upper() in Channel.__members__),
         experiments_allow=allow,
@@ -788,13 +733,36 @@ def _rules(t: _Table, provider: Provider) -> Rules:
         attribution=_choice(t, "attribution", Attribution, attribution),
         revenue_share=_choice(t, "revenue_share", RevenueShare, revenue_share),
         require_consent=t.get_bool("require_consent", False),
+        refunds=_refunds(t, refunds),
     )
+
+
+def _refunds(t: Table, allowed: tuple[RefundPolicy, ...]) -> RefundPolicy:
+    """`refunds` of a project: one of the provider's `allowed` policies (the first is its default)."""
+    v = t.get_str("refunds", allowed[0].value)
+    if v in (p.value for p in allowed):
+        return RefundPolicy(v)
+    if not t.failed("refunds"):
+        if v in (p.value for p in RefundPolicy):
+            section = t.path.split(".", 1)[0]  # the provider's [<slug>] section
+            t.problem(t.key("refunds"), f"{section} documents no way to take a conversion back: "
+                                        f"only {', '.join(repr(p.value) for p in allowed)}")
+        else:
+            t.problem(t.key("refunds"), f"expected one of {', '.join(repr(p.value) for p in allowed)}, got {v!r}")
+    return allowed[0]
+
+
+def integer_goals(t: Table, rules: Rules, slug: str) -> None:
+    """For a provider whose goal ids are integers (Kameleoon, Convert): name each one that is not."""
+    for i, g in enumerate(rules.goals):
+        if not g.isdigit():
+            t.problem(f"{t.key('goals')}[{i}]", f"{slug} goal ids are integers, got {g!r}")
 
 
 E = TypeVar("E", Attribution, RevenueShare)
 
 
-def _choice(t: _Table, name: str, kind: type[E], default: E) -> E:
+def _choice(t: Table, name: str, kind: type[E], default: E) -> E:
     """One of a string enum's values, exactly as written (`"last_touch"`)."""
     v = t.get_str(name, default.value)
     try:
@@ -805,7 +773,7 @@ def _choice(t: _Table, name: str, kind: type[E], default: E) -> E:
         return default
 
 
-def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
+def parse_batch(t: Table, default: BatchConfig) -> BatchConfig:
     b = BatchConfig(
         max_events=t.get_int("max_events", default.max_events, minimum=1),
         max_bytes=t.get_int("max_bytes", default.max_bytes, minimum=1024, maximum=3_000_000),
@@ -815,7 +783,7 @@ def _batch(t: _Table, default: BatchConfig) -> BatchConfig:
     return b
 
 
-def _retry(t: _Table) -> RetryConfig:
+def parse_retry(t: Table) -> RetryConfig:
     d = RetryConfig()
     r = RetryConfig(
         max_attempts=t.get_int("max_attempts", d.max_attempts, minimum=1),
@@ -839,7 +807,7 @@ def _retry(t: _Table) -> RetryConfig:
     return r
 
 
-def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
+def parse_flow(t: Table, default: FlowConfig) -> FlowConfig:
     adaptive, concurrency, low, high = default.adaptive, default.concurrency, default.min_concurrency, \
         default.max_concurrency
     value = t.data.get("concurrency")
@@ -877,7 +845,7 @@ def _flow(t: _Table, default: FlowConfig) -> FlowConfig:
     return f
 
 
-def _tls(t: _Table) -> TlsConfig:
+def _tls(t: Table) -> TlsConfig:
     """ca_bundle, client_cert, client_key, client_key_password: each file checked (exists, readable, PEM)."""
 
     def path(name: str) -> Path | None:
@@ -895,7 +863,7 @@ def _tls(t: _Table) -> TlsConfig:
     return tls
 
 
-def _http(t: _Table) -> HttpConfig:
+def parse_http(t: Table) -> HttpConfig:
     """[<provider>.http]: an explicit egress proxy (its credentials kept secret) and TLS files."""
     user, password = t.secret("proxy_username"), t.secret("proxy_password")
     proxy = t.opt_str("proxy")
@@ -927,7 +895,7 @@ def _http(t: _Table) -> HttpConfig:
     return http
 
 
-def _schema_registry(t: _Table, url: str) -> SchemaRegistryConfig:
+def _schema_registry(t: Table, url: str) -> SchemaRegistryConfig:
     """[decoding.schema_registry]: basic auth or a bearer token (not both), TLS files, the request timeout."""
     user, password, token = t.secret("username"), t.secret("password"), t.secret("bearer_token")
     try:
@@ -946,7 +914,7 @@ def _schema_registry(t: _Table, url: str) -> SchemaRegistryConfig:
     return cfg
 
 
-def _projects(t: _Table, build: Callable[[str, _Table], T]) -> dict[str, T]:
+def parse_projects(t: Table, build: Callable[[str, Table], T]) -> dict[str, T]:
     projects = t.table("projects")
     out: dict[str, T] = {}
     for name in projects.data:
@@ -955,120 +923,7 @@ def _projects(t: _Table, build: Callable[[str, _Table], T]) -> dict[str, T]:
     return out
 
 
-def _kameleoon(t: _Table) -> KameleoonConfig:
-    d = KameleoonConfig()
-    flow = _flow(t.table("flow"), FlowConfig())
-
-    def project(site_code: str, p: _Table) -> KameleoonProject:
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", site_code):
-            p.problem(p.path, "a Kameleoon siteCode is letters and digits")
-        cid, csec = p.secret("client_id"), p.secret("client_secret")
-        if bool(cid) != bool(csec):
-            p.problem(p.key("client_secret" if cid else "client_id"), "client_id and client_secret go together")
-        kp = KameleoonProject(
-            site_code=site_code,
-            rules=_rules(p, Provider.KAMELEOON),
-            base_url=_url(p, "base_url", "https://eu-data.kameleoon.io"),
-            use_mapping_identifier=p.get_bool("use_mapping_identifier", False),
-            client_id=cid,
-            client_secret=csec,
-            flow=_flow(p.table("flow"), flow),
-        )
-        p.done()
-        return kp
-
-    cfg = KameleoonConfig(
-        user_agent=t.get_str("user_agent", d.user_agent),
-        token_url=_url(t, "token_url", d.token_url),
-        token_refresh_margin=t.duration("token_refresh_margin", d.token_refresh_margin),
-        batch=_batch(t.table("batch"), d.batch),
-        retry=_retry(t.table("retry")),
-        projects=_projects(t, project),
-        http=_http(t.table("http")),
-    )
-    if not cfg.user_agent.strip() and not t.failed("user_agent"):
-        t.problem(t.key("user_agent"), "must not be empty: Kameleoon rejects requests without a User-Agent")
-    t.done()
-    return cfg
-
-
-def _convert(t: _Table) -> ConvertConfig:
-    d = ConvertConfig()
-    # One request per conversion: throughput is concurrency / latency, so allow more requests at once.
-    flow = _flow(t.table("flow"), FlowConfig(concurrency=64))
-
-    def project(key: str, p: _Table) -> ConvertProject:
-        m = re.fullmatch(r"(\d+)_(\d+)", key)
-        if not m:
-            p.problem(p.path, "a Convert project key is the ID NUMBER 'accountid_projectid', e.g. '1111_2222'")
-        account, proj = m.groups() if m else ("0", "0")
-        api = p.get_str("api", "track")
-        if api not in ("track", "v1"):
-            p.problem(p.key("api"), f"expected 'track' or 'v1', got {api!r}")
-        host = "track" if api != "v1" else "metrics"
-        rules = _rules(p, Provider.CONVERT)
-        tx = p.str_list("transaction_goals")
-        for i, g in enumerate(tx):
-            if g not in rules.goals and not p.failed("goals"):
-                p.problem(f"{p.key('transaction_goals')}[{i}]", f"goal {g} is not in goals")
-        cp = ConvertProject(
-            key=key,
-            account_id=account,
-            project_id=proj,
-            rules=rules,
-            base_url=_url(p, "base_url", f"https://{proj}.{host}.convertexperiments.com"),
-            api=api,
-            transaction_goals=tx,
-            flow=_flow(p.table("flow"), flow),
-        )
-        p.done()
-        return cp
-
-    cfg = ConvertConfig(
-        user_agent=t.get_str("user_agent", d.user_agent),
-        batch=_batch(t.table("batch"), d.batch),
-        retry=_retry(t.table("retry")),
-        projects=_projects(t, project),
-        http=_http(t.table("http")),
-    )
-    if any(p.api == "v1" for p in cfg.projects.values()) and not cfg.user_agent.startswith("ConvertAgent/"):
-        t.problem(t.key("user_agent"), "must start with 'ConvertAgent/': Convert silently drops other agents")
-    t.done()
-    return cfg
-
-
-def _conductrics(t: _Table) -> ConductricsConfig:
-    d = ConductricsConfig()
-    flow = _flow(t.table("flow"), FlowConfig(concurrency=64))
-
-    def project(key: str, p: _Table) -> ConductricsProject:
-        session = p.get_str("session", "{vid}")
-        try:
-            session.format(vid="v", order_id="o", event_id="e")
-        except (KeyError, IndexError, ValueError):
-            p.problem(p.key("session"), "a template using only {vid}, {order_id}, {event_id}")
-        dp = ConductricsProject(
-            key=key,
-            agent_api_url=_url(p, "agent_api_url", required=True),
-            api_key=p.secret("api_key", required=True) or Secret(""),
-            rules=_rules(p, Provider.CONDUCTRICS),
-            session=session,
-            flow=_flow(p.table("flow"), flow),
-        )
-        p.done()
-        return dp
-
-    cfg = ConductricsConfig(
-        user_agent=t.get_str("user_agent", d.user_agent),
-        retry=_retry(t.table("retry")),
-        projects=_projects(t, project),
-        http=_http(t.table("http")),
-    )
-    t.done()
-    return cfg
-
-
-def _matcher(t: _Table) -> MatcherConfig:
+def _matcher(t: Table) -> MatcherConfig:
     d = MatcherConfig()
     rates_t = t.table("rates")
     rates: dict[tuple[str, str], Decimal] = {}
@@ -1099,7 +954,7 @@ def _matcher(t: _Table) -> MatcherConfig:
     return cfg
 
 
-def _kafka(k: _Table) -> KafkaConfig:
+def _kafka(k: Table) -> KafkaConfig:
     kafka = KafkaConfig(
         bootstrap_servers=k.get_str("bootstrap_servers", required=True),
         topic=k.get_str("topic", required=True),
@@ -1130,7 +985,7 @@ def _kafka(k: _Table) -> KafkaConfig:
     return kafka
 
 
-def _ledger(t: _Table, kafka: KafkaConfig) -> LedgerConfig:
+def _ledger(t: Table, kafka: KafkaConfig) -> LedgerConfig:
     d = LedgerConfig()
     ledger = LedgerConfig(
         enabled=t.get_bool("enabled", d.enabled),
@@ -1161,6 +1016,30 @@ def _ledger(t: _Table, kafka: KafkaConfig) -> LedgerConfig:
     return ledger
 
 
+def _adjustments(t: Table, kafka: KafkaConfig, base_dir: Path | None) -> AdjustmentsConfig:
+    d = AdjustmentsConfig()
+    schema = Path(t.get_str("schema", str(d.schema)))
+    if not schema.is_absolute():
+        candidates = [(base_dir or Path.cwd()) / schema, Path.cwd() / schema, PACKAGE_ROOT.parent / schema]
+        schema = next((c for c in candidates if c.exists()), candidates[0])
+    if not schema.exists() and not t.failed("schema"):
+        t.problem(t.key("schema"), f"no such file: {str(schema)!r}")
+    cfg = AdjustmentsConfig(
+        enabled=t.get_bool("enabled", d.enabled),
+        topic=t.get_str("topic", d.topic),
+        event_type_header=t.get_str("event_type_header", d.event_type_header),
+        orphan_wait=t.duration("orphan_wait", d.orphan_wait),
+        schema=schema,
+    )
+    if cfg.topic and cfg.topic in (kafka.topic, kafka.dlq_topic):
+        t.problem(t.key("topic"), "must differ from kafka.topic and kafka.dlq_topic (leave it out to read "
+                                  "adjustments from the purchases topic)")
+    if not cfg.event_type_header.strip() and not t.failed("event_type_header"):
+        t.problem(t.key("event_type_header"), "must not be empty")
+    t.done()
+    return cfg
+
+
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
@@ -1173,7 +1052,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _control(t: _Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlConfig:
+def _control(t: Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlConfig:
     """[control]: the topic (a legal Kafka name, not the source or the DLQ), where the API listens, its token."""
     d = ControlConfig()
     topic = t.opt_str("topic")
@@ -1198,13 +1077,14 @@ def _control(t: _Table, kafka: KafkaConfig, metrics: MetricsConfig) -> ControlCo
     if host.strip() and not _is_loopback(host) and token is None and not t.failed("token"):
         t.problem(t.key("token"), f"is required when control.host ({host!r}) is not a loopback address: "
                                   "anyone who reaches the port could pause deliveries")
-    cfg = ControlConfig(topic=topic, replication_factor=rf, host=host, port=port, token=token,
+    cfg = ControlConfig(enabled=t.get_bool("enabled", d.enabled), topic=topic, replication_factor=rf, host=host,
+                        port=port, token=token,
                         start_timeout=t.duration("start_timeout", d.start_timeout, positive=True))
     t.done()
     return cfg
 
 
-def _parse(root: _Table, base_dir: Path | None) -> Config:
+def _parse(root: Table, base_dir: Path | None) -> Config:
     kafka = _kafka(root.table("kafka"))
 
     dt = root.table("decoding")
@@ -1220,7 +1100,7 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
         schema = DEFAULT_SCHEMA.parent / schema.name
     if not schema.exists() and not dt.failed("schema"):
         dt.problem(dt.key("schema"), f"no such file: {str(schema)!r}")
-    registry = _url(dt, "schema_registry_url", "", optional=True)
+    registry = parse_url(dt, "schema_registry_url", "", optional=True)
     if fmt == "confluent" and not registry and not dt.failed("schema_registry_url"):
         dt.problem(dt.key("schema_registry_url"), "is required when format = \"confluent\"")
     decoding = DecodingConfig(
@@ -1259,24 +1139,55 @@ def _parse(root: _Table, base_dir: Path | None) -> Config:
     lt.done()
 
     ledger = _ledger(root.table("ledger"), kafka)
-
+    adjustments = _adjustments(root.table("adjustments"), kafka, base_dir)
+    extra, sections = _providers(root)
     cfg = Config(
         kafka=kafka,
-        decoding=decoding,
+        decoding=replace(decoding, providers=tuple(s.provider.value for s in _specs(extra))),
         metrics=metrics,
         pipeline=pipeline,
         logging=LoggingConfig(level=level, format=log_format),
         matcher=_matcher(root.table("matcher")),
-        kameleoon=_kameleoon(root.table("kameleoon")),
-        convert=_convert(root.table("convert")),
-        conductrics=_conductrics(root.table("conductrics")),
+        providers=sections,
+        provider_modules=extra,
         ledger=ledger,
         control=_control(root.table("control"), kafka, metrics),
+        adjustments=adjustments,
     )
     root.done()
-    if not (cfg.kameleoon.projects or cfg.convert.projects or cfg.conductrics.projects):
-        root.problem("kameleoon.projects", "no provider project is configured: nothing would ever be sent")
+    if not any(section.projects for section in sections.values()):
+        first = next(iter(sections), "providers")
+        root.problem(dotted(first, "projects"), "no provider project is configured: nothing would ever be sent")
     return cfg
+
+
+def _specs(extra: Sequence[str]) -> tuple[Any, ...]:
+    from consumer.providers import registry
+
+    return registry.specs(extra)
+
+
+def _providers(root: Table) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """[providers] modules (registered first), then every registered provider's [<slug>] section."""
+    # Imported here: the provider packages import this module for Table, Rules and the shared parsers.
+    from consumer.providers import registry
+
+    pt = root.table("providers")
+    extra = pt.str_list("modules")
+    loaded = []
+    for i, module in enumerate(extra):
+        try:
+            registry.load(module)
+            loaded.append(module)
+        except registry.ProviderModuleError as exc:
+            pt.problem(f"{pt.key('modules')}[{i}]", exc.message)
+    pt.done()
+    extra = tuple(loaded)
+    sections: dict[str, Any] = {}
+    for spec in registry.specs(extra):
+        t = root.table(spec.slug)
+        sections[spec.slug] = spec.parse(t)
+    return extra, sections
 
 
 # Builds the Kafka clients from a parsed config without connecting: (errors, warnings), each naming a key.
@@ -1293,7 +1204,7 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None, base_di
     settings; its warnings are appended to `warnings`. No message ever shows a value that came from `${…}`.
     """
     problems = _Problems(os.environ if env is None else env, placeholders=placeholders)
-    cfg = _parse(_Table(data, "", problems), base_dir)
+    cfg = _parse(Table(data, "", problems), base_dir)
     # The clients are built from the librdkafka tables: not on top of an error in one of them.
     if check is not None and not any(problems.under(f"kafka.{t}") for t in ("common", "consumer", "producer")):
         errors, notes = check(cfg)

@@ -1,20 +1,30 @@
-"""Decode "purchase completed" Avro events (schemaless or Confluent-framed) into Purchase, safely and fast."""
+"""Decode "purchase completed" and "order adjusted" Avro events (schemaless or Confluent-framed), safely and fast."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Context, Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import fastavro
 from fastavro.types import Schema
 
-from consumer.config import DecodingConfig
-from consumer.model import NO_CONSENT_STATED, Channel, Exposure, Provider, Purchase
+from consumer.config import AdjustmentsConfig, DecodingConfig
+from consumer.model import (
+    NO_CONSENT_STATED,
+    UNKNOWN_SYMBOL,
+    AdjustmentKind,
+    Channel,
+    Exposure,
+    OrderAdjusted,
+    Provider,
+    Purchase,
+)
+from consumer.providers import registry
 from consumer.schema_registry import RegistryUnavailable, SchemaNotFound, SchemaRegistry
 
 # Every DecodeError.reason is one of these, so the reason can be used as a metric label as it is.
@@ -34,6 +44,7 @@ REASONS: frozenset[str] = frozenset(
         "invalid_decimal",
         "invalid_timestamp",
         "invalid_field",
+        "unknown_event_type",
     }
 )
 
@@ -78,9 +89,11 @@ def contract_revenue(value: Decimal) -> Decimal:
 
 
 _CHANNELS: dict[str, Channel] = {c.value: c for c in Channel}
-_PROVIDERS: dict[str, Provider] = {p.value: p for p in Provider}
+# Every registered provider by Avro symbol: the registry's own live mapping, so a provider registered from
+# config ([providers] modules) is known here without a copy to refresh.
+_PROVIDERS: Mapping[str, Provider] = registry.by_symbol()
 # The reader schema's Provider enum default: what Avro resolution gives for a newer writer's provider symbol.
-UNKNOWN_PROVIDER = "UNKNOWN"
+UNKNOWN_PROVIDER = UNKNOWN_SYMBOL
 
 
 class DecodeError(Exception):
@@ -113,14 +126,21 @@ class SchemaNotLoaded(Exception):
         self.schema_id = schema_id
 
 
+# What confluent-kafka's Message.headers() returns. A decoder of one record type ignores them.
+Headers = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
+
+
 class Decoder(Protocol):
     """Turns one Kafka message value into a Purchase or raises DecodeError."""
 
-    def decode(self, value: bytes | None) -> Purchase:
+    # Whether `decode` reads the message's headers (the caller fetches them only then: not free per message).
+    needs_headers: bool
+
+    def decode(self, value: bytes | None, headers: Headers = None) -> Purchase:
         """Decode with what is at hand; raises SchemaNotLoaded when the registry must be asked first."""
         ...
 
-    async def decode_async(self, value: bytes | None) -> Purchase:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> Purchase:
         """Decode, first fetching the writer schema if it is not cached."""
         ...
 
@@ -141,6 +161,42 @@ def read_schema_json(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: an Avro schema file must hold a JSON object")
     return data
+
+
+def with_providers(schema: Any, symbols: Sequence[str]) -> Any:
+    """The reader schema with every registered provider's symbol in its `Provider` enum.
+
+    schemas/purchase_completed.avsc is the published contract and lists the built-in providers; a reader
+    extends it from the registry, so an event naming a provider registered from config decodes. A symbol
+    it lacks goes before UNKNOWN, which becomes the default if it was not. Nothing lacking: unchanged (the
+    same JSON, so a writer with the contract's schema still skips resolution).
+    """
+    def walk(t: Any) -> Any:
+        if isinstance(t, list):
+            return [walk(x) for x in t]
+        if not isinstance(t, dict):
+            return t
+        out = dict(t)
+        kind = out.get("type")
+        if kind == "enum" and str(out.get("name", "")).rsplit(".", 1)[-1] == "Provider":
+            have = list(out.get("symbols", ()))
+            missing = [s for s in symbols if s not in have]
+            if missing:
+                known = [s for s in have if s != UNKNOWN_SYMBOL]
+                out["symbols"] = [*known, *missing, UNKNOWN_SYMBOL]
+                out["default"] = UNKNOWN_SYMBOL
+            return out
+        if kind in ("record", "error"):
+            out["fields"] = [{**f, "type": walk(f["type"])} for f in out.get("fields", [])]
+        elif kind == "array":
+            out["items"] = walk(out["items"])
+        elif kind == "map":
+            out["values"] = walk(out["values"])
+        elif isinstance(kind, dict | list):
+            out["type"] = walk(kind)
+        return out
+
+    return walk(schema)
 
 
 def load_schema(path: str | Path) -> Schema:
@@ -454,6 +510,60 @@ def purchase_to_record(p: Purchase) -> dict[str, Any]:
     }
 
 
+_KINDS: dict[str, AdjustmentKind] = {k.value: k for k in AdjustmentKind}
+
+
+def adjustment_from_record(record: Mapping[str, Any]) -> OrderAdjusted:
+    """The OrderAdjusted for a decoded record (schemas/order_adjusted.avsc); DecodeError if it breaks the contract.
+
+    A kind this reader does not know reads as UNKNOWN (the enum default): decoded, and left to the planner.
+    """
+    try:
+        event_id, order_id, currency = record["event_id"], record["order_id"], record["currency"]
+        _strs((event_id, order_id, currency), ("event_id", "order_id", "currency"))
+        kind = _KINDS.get(record["kind"])
+        if kind is None:
+            raise DecodeError("invalid_field", "kind is not a known adjustment kind")
+        items = record.get("items_returned", 0)
+        if type(items) is not int or not -(2**31) <= items < 2**31:
+            raise DecodeError("invalid_field", "items_returned is not a 32-bit integer")
+        reason = record.get("reason")
+        if reason is not None:
+            _str(reason, "reason")
+        occurred_at = record["occurred_at"]
+        if type(occurred_at) is not int or not MIN_TIMESTAMP_MS <= occurred_at <= MAX_TIMESTAMP_MS:
+            occurred_at = _timestamp(occurred_at, "occurred_at")
+        return OrderAdjusted(event_id, order_id, occurred_at, kind, _decimal(record["amount"]), currency, items,
+                             reason)
+    except DecodeError:
+        raise
+    except KeyError as exc:
+        raise DecodeError("invalid_field", f"record has no field {exc.args[0]!r}") from None
+    except (TypeError, AttributeError, ValueError) as exc:
+        raise DecodeError("invalid_field", f"record is malformed: {type(exc).__name__}") from None
+
+
+def adjustment_to_record(a: OrderAdjusted) -> dict[str, Any]:
+    """The record for an OrderAdjusted, in the shape fastavro writes with its schema (logical types on)."""
+    return {
+        "event_id": a.event_id,
+        "order_id": a.order_id,
+        "occurred_at": a.occurred_at,
+        "kind": a.kind.value,
+        "amount": contract_revenue(a.amount),
+        "currency": a.currency,
+        "items_returned": a.items_returned,
+        "reason": a.reason,
+    }
+
+
+def encode_adjustment_raw(adjustment: OrderAdjusted, schema: Schema) -> bytes:
+    """Schemaless Avro bytes of an OrderAdjusted; `schema` is schemas/order_adjusted.avsc parsed by load_schema."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, adjustment_to_record(adjustment))
+    return buf.getvalue()
+
+
 def encode_raw(purchase: Purchase, schema: Schema) -> bytes:
     """Schemaless Avro bytes of a Purchase; `schema` is the contract with logical types (see load_schema)."""
     buf = io.BytesIO()
@@ -471,14 +581,25 @@ def encode_confluent(purchase: Purchase, schema_id: int, schema: Schema) -> byte
 # --------------------------------------------------------------------------- decoders
 
 
-class _AvroDecoder:
-    """Shared reading: the local reader schema, size cap, error mapping, and the trailing-bytes check."""
+T = TypeVar("T")  # the record type a decoder makes: Purchase or OrderAdjusted
 
-    def __init__(self, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+
+class _AvroDecoder(Generic[T]):
+    """Shared reading: the local reader schema, size cap, error mapping, and the trailing-bytes check.
+
+    `from_record` makes the domain object of a decoded record: one reader schema, one record type.
+    """
+
+    needs_headers = False
+
+    def __init__(self, reader_schema_path: str | Path, max_message_bytes: int,
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
         if max_message_bytes < 1:
             raise ValueError("max_message_bytes must be positive")
         self.max_message_bytes = max_message_bytes
-        self._reader_json = read_schema_json(reader_schema_path)
+        self._from_record: Callable[[Mapping[str, Any]], T] = from_record
+        # The contract's Provider enum, extended with the config's providers (see with_providers).
+        self._reader_json = with_providers(read_schema_json(reader_schema_path), providers)
         stripped = strip_logical_types(self._reader_json)
         self._reader, _ = _parse_with_names(stripped)
         self._reader_stripped_json = stripped
@@ -503,7 +624,7 @@ class _AvroDecoder:
             raise DecodeError("unsupported_schema", f"writer schema does not parse: {type(exc).__name__}") from None
         return _Compiled(parsed)
 
-    def _read(self, value: bytes, offset: int, writer: _Compiled) -> Purchase:
+    def _read(self, value: bytes, offset: int, writer: _Compiled) -> T:
         fo = io.BytesIO(value)
         if offset:
             fo.seek(offset)
@@ -528,7 +649,7 @@ class _AvroDecoder:
             raise DecodeError("trailing_bytes", f"{len(value) - end} bytes after the record")
         if not isinstance(record, dict):
             raise DecodeError("invalid_avro", "the writer schema is not a record")
-        return purchase_from_record(record)
+        return self._from_record(record)
 
     def _check_size(self, value: bytes | None) -> bytes:
         if value is None:
@@ -540,28 +661,47 @@ class _AvroDecoder:
         return value
 
 
-class RawAvroDecoder(_AvroDecoder):
+class _RawDecoder(_AvroDecoder[T]):
     """Schemaless Avro: every message is written with the same known writer schema."""
 
-    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int) -> None:
-        super().__init__(reader_schema_path, max_message_bytes)
-        self._writer = self._compile(read_schema_json(writer_schema_path))
+    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int,
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
+        super().__init__(reader_schema_path, max_message_bytes, from_record, providers)
+        # Raw Avro's writers write the configured contract; one that sends a provider registered from config
+        # writes it with that provider's symbol added the same way (K, C, D keep their indexes).
+        self._writer = self._compile(with_providers(read_schema_json(writer_schema_path), providers))
 
-    def decode(self, value: bytes | None) -> Purchase:
+    def decode(self, value: bytes | None, headers: Headers = None) -> T:
         return self._read(self._check_size(value), 0, self._writer)
 
-    async def decode_async(self, value: bytes | None) -> Purchase:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> T:
         return self.decode(value)
 
     async def close(self) -> None:
         pass
 
 
-class ConfluentDecoder(_AvroDecoder):
+class RawAvroDecoder(_RawDecoder[Purchase]):
+    """Schemaless Avro purchases: every message is written with the same known writer schema."""
+
+    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int,
+                 providers: Sequence[str] = ()) -> None:
+        super().__init__(writer_schema_path, reader_schema_path, max_message_bytes, purchase_from_record, providers)
+
+
+class RawAdjustmentDecoder(_RawDecoder[OrderAdjusted]):
+    """Schemaless Avro order adjustments (schemas/order_adjusted.avsc as the reader)."""
+
+    def __init__(self, writer_schema_path: str | Path, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+        super().__init__(writer_schema_path, reader_schema_path, max_message_bytes, adjustment_from_record)
+
+
+class _ConfluentDecoder(_AvroDecoder[T]):
     """Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro body; writer schemas from the registry."""
 
-    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int) -> None:
-        super().__init__(reader_schema_path, max_message_bytes)
+    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int,
+                 from_record: Callable[[Mapping[str, Any]], T], providers: Sequence[str] = ()) -> None:
+        super().__init__(reader_schema_path, max_message_bytes, from_record, providers)
         self.registry = registry
         self._writers: dict[int, _Compiled] = {}
         # A schema id whose content is unusable stays unusable (ids are immutable): remember the verdict.
@@ -615,11 +755,11 @@ class ConfluentDecoder(_AvroDecoder):
             raise DecodeError("truncated", "message is shorter than the Confluent header")
         return int.from_bytes(value[1:HEADER_SIZE], "big")
 
-    def decode(self, value: bytes | None) -> Purchase:
+    def decode(self, value: bytes | None, headers: Headers = None) -> T:
         value = self._check_size(value)
         return self._read(value, HEADER_SIZE, self.writer_for(self._schema_id(value)))
 
-    async def decode_async(self, value: bytes | None) -> Purchase:
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> T:
         value = self._check_size(value)
         return self._read(value, HEADER_SIZE, await self.load(self._schema_id(value)))
 
@@ -627,11 +767,206 @@ class ConfluentDecoder(_AvroDecoder):
         await self.registry.close()
 
 
+class ConfluentDecoder(_ConfluentDecoder[Purchase]):
+    """Confluent-framed purchases; writer schemas from the registry, the contract as the reader."""
+
+    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int,
+                 providers: Sequence[str] = ()) -> None:
+        super().__init__(registry, reader_schema_path, max_message_bytes, purchase_from_record, providers)
+
+
+class ConfluentAdjustmentDecoder(_ConfluentDecoder[OrderAdjusted]):
+    """Confluent-framed order adjustments (schemas/order_adjusted.avsc as the reader)."""
+
+    def __init__(self, registry: SchemaRegistry, reader_schema_path: str | Path, max_message_bytes: int) -> None:
+        super().__init__(registry, reader_schema_path, max_message_bytes, adjustment_from_record)
+
+
 def make_decoder(cfg: DecodingConfig) -> Decoder:
     """The decoder the configuration asks for; the local schema is always the reader schema."""
     if cfg.format == "avro":
-        return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes)
+        return RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes, cfg.providers)
     if cfg.format == "confluent":
         registry = SchemaRegistry.from_config(cfg.schema_registry_url, cfg.schema_registry)
-        return ConfluentDecoder(registry, cfg.schema, cfg.max_message_bytes)
+        return ConfluentDecoder(registry, cfg.schema, cfg.max_message_bytes, cfg.providers)
+    raise ValueError(f"unknown decoding format {cfg.format!r}")
+
+
+# --------------------------------------------------------------------------- purchases and adjustments on one topic
+
+# One topic may carry both record types (docs/operations.md, "Refunds and cancellations"). With the Schema
+# Registry framing the writer schema's name tells them apart (producers use TopicRecordNameStrategy or
+# RecordNameStrategy, so both schemas live under their own subjects); with raw Avro a header does
+# (`[adjustments] event_type_header`, value `OrderAdjusted`; no header: a purchase, as before adjustments).
+PURCHASE_RECORD = "PurchaseCompleted"
+ADJUSTMENT_RECORD = "OrderAdjusted"
+Event = Purchase | OrderAdjusted
+
+
+def record_name(full_name: str) -> str:
+    """The unqualified record name: Avro resolution matches records by it, whatever the namespace."""
+    return full_name.rsplit(".", 1)[-1]
+
+
+def header_value(headers: Headers, name: str) -> str | None:
+    """The last value of header `name` (Kafka allows repeats; the last wins, as in Kafka's lastHeader).
+
+    None: no such header; a header without a value is "" (it names no type this reader knows).
+    """
+    found: str | None = None
+    for key, value in (headers.items() if isinstance(headers, Mapping) else headers or ()):
+        if key == name:
+            found = value.decode("utf-8", "replace") if isinstance(value, bytes) else (value or "")
+    return found
+
+
+class EventDecoder(Protocol):
+    """Turns one Kafka message (value and headers) into a Purchase or an OrderAdjusted, or raises DecodeError."""
+
+    needs_headers: bool
+
+    def decode(self, value: bytes | None, headers: Headers = None) -> Event:
+        """Decode with what is at hand; raises SchemaNotLoaded when the registry must be asked first."""
+        ...
+
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> Event:
+        """Decode, first fetching the writer schema if it is not cached."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+def _unknown_type(name: str, carried: Sequence[str]) -> DecodeError:
+    shown = name if name.isprintable() and len(name) <= 80 else repr(name[:80])
+    return DecodeError("unknown_event_type", f"record type {shown} is not one this topic carries "
+                                             f"({', '.join(carried)})")
+
+
+class RawEventDecoder:
+    """Raw Avro: the record type from a header; without the header, the topic's first type (a purchase)."""
+
+    def __init__(self, purchases: RawAvroDecoder | None, adjustments: RawAdjustmentDecoder | None,
+                 header: str = "event_type") -> None:
+        if purchases is None and adjustments is None:
+            raise ValueError("a topic carries purchases, adjustments or both")
+        self._purchases = purchases
+        self._adjustments = adjustments
+        self.header = header
+        self.needs_headers = True
+        self._carried = [n for n, d in ((PURCHASE_RECORD, purchases), (ADJUSTMENT_RECORD, adjustments)) if d]
+
+    def decode(self, value: bytes | None, headers: Headers = None) -> Event:
+        name = header_value(headers, self.header) if headers else None
+        if name is None:
+            return (self._purchases or self._adjustments).decode(value)  # type: ignore[union-attr]
+        short = record_name(name)
+        if short == PURCHASE_RECORD and self._purchases is not None:
+            return self._purchases.decode(value)
+        if short == ADJUSTMENT_RECORD and self._adjustments is not None:
+            return self._adjustments.decode(value)
+        raise _unknown_type(name, self._carried)
+
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> Event:
+        return self.decode(value, headers)
+
+    async def close(self) -> None:
+        pass
+
+
+class ConfluentEventDecoder:
+    """Schema Registry framing: the writer schema's record name (cached per id) picks the reader."""
+
+    def __init__(self, registry: SchemaRegistry, purchase_schema: str | Path | None,
+                 adjustment_schema: str | Path | None, max_message_bytes: int, providers: Sequence[str] = ()) -> None:
+        if purchase_schema is None and adjustment_schema is None:
+            raise ValueError("a topic carries purchases, adjustments or both")
+        self.registry = registry
+        self.needs_headers = False  # the writer schema's name says it
+        self._by_name: dict[str, ConfluentDecoder | ConfluentAdjustmentDecoder] = {}
+        if purchase_schema is not None:
+            self._by_name[PURCHASE_RECORD] = ConfluentDecoder(registry, purchase_schema, max_message_bytes, providers)
+        if adjustment_schema is not None:
+            self._by_name[ADJUSTMENT_RECORD] = ConfluentAdjustmentDecoder(registry, adjustment_schema,
+                                                                          max_message_bytes)
+        self._first = next(iter(self._by_name.values()))
+        self._types: dict[int, ConfluentDecoder | ConfluentAdjustmentDecoder] = {}
+        self._rejected: dict[int, DecodeError] = {}
+
+    def _decoder(self, value: bytes) -> ConfluentDecoder | ConfluentAdjustmentDecoder:
+        schema_id = self._first._schema_id(value)
+        decoder = self._types.get(schema_id)
+        if decoder is not None:
+            return decoder
+        rejected = self._rejected.get(schema_id)
+        if rejected is not None:
+            raise DecodeError(rejected.reason, rejected.message)
+        if self.registry.known_missing(schema_id):
+            raise DecodeError("unknown_schema_id", f"schema id {schema_id} is not in {self.registry.url}")
+        raise SchemaNotLoaded(schema_id)
+
+    async def _load(self, value: bytes) -> ConfluentDecoder | ConfluentAdjustmentDecoder:
+        try:
+            return self._decoder(value)
+        except SchemaNotLoaded as exc:
+            schema_id = exc.schema_id
+        try:
+            registered = await self.registry.get_schema(schema_id)
+        except SchemaNotFound as exc:
+            raise DecodeError("unknown_schema_id", str(exc)) from None
+        except RegistryUnavailable as exc:
+            raise DecodeError("registry_unavailable", str(exc), transient=True) from None
+        try:
+            writer = json.loads(registered.text) if registered.schema_type == "AVRO" else None
+        except ValueError:
+            writer = None
+        name = writer.get("name") if isinstance(writer, dict) else None
+        if not isinstance(name, str):
+            # Not an Avro record: the type's own decoder says why, in its words (unsupported_schema).
+            return self._first
+        decoder = self._by_name.get(record_name(name))
+        if decoder is None:
+            self._rejected[schema_id] = _unknown_type(name, list(self._by_name))
+            raise DecodeError(self._rejected[schema_id].reason, self._rejected[schema_id].message)
+        self._types[schema_id] = decoder
+        return decoder
+
+    def decode(self, value: bytes | None, headers: Headers = None) -> Event:
+        value = self._first._check_size(value)
+        return self._decoder(value).decode(value)
+
+    async def decode_async(self, value: bytes | None, headers: Headers = None) -> Event:
+        value = self._first._check_size(value)
+        return await (await self._load(value)).decode_async(value)
+
+    async def close(self) -> None:
+        await self.registry.close()
+
+
+def make_event_decoder(cfg: DecodingConfig, adjustments: AdjustmentsConfig, *, adjustments_topic: bool = False
+                       ) -> EventDecoder:
+    """The decoder for the purchases topic, or (`adjustments_topic`) for `[adjustments] topic`.
+
+    Adjustments disabled, or on a topic of their own: the purchases topic's decoder is `make_decoder`'s,
+    exactly as before (headers ignored, nothing added per message). Enabled without a topic of their
+    own: both types on the purchases topic.
+    """
+    carries_purchases = not adjustments_topic
+    carries_adjustments = adjustments.enabled and (adjustments_topic or not adjustments.topic)
+    if adjustments_topic and not adjustments.enabled:
+        raise ValueError("adjustments are not enabled: there is no adjustments topic to decode")
+    if not carries_adjustments:
+        return make_decoder(cfg)
+    if cfg.format == "avro":
+        return RawEventDecoder(
+            RawAvroDecoder(cfg.schema, cfg.schema, cfg.max_message_bytes, cfg.providers) if carries_purchases else None,
+            RawAdjustmentDecoder(adjustments.schema, adjustments.schema, cfg.max_message_bytes)
+            if carries_adjustments else None,
+            adjustments.event_type_header,
+        )
+    if cfg.format == "confluent":
+        registry = SchemaRegistry.from_config(cfg.schema_registry_url, cfg.schema_registry)
+        return ConfluentEventDecoder(registry, cfg.schema if carries_purchases else None,
+                                     adjustments.schema if carries_adjustments else None, cfg.max_message_bytes,
+                                     cfg.providers)
     raise ValueError(f"unknown decoding format {cfg.format!r}")

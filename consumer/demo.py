@@ -14,9 +14,9 @@ from consumer.app import Application
 from consumer.config import Config, parse
 from consumer.embedded import EmbeddedBroker, EmbeddedBrokerError
 from consumer.metrics import Metrics
-from consumer.model import Provider
 from consumer.producer import encoded, produce_values
-from consumer.samples import CONDUCTRICS_PROJECT, CONVERT_PROJECT, KAMELEOON_SITE, malformed, purchases
+from consumer.providers import registry
+from consumer.samples import malformed, purchases
 from consumer.sandbox import Sandbox
 
 # librdkafka defaults make a group join take ~23 s on the embedded broker; these make it ~3 s.
@@ -32,24 +32,25 @@ def sample_config(bootstrap: str, topic: str, dlq_topic: str, group: str, sandbo
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": group, "dlq_topic": dlq_topic,
                   "group_protocol": "eager", "consumer": dict(EMBEDDED_CONSUMER)},
         "metrics": {"host": "127.0.0.1", "port": 0},
+        "control": {"port": 0},
         "pipeline": {"commit_interval": "1s"},
         "logging": {"level": "WARNING"},
-        "kameleoon": {
-            "user_agent": "offline-conversions-demo/1.0",
-            "token_url": f"{sandbox_url}/oauth/token",
-            "retry": {"base_delay": "20ms", "max_delay": "500ms"},
-            "projects": {KAMELEOON_SITE: {"base_url": sandbox_url, "goals": [36151]}},
-        },
-        "convert": {
-            "retry": {"base_delay": "20ms", "max_delay": "500ms"},
-            "projects": {CONVERT_PROJECT: {"base_url": sandbox_url, "goals": [100, 101], "transaction_goals": [100]}},
-        },
-        "conductrics": {
-            "retry": {"base_delay": "20ms", "max_delay": "500ms"},
-            "projects": {CONDUCTRICS_PROJECT: {"agent_api_url": f"{sandbox_url}/{CONDUCTRICS_PROJECT}/v3/agent-api",
-                                               "api_key": "demo-api-key", "goals": ["g-purchase"]}},
-        },
+        # Every provider with a sample project (its package's `Sample`), pointed at the sandbox.
+        **{spec.slug: spec.sample.section(sandbox_url) for spec in registry.specs() if spec.sample},
     }
+
+
+def sandbox_options() -> dict[str, Any]:
+    """What the sandbox needs to accept the sample projects (e.g. their API keys), from each provider."""
+    out: dict[str, Any] = {}
+    for spec in registry.specs():
+        if spec.sample:
+            out.update(spec.sample.sandbox_options)
+    return out
+
+
+def _slugs() -> tuple[str, ...]:
+    return tuple(spec.slug for spec in registry.specs())
 
 
 def _counter(metrics: Metrics, name: str, **labels: str) -> float:
@@ -72,10 +73,10 @@ class Progress:
 
     def line(self, consumed: int, live: int, now: float) -> str:
         m = self.metrics
-        delivered = sum(_counter(m, "offline_conversions_conversions_total", provider=p.slug, outcome="delivered")
-                        for p in Provider)
+        delivered = sum(_counter(m, "offline_conversions_conversions_total", provider=p, outcome="delivered")
+                        for p in _slugs())
         dead = sum(_counter(m, "offline_conversions_dlq_messages_total", stage=s, provider=p)
-                   for s in ("decode", "match", "dispatch") for p in ("none", *(x.slug for x in Provider)))
+                   for s in ("decode", "match", "dispatch") for p in ("none", *_slugs()))
         rate = consumed / max(now - self.started, 1e-6)
         return (f"events: {consumed}/{self.total} read, {rate:.0f}/s, {live} in flight, lag {self.total - consumed}, "
                 f"{int(dead)} dead-lettered | conversions: {int(delivered)} delivered")
@@ -99,10 +100,10 @@ class Progress:
 
 def summary(metrics: Metrics, app: Application, produced: int, bad: int, seconds: float) -> str:
     rows = []
-    for p in Provider:
-        cells = [_counter(metrics, "offline_conversions_conversions_total", provider=p.slug, outcome=o)
+    for p in _slugs():
+        cells = [_counter(metrics, "offline_conversions_conversions_total", provider=p, outcome=o)
                  for o in ("delivered", "not_accepted", "dead_lettered", "skipped")]
-        rows.append((p.slug, *(int(c) for c in cells)))
+        rows.append((p, *(int(c) for c in cells)))
     head = f"{'provider':<12} {'delivered':>10} {'not accepted':>13} {'dead-lettered':>14} {'skipped':>8}"
     lines = [head, "-" * len(head)]
     lines += [f"{r[0]:<12} {r[1]:>10} {r[2]:>13} {r[3]:>14} {r[4]:>8}" for r in rows]
@@ -125,10 +126,10 @@ async def _demo(broker: EmbeddedBroker, events: int, bad: int, seed: int, out: T
     suffix = uuid.uuid4().hex[:6]
     topic, dlq, group = f"demo.purchases.{suffix}", f"demo.purchases.{suffix}.dlq", f"demo-{suffix}"
     broker.create_topics([topic, dlq], partitions=3)
-    sandbox = Sandbox(conductrics_keys={CONDUCTRICS_PROJECT: "demo-api-key"})
+    sandbox = Sandbox(**sandbox_options())
     url = await sandbox.start()
-    # A little weather: a provider hiccup to retry through, and one visitor Kameleoon refuses outright.
-    sandbox.fail("convert", 503, times=5)
+    # A little weather: a hiccup to retry through (the first five requests, whichever providers they go to).
+    sandbox.fail("*", 503, times=5)
     now = int(time.time() * 1000)
     items = list(purchases(events, now_ms=now, seed=seed))
     values = list(encoded(items)) + [(b"malformed", v) for v in malformed(bad, seed)]

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 HEADER_PREFIX = "dlq."
 MAX_MESSAGE_CHARS = 512
 # Where processing stopped; `dlq replay --stage` accepts exactly these.
-STAGES = ("decode", "match", "dispatch")
+STAGES = ("decode", "match", "dispatch", "adjust")  # adjust: an order adjustment that was not applied
 # librdkafka's own default for message.max.bytes: the DLQ producer never goes below it.
 LIBRDKAFKA_MESSAGE_MAX_BYTES = 1_000_000
 # A letter is the original value plus its key, its headers and ~1 KiB of ours: room for those above

@@ -22,6 +22,7 @@ from consumer.decoding import RevenueError, contract_revenue
 from consumer.durations import human
 from consumer.matcher import MatchSettings, TooManyExposures, match
 from consumer.model import Channel, Conversion, Credit, Decision, Exposure, Provider, Purchase, Rejection
+from consumer.providers import registry
 from consumer.providers.base import HttpRequest, ProviderModule, json_string, token_request
 from consumer.providers.registry import modules
 
@@ -114,14 +115,14 @@ def _enum_value(v: Any, name: str, path: str, choices: tuple[str, ...]) -> str:
 def _exposure(obj: Any, path: str) -> Exposure:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path.rstrip('.')}: expected an object, got {obj!r}")
-    provider = _enum_value(_missing(obj, "provider", path), "provider", path, tuple(p.value for p in Provider))
+    provider = _enum_value(_missing(obj, "provider", path), "provider", path, tuple(registry.by_symbol()))
     visitor = obj.get("visitor_id")
     return Exposure(
         provider=Provider(provider),
         project=_text(obj, "project", path),
         experiment_id=_text(obj, "experiment_id", path),
         variation_id=_text(obj, "variation_id", path),
-        # Empty (or null) is allowed: Conductrics falls back to the customer id; elsewhere it is NO_IDENTITY.
+        # Empty (or null) is allowed: a provider may fall back to the customer id (its identity rule decides).
         visitor_id="" if visitor is None else _text(obj, "visitor_id", path, allow_empty=True),
         exposed_at=_timestamp(obj, "exposed_at", path),
     )
@@ -137,7 +138,7 @@ def _consent(entries: Any) -> dict[Provider, bool]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"consent[{i}]: expected an object, got {entry!r}")
         provider = Provider(_enum_value(_missing(entry, "provider", path), "provider", path,
-                                        tuple(p.value for p in Provider)))
+                                        tuple(registry.by_symbol())))
         granted = _missing(entry, "granted", path)
         if not isinstance(granted, bool):
             raise ValueError(f"{path}granted: expected true or false, got {granted!r}")
@@ -293,7 +294,7 @@ def planned_requests(cfg: Config, conversions: Sequence[Conversion]) -> list[dic
         where = {"provider": first.provider.value, "project": route.project}
         if route.token is not None and route.token not in granted:
             granted.add(route.token)
-            grant = token_request(route.token, cfg.kameleoon.user_agent)
+            grant = token_request(route.token)
             out.append({**where, "purpose": "token", "conversions": [], **_request_json(grant, redact)})
         request = m.build(route, batch.items, REDACTED if route.token is not None else None)
         out.append({**where, "purpose": "conversions", "conversions": [c.key for c in batch.items],

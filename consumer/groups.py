@@ -50,6 +50,10 @@ class SeedError(RuntimeError):
     """The provider groups could not be checked or seeded (the broker did not answer or refused)."""
 
 
+class SeedAuthError(SeedError):
+    """The broker refused the credentials while the provider groups were checked."""
+
+
 def _client(kafka: KafkaConfig, group: str) -> Consumer:
     """A consumer that never joins `group`: it only reads and writes the group's committed offsets.
 
@@ -62,13 +66,38 @@ def _client(kafka: KafkaConfig, group: str) -> Consumer:
     for key in ("sasl.mechanisms", "sasl.mechanism", "sasl.username", "sasl.password", "security.protocol"):
         if key in kafka.consumer:  # the consumer's own credentials, where they differ from [kafka.common]
             conf[key] = kafka.consumer[key]
-    return Consumer(conf)
+    refused: list[str] = []
+
+    def on_error(err: KafkaError) -> None:
+        if err.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            refused.append(err.str())
+
+    conf["error_cb"] = on_error
+    client = Consumer(conf)
+    _refused[id(client)] = refused
+    return client
+
+
+# Authentication failures each client reported (librdkafka tells them through error_cb only).
+_refused: dict[int, list[str]] = {}
+
+
+def _raise_if_refused(client: Consumer) -> None:
+    client.poll(0)  # serves the error callbacks waiting in the queue (the client subscribes to nothing)
+    if refused := _refused.get(id(client)):
+        raise SeedAuthError(refused[0])
+
+
+def _close(client: Consumer) -> None:
+    _refused.pop(id(client), None)
+    client.close()
 
 
 def _partitions(client: Consumer, topic: str, timeout: float) -> list[int]:
     try:
         meta = client.list_topics(topic, timeout=timeout).topics.get(topic)
     except KafkaException as exc:
+        _raise_if_refused(client)
         raise SeedError(f"reading the partitions of {topic!r}: {exc}") from None
     if meta is None or meta.error is not None or not meta.partitions:
         raise SeedError(f"topic {topic!r} has no partitions the broker will describe"
@@ -90,6 +119,7 @@ def committed(client: Consumer, topic: str, partitions: list[int], timeout: floa
                                       timeout=max(0.5, min(5.0, deadline - time.monotonic())))
         except KafkaException as exc:
             err = exc.args[0]
+            _raise_if_refused(client)
             if not (isinstance(err, KafkaError) and (err.retriable() or err.code() in _COORDINATOR_MOVING)) \
                     or time.monotonic() + pause > deadline:
                 raise SeedError(f"reading committed offsets: {exc}") from None
@@ -111,7 +141,7 @@ def seed(kafka: KafkaConfig, groups: Iterable[str], timeout: float = 10.0) -> di
         partitions = _partitions(old_client, kafka.topic, timeout)
         old = committed(old_client, kafka.topic, partitions, timeout)
     finally:
-        old_client.close()
+        _close(old_client)
     seeded: dict[str, Offsets] = {}
     if not old:
         return seeded
@@ -132,7 +162,7 @@ def seed(kafka: KafkaConfig, groups: Iterable[str], timeout: float = 10.0) -> di
                     "group": group, "from": kafka.group_id, "error": str(exc)})
                 continue
         finally:
-            client.close()
+            _close(client)
         log.info("provider group seeded from the shared group's committed offsets", extra={
             "group": group, "from": kafka.group_id, "offsets": {str(p): o for p, o in offsets.items()}})
         seeded[group] = offsets

@@ -40,9 +40,10 @@ Decisions worth knowing (tests pin each one to the millisecond):
   min_revenue, no conversion is needed and a missing rate does not reject.
 * min_revenue: inclusive (revenue equal to the minimum passes), compared with the revenue in the project
   currency as it would be sent (after quantizing).
-* Identity: an empty or blank visitor id is no identity. Kameleoon with `use_mapping_identifier` uses the
-  purchase's customer_id as a mapping value (Identity.MAPPING); Conductrics falls back to customer_id
-  when the exposure's visitor id is empty.
+* Identity and keys are the provider's (its package's `Matching`, consumer/providers/spec.py), so this
+  module names no provider. By default an empty or blank visitor id is no identity; Kameleoon with
+  `use_mapping_identifier` uses the purchase's customer_id as a mapping value (Identity.MAPPING);
+  Conductrics falls back to customer_id when the exposure's visitor id is empty.
 * Keys hash a length-prefixed encoding of their parts (so ("ab", "c") and ("a", "bc") differ), always
   including the provider and the ORDER id, never the event id: a republished order gets the same keys.
   Kameleoon: 16 lowercase hex (the nonce); Convert and Conductrics: 32 lowercase hex.
@@ -73,10 +74,8 @@ from consumer.model import (
     RevenueShare,
     Touch,
 )
-from consumer.providers.base import chunk
-from consumer.providers.conductrics import conductrics_key
-from consumer.providers.convert import transaction_key
-from consumer.providers.kameleoon import nonce_of, nonce_prefix
+from consumer.providers import registry
+from consumer.providers.spec import Matching, NoIdentity
 
 _CENT = Decimal("0.01")
 # Explicit context: the result must not depend on whatever the process's global decimal context is.
@@ -95,14 +94,12 @@ class TooManyExposures(Exception):
 
 
 _UNSET: Any = object()
-# Enum members as module constants: `Provider.KAMELEOON` is a metaclass lookup (~0.1 µs on Python 3.11),
-# and the loop in `match` would pay it for every exposure.
-_KAMELEOON, _CONVERT = Provider.KAMELEOON, Provider.CONVERT
+# Enum members as module constants: an enum member lookup costs ~0.1 µs on Python 3.11, and the loop in
+# `match` would pay it for every exposure.
 _VISITOR = Identity.VISITOR
 _UNKNOWN_PROJECT = RejectReason.UNKNOWN_PROJECT
 _UNKNOWN_PROVIDER_DETAIL = "an exposure of a provider this reader does not know (a newer writer's symbol): ignored"
 _MAX_UNKNOWN = 256
-_IDENTITY_CHUNKS = {i: chunk(i.value) for i in Identity}
 
 
 def _ms(seconds: float) -> int:
@@ -110,13 +107,16 @@ def _ms(seconds: float) -> int:
 
 
 class _Project:
-    """One configured provider project, prepared once for the per-exposure hot path."""
+    """One configured provider project, prepared once for the per-exposure hot path.
 
-    __slots__ = ("allow", "by_experiment", "channels", "deny", "goal_chunks", "mapping", "nonce_prefix", "plain",
-                 "require_consent", "rules", "send_revenue", "split", "touch", "transaction_goals", "window_ms")
+    Its provider's rules for identities and keys come from the provider package (`Matching`), bound here
+    once so that the hot path reads plain attributes and calls no look-up.
+    """
 
-    def __init__(self, provider: Provider, project: str, rules: Rules, mapping: bool,
-                 transaction_goals: tuple[str, ...]) -> None:
+    __slots__ = ("allow", "by_experiment", "channels", "deny", "emit", "identity", "own_identity", "plain",
+                 "require_consent", "rules", "send_revenue", "split", "split_by_goal", "touch", "window_ms")
+
+    def __init__(self, rules: Rules, matching: Matching) -> None:
         self.rules = rules
         self.window_ms = _ms(rules.attribution_window)
         self.channels = frozenset(rules.channels)
@@ -125,15 +125,15 @@ class _Project:
         # No conversion and no minimum: the purchase's revenue goes out as it is (or not at all).
         self.plain = rules.currency is None and rules.min_revenue is None
         self.send_revenue = rules.send_revenue
-        self.mapping = mapping
-        self.transaction_goals = transaction_goals
-        self.nonce_prefix = nonce_prefix(project) if provider is Provider.KAMELEOON else b""
-        self.goal_chunks = tuple((g, chunk(g)) for g in rules.goals)
         self.require_consent = rules.require_consent
         # 0: every identity is credited (nothing to decide per event); 1: the latest, -1: the earliest.
         self.touch = {Attribution.ALL: 0, Attribution.LAST_TOUCH: 1, Attribution.FIRST_TOUCH: -1}[rules.attribution]
         self.split = rules.revenue_share is RevenueShare.SPLIT and rules.send_revenue
-        self.by_experiment = provider is Provider.CONVERT  # its conversions name the experiment-variation
+        self.own_identity = matching.own_identity  # False: a non-blank visitor id is the identity, no call
+        self.identity = matching.identity
+        self.emit = matching.emit
+        self.by_experiment = matching.by_experiment  # its conversions name the experiment-variation
+        self.split_by_goal = matching.split_by_goal
 
     def experiment_ok(self, experiment_id: str) -> bool:
         return (not self.allow or experiment_id in self.allow) and experiment_id not in self.deny
@@ -157,16 +157,11 @@ class MatchSettings:
 
     @classmethod
     def from_config(cls, cfg: Config) -> MatchSettings:
-        rules = cfg.rules()
-        mapping = frozenset(k for k, p in cfg.kameleoon.projects.items() if p.use_mapping_identifier)
-        transaction_goals = {k: p.transaction_goals for k, p in cfg.convert.projects.items()}
-        projects = {
-            (provider, project): _Project(
-                provider, project, r, provider is Provider.KAMELEOON and project in mapping,
-                transaction_goals.get(project, ()) if provider is Provider.CONVERT else (),
-            )
-            for (provider, project), r in rules.items()
-        }
+        projects: dict[tuple[Provider, str], _Project] = {}
+        for slug, section in cfg.providers.items():
+            spec = registry.spec_of(slug)
+            for name, p in section.projects.items():
+                projects[(spec.provider, name)] = _Project(p.rules, spec.matching(spec.provider, name, p))
         return cls(
             clock_skew_ms=_ms(cfg.matcher.clock_skew),
             max_age_ms=_ms(cfg.matcher.max_age),
@@ -192,8 +187,8 @@ class MatchSettings:
 # --------------------------------------------------------------------------- keys
 
 
-# The keys are the provider modules' own (one definition each): a changed key would re-send
-# every conversion already delivered, so they are pinned by tests in tests/test_providers.py.
+# The keys are the provider packages' own (`Matching.emit`, one definition each): a changed key would
+# re-send every conversion already delivered, so they are pinned by tests in tests/test_providers.py.
 
 # --------------------------------------------------------------------------- checks
 
@@ -260,21 +255,12 @@ def _check_time(exposure: Exposure, purchase: Purchase, window_ms: int, skew_ms:
         )
 
 
-def _identity(exposure: Exposure, purchase: Purchase, mapping: bool) -> tuple[Identity, str]:
-    customer = purchase.customer_id if purchase.customer_id and purchase.customer_id.strip() else None
-    if exposure.provider is Provider.KAMELEOON and mapping:
-        if customer is None:
-            raise _Reject(
-                RejectReason.NO_IDENTITY, "project uses the mapping identifier; the purchase has no customer_id"
-            )
-        return Identity.MAPPING, customer
-    if exposure.visitor_id.strip():
-        return Identity.VISITOR, exposure.visitor_id
-    if exposure.provider is Provider.CONDUCTRICS and customer is not None:
-        return Identity.VISITOR, customer
-    if exposure.provider is Provider.CONDUCTRICS:
-        raise _Reject(RejectReason.NO_IDENTITY, "empty visitor id and no customer_id to fall back to")
-    raise _Reject(RejectReason.NO_IDENTITY, "empty visitor id")
+def _identity(exposure: Exposure, purchase: Purchase, project: _Project) -> tuple[Identity, str]:
+    """The provider's identity rule for this exposure; raises _Reject(NO_IDENTITY)."""
+    try:
+        return project.identity(exposure, purchase)
+    except NoIdentity as exc:
+        raise _Reject(RejectReason.NO_IDENTITY, exc.detail) from None
 
 
 # --------------------------------------------------------------------------- match
@@ -373,7 +359,6 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
     revenues: dict[tuple[Provider, str], Decimal | _Reject | None] = {}  # per project, computed once
     matched: list[Exposure] = []
     units: dict[str, Conversion] = {}  # collapsing: a key names one provider delivery unit
-    order_chunk = b""
     # Exposures of last_touch/first_touch projects wait here until every exposure is seen; the credited
     # ones then go through the loop once more (`resolving`), the others are NOT_CREDITED.
     deferred: list[tuple[Exposure, _Project, Identity, str]] | None = None
@@ -430,11 +415,11 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
                     continue
                 revenue = known
             visitor = exposure.visitor_id
-            if visitor and not project.mapping and not visitor.isspace():
+            if visitor and not project.own_identity and not visitor.isspace():
                 identity = _VISITOR
             else:
                 try:
-                    identity, visitor = _identity(exposure, purchase, project.mapping)
+                    identity, visitor = _identity(exposure, purchase, project)
                 except _Reject as exc:
                     _note(rejections, counts, Rejection(exc.reason, exc.detail, exposure))
                     continue
@@ -455,29 +440,7 @@ def match(purchase: Purchase, settings: MatchSettings, now_ms: int, counts: Coun
                     split_twice = True
                 else:
                     split_other = True
-            order = purchase.order_id
-            if provider is _KAMELEOON:
-                if not order_chunk:
-                    order_chunk = chunk(order)
-                ident_chunk = _IDENTITY_CHUNKS[identity]
-                visitor_chunk = chunk(visitor)
-                for goal, goal_chunk in project.goal_chunks:
-                    nonce = nonce_of(project.nonce_prefix, order_chunk, goal_chunk, ident_chunk, visitor_chunk)
-                    if nonce not in units:
-                        units[nonce] = Conversion(provider, exposure.project, visitor, (goal,), revenue, nonce,
-                                                  purchase.event_id, order, occurred, purchase.item_count, identity)
-            elif provider is _CONVERT:
-                exp, var = exposure.experiment_id, exposure.variation_id
-                tkey = transaction_key(exposure.project, visitor, exp, var, order)
-                if tkey not in units:
-                    units[tkey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, tkey,
-                                             purchase.event_id, order, occurred, purchase.item_count, identity, exp,
-                                             var, project.transaction_goals)
-            else:
-                ckey = conductrics_key(exposure.project, visitor, order)
-                if ckey not in units:
-                    units[ckey] = Conversion(provider, exposure.project, visitor, project.rules.goals, revenue, ckey,
-                                             purchase.event_id, order, occurred, purchase.item_count, identity)
+            project.emit(units, exposure, purchase, identity, visitor, revenue)
         if deferred is None or resolving:
             break
         todo = _credited(deferred, rejections, counts)
@@ -574,8 +537,9 @@ def _split(units: dict[str, Conversion], projects: Mapping[tuple[Provider, str],
     """Divide the revenue among each splitting group's credited identities, in exact cents (see the module doc)."""
     groups: dict[tuple[Provider, str, str | None], list[Conversion]] = {}
     for c in units.values():
-        # Kameleoon: one group per goal (each of its conversions carries one); Convert: per experiment.
-        g = (c.provider, c.project, c.goals[0] if c.provider is _KAMELEOON else c.experiment_id)
+        # One group per goal where each conversion carries one goal (Kameleoon); else per experiment (Convert:
+        # its conversions name one; the others' carry none, so the group is the project).
+        g = (c.provider, c.project, c.goals[0] if projects[(c.provider, c.project)].split_by_goal else c.experiment_id)
         members = groups.get(g)
         if members is None:
             groups[g] = [c]
@@ -627,7 +591,7 @@ def _credits(purchase: Purchase, settings: MatchSettings, matched: list[Exposure
         (r.exposure, False) for r in rejections if r.reason is RejectReason.NOT_CREDITED and r.exposure is not None]
     for e, ok in candidates:
         project = settings.projects[(e.provider, e.project)]
-        identity, visitor = _identity(e, purchase, project.mapping)
+        identity, visitor = _identity(e, purchase, project)
         g, m = _group_of(e, project), _member_of(e, project, identity, visitor)
         groups.setdefault(g, {}).setdefault(m, []).append(e)
         if ok:

@@ -55,6 +55,14 @@ class Metrics:
             ["provider", "outcome"],
             registry=r,
         )
+        self.adjustments = Counter(
+            f"{NS}_adjustments_total",
+            "Order adjustments (refunds, cancellations) per provider project by outcome (consumer/adjustments.py: "
+            "retracted, restated, not_supported, skipped, already_retracted, no_change, unknown_project, "
+            "not_delivered, orphan, invalid).",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self.http_duration = Histogram(
             f"{NS}_http_request_duration_seconds",
             "Provider HTTP request duration by status class (2xx, 4xx, 5xx, error).",

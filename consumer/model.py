@@ -1,22 +1,103 @@
-"""Domain types shared by every stage: purchases in, conversions and decisions out."""
+"""Domain types shared by every stage: purchases and order adjustments in, conversions and decisions out."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
+from typing import Any
 
 
-class Provider(enum.StrEnum):
-    KAMELEOON = "KAMELEOON"
-    CONVERT = "CONVERT"
-    CONDUCTRICS = "CONDUCTRICS"
+class _ProviderType(type):
+    """Looks registered providers up by symbol (`Provider.KAMELEOON`); lists the built-in ones (`list(Provider)`).
 
-    def __init__(self, value: str) -> None:
-        # A plain attribute, not a property: read for every exposure and conversion on the hot path.
-        self.slug: str = value.lower()  # the name used in config sections, metric labels and DLQ headers
+    A convenience for tests and interactive use; the service itself never names a provider. The first
+    look-up loads the registry (consumer/providers/registry.py), which registers the built-in providers.
+    """
+
+    def __getattr__(cls, name: str) -> Provider:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        registered = _registered()
+        try:
+            return registered[name]
+        except KeyError:
+            raise AttributeError(f"no registered provider {name!r}") from None
+
+    def __iter__(cls) -> Iterator[Provider]:
+        # The built-in providers, as the enum this replaces listed them (and the published contract does):
+        # one registered from some config in the same process does not change what this yields.
+        from consumer.providers import registry
+
+        return iter(tuple(spec.provider for spec in registry.specs()))
+
+    def __len__(cls) -> int:
+        return len(tuple(iter(cls)))
+
+
+class Provider(str, metaclass=_ProviderType):
+    """A registered provider: its Avro symbol (the string itself) and its slug, made once per provider.
+
+    The pipeline treats it opaquely (a dict key, a label via `.slug`) and compares by identity; what a
+    provider is lives in its package (consumer/providers/<slug>/), registered by `Provider.register`.
+    `Provider("KAMELEOON")` looks a registered one up (ValueError if there is none), as an enum would.
+    """
+
+    slug: str  # the name used in config sections, metric labels and DLQ headers: a plain attribute (hot path)
+    value: str  # the Avro symbol, as an enum member's value
+    name: str
+
+    def __new__(cls, symbol: str) -> Provider:
+        found = _BY_SYMBOL.get(symbol)
+        if found is None:
+            raise ValueError(f"{symbol!r} is not a registered provider")
+        return found
+
+    @classmethod
+    def register(cls, symbol: str) -> Provider:
+        """The provider with this Avro symbol, made on first registration (the same object every time after)."""
+        found = _BY_SYMBOL.get(symbol)
+        if found is not None:
+            return found
+        if not _SYMBOL.fullmatch(symbol) or symbol == UNKNOWN_SYMBOL:
+            raise ValueError(f"a provider symbol is an Avro enum symbol in capitals, not {UNKNOWN_SYMBOL}: {symbol!r}")
+        made = str.__new__(cls, symbol)
+        made.slug = symbol.lower()
+        made.value = made.name = symbol
+        _BY_SYMBOL[symbol] = made
+        return made
+
+    def __repr__(self) -> str:
+        return f"<Provider {self.value}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Provider, (self.value,))
+
+    def __copy__(self) -> Provider:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Provider:
+        return self
+
+
+# The Avro enum default: what a reader resolves a newer writer's provider symbol to; never registered.
+UNKNOWN_SYMBOL = "UNKNOWN"
+_SYMBOL = re.compile(r"[A-Z][A-Z0-9_]*")
+_BY_SYMBOL: dict[str, Provider] = {}  # registration order: the reader schema's enum order
+
+
+def registered_providers() -> Mapping[str, Provider]:
+    """Every provider registered so far, by Avro symbol, in registration order (live: no copy)."""
+    return _BY_SYMBOL
+
+
+def _registered() -> Mapping[str, Provider]:
+    import consumer.providers.registry  # noqa: F401  (registers the built-in providers on import)
+
+    return _BY_SYMBOL
 
 
 class Channel(enum.StrEnum):
@@ -70,6 +151,37 @@ class Purchase:
     unknown_provider_exposures: int = 0
 
 
+class AdjustmentKind(enum.StrEnum):
+    """What an order adjustment takes back (schemas/order_adjusted.avsc)."""
+
+    FULL_REFUND = "FULL_REFUND"
+    PARTIAL_REFUND = "PARTIAL_REFUND"
+    CANCELLATION = "CANCELLATION"
+    # The reader's stand-in for a newer writer's symbol: decoded, never acted on (dead-lettered by the planner).
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderAdjusted:
+    """A decoded "order adjusted" event: part or all of a paid order taken back (refund, cancellation)."""
+
+    event_id: str
+    order_id: str
+    occurred_at: int  # epoch milliseconds
+    kind: AdjustmentKind
+    amount: Decimal  # this adjustment alone, in `currency` (FULL_REFUND/CANCELLATION: the order total, informational)
+    currency: str
+    items_returned: int = 0
+    reason: str | None = None
+
+
+class RefundPolicy(enum.StrEnum):
+    """What a provider project does with an order adjustment (`refunds` per project)."""
+
+    RETRACT = "retract"  # Kameleoon: cancel with `negative: true`, restate what a partial refund leaves
+    SKIP = "skip"  # send nothing; counted (not_supported where the provider documents no retraction)
+
+
 class Attribution(enum.StrEnum):
     """Which of a buyer's identities get credit when several match one provider project (or Convert experiment)."""
 
@@ -117,6 +229,7 @@ class Conversion:
     experiment_id: str | None = None
     variation_id: str | None = None
     transaction_goals: tuple[str, ...] = ()
+    negative: bool = False  # Kameleoon: this event cancels a conversion (an order adjustment's retraction)
 
 
 class RejectReason(enum.StrEnum):

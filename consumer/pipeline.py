@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message
 
+from consumer.adjustments import AdjustmentPlan
 from consumer.checkpoint import Checkpoint, CommitFailed
 from consumer.config import Config
-from consumer.decoding import DecodeError, Decoder, SchemaNotLoaded
+from consumer.decoding import DecodeError, EventDecoder, SchemaNotLoaded
 from consumer.dedup import RecentKeys
 from consumer.delivery import Dispatcher, Pending, Result, Status
 from consumer.digest import FailureDigest
@@ -34,9 +35,10 @@ from consumer.dlq import DeadLetter, DeadLetterError, DeadLetterWriter, Headers,
 from consumer.group_protocol import Resolved
 from consumer.matcher import Counts, MatchSettings, TooManyExposures, count, count_one, match
 from consumer.metrics import Count, Metrics, Observed, Tally
-from consumer.model import Conversion, Decision, Provider
+from consumer.model import Conversion, Decision, OrderAdjusted, Provider
 from consumer.offsets import OffsetOrderError, OffsetTracker
 from consumer.providers.base import ProviderModule
+from consumer.refunds import OrderLedger, Refunds
 from consumer.source import TP, Source
 from consumer.transport import TokenCache, Transport
 
@@ -102,7 +104,7 @@ class Shared:
     config: Config
     metrics: Metrics
     tally: Tally
-    decoder: Decoder
+    decoder: EventDecoder  # purchases, and order adjustments when [adjustments] shares the topic
     dlq: DeadLetterWriter
     transport: Transport
     tokens: TokenCache
@@ -110,6 +112,7 @@ class Shared:
     halt: asyncio.Event  # set on a stop or a fatal error: every pipeline's loop ends
     fail: Callable[[str, int], None]  # a fatal error: the reason, and the exit code it means
     hooks: Hooks | None = None
+    ledger: OrderLedger | None = None  # what order adjustments are planned from (consumer/refunds.py)
 
 
 class Pipeline:
@@ -164,7 +167,15 @@ class Pipeline:
         # Key being delivered -> later events waiting on it (None while there are none).
         self._in_flight_keys: dict[str, list[InFlight] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.dispatcher = Dispatcher(modules, shared.transport, shared.tokens, m, self._on_results)
+        self.refunds: Refunds | None = None
+        if config.adjustments.enabled and shared.ledger is not None:
+            self.refunds = Refunds(shared.ledger, config.rules(), self.providers, designated=designated,
+                                   clock_ms=shared.clock_ms, orphan_wait=config.adjustments.orphan_wait,
+                                   halt=shared.halt)
+        # Every configured project of this pipeline's providers is known to the dispatcher from the start, so
+        # the control plane can show and pause a project before its first conversion.
+        self.dispatcher = Dispatcher(modules, shared.transport, shared.tokens, m, self._on_results,
+                                     projects=[k for k in config.rules() if k[0] in self.providers])
         self.source = Source(config.kafka, m, self._on_assign, self._on_revoke, self._on_lost, protocol,
                              on_commit=self._on_commit, group=group)
 
@@ -178,7 +189,7 @@ class Pipeline:
     def detail(self) -> dict[str, object]:
         src = self.source
         return {"assigned": len(src.assigned), "broker": src.broker_up, "paused": src.paused,
-                "in_flight": self.live}
+                "in_flight": self.live, "paused_projects": self.dispatcher.paused()}
 
     async def run(self) -> None:
         """The poll loop, until the Application halts (a stop, or a fatal error anywhere)."""
@@ -309,6 +320,7 @@ class Pipeline:
         debug = log.isEnabledFor(logging.DEBUG)
         tracker, decode, settings, counts = self.tracker, self.decoder.decode, self.settings, self._decisions
         track, track_done, submit = tracker.track, tracker.track_done, self._submit
+        needs_headers = self.decoder.needs_headers
         consumed = decoded = unattributed = 0
         for msg in messages:
             err = msg.error()
@@ -321,11 +333,14 @@ class Pipeline:
             tp = (topic, partition)
             consumed += 1
             try:
-                purchase = decode(msg.value())
+                purchase = decode(msg.value(), msg.headers() if needs_headers else None)
             except Exception as exc:
                 self._undecodable(self._read(msg, tp, offset, read_at), exc, read_at)
                 continue
             decoded += 1
+            if isinstance(purchase, OrderAdjusted):
+                self._adjusted(self._read(msg, tp, offset, read_at, purchase.event_id), purchase, now_ms)
+                continue
             try:
                 if debug:  # listed, with every rejection's reason, for the log
                     decision = match(purchase, settings, now_ms)
@@ -439,12 +454,15 @@ class Pipeline:
         retry here never spins.
         """
         try:
-            purchase = await self.decoder.decode_async(ev.message.value())
+            purchase = await self.decoder.decode_async(ev.message.value(), ev.message.headers())
         except Exception as exc:
             self._undecodable(ev, exc, first_try)
             return
         self._c_decoded.n += 1
         ev.event_id = purchase.event_id
+        if isinstance(purchase, OrderAdjusted):
+            self._adjusted(ev, purchase, self.clock_ms())
+            return
         try:
             decision = match(purchase, self.settings, self.clock_ms())
         except Exception as exc:
@@ -458,6 +476,54 @@ class Pipeline:
         else:
             self._c_unattributed.n += 1
             self._done(ev)
+
+    # ------------------------------------------------------------------ order adjustments
+
+    def _adjusted(self, ev: InFlight, adjustment: OrderAdjusted, first_seen_ms: int) -> None:
+        """An order adjustment: planned in a task of its own, since it may wait for its purchase."""
+        if self.refunds is None:
+            # Decoded only when [adjustments] is enabled, which the Application refuses without a ledger; a
+            # pipeline built otherwise keeps the adjustment in the DLQ rather than lose it or stop.
+            if self.designated:
+                self._dead_letter(ev, [DeadLetter(ev.source, "adjust", "NoLedger", "no ledger to plan the order "
+                                                  "adjustment from", event_id=ev.event_id)])
+            else:
+                self._done(ev)
+            return
+        self._spawn(self._adjust(ev, adjustment, first_seen_ms))
+
+    async def _adjust(self, ev: InFlight, adjustment: OrderAdjusted, first_seen_ms: int) -> None:
+        """Plan, count, then send the plan's conversions (or dead-letter what cannot be applied).
+
+        While an adjustment waits for its purchase its offset stays uncommitted (at most
+        [adjustments] orphan_wait): a restart reads it again and it waits again.
+        """
+        assert self.refunds is not None
+        try:
+            planned = await self.refunds.resolve(adjustment, first_seen_ms)
+        except Exception as exc:  # the ledger could not be read: the adjustment is kept, in the DLQ
+            log.error("order adjustment not planned", exc_info=exc, extra={"correlation_id": ev.correlation_id})
+            if self.designated:
+                self._dead_letter(ev, [DeadLetter(ev.source, "adjust", type(exc).__name__, str(exc),
+                                                  event_id=ev.event_id)])
+            else:
+                self._done(ev)
+            return
+        if planned is None:
+            return  # stopping while it waited: left unfinished, so read again after the restart
+        self._count_adjustment(planned)
+        if planned.dead_letter is not None:
+            detail = "; ".join(r.detail for r in planned.results if r.detail)
+            self._dead_letter(ev, [DeadLetter(ev.source, "adjust", "AdjustmentRefused", detail,
+                                              event_id=ev.event_id, reason=planned.dead_letter.value)])
+        elif planned.actions:
+            self._submit(ev, tuple(a.conversion for a in planned.actions), purchase=False)
+        else:
+            self._done(ev)
+
+    def _count_adjustment(self, planned: AdjustmentPlan) -> None:
+        for (provider, outcome), n in planned.counts().items():
+            self.tally.inc(self.metrics.adjustments, provider, outcome, n=n)
 
     def _decision_count(self, provider: Provider | None, reason: str) -> Count:
         """The counter cell of one (provider, matched-or-reason) pair, made on first use."""
@@ -484,9 +550,13 @@ class Pipeline:
             "rejections": [f"{r.reason.value}: {r.detail}" for r in decision.rejections],
         })
 
-    def _submit(self, ev: InFlight, conversions: tuple[Conversion, ...]) -> None:
-        """Hand an attributed event's conversions to the dispatcher (or to deliveries already under way)."""
-        self._c_attributed.n += 1
+    def _submit(self, ev: InFlight, conversions: tuple[Conversion, ...], *, purchase: bool = True) -> None:
+        """Hand an attributed event's conversions to the dispatcher (or to deliveries already under way).
+
+        `purchase` false: an order adjustment's cancellations and restatements (not an attributed purchase).
+        """
+        if purchase:
+            self._c_attributed.n += 1
         dispatcher = self.dispatcher
         assert dispatcher is not None
         ev.pending = len(conversions)

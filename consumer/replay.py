@@ -42,14 +42,15 @@ from consumer.dlq import (
 )
 from consumer.matcher import MatchSettings, TooManyExposures, match
 from consumer.metrics import Metrics
-from consumer.model import Conversion, Provider
+from consumer.model import Conversion
+from consumer.providers import registry
 from consumer.providers.registry import modules
 from consumer.source import consumer_config
 from consumer.transport import TokenCache, Transport
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = tuple(p.slug for p in Provider)
+
 EXIT_INCOMPLETE = 1  # something could not be replayed (it is re-queued or listed)
 EXIT_USAGE = 2
 EXIT_DLQ = 3  # a letter could not be re-queued: the replay stopped, committing nothing after it
@@ -68,7 +69,9 @@ class ReplayFilter:
     until_ms: int | None = None
 
     def __post_init__(self) -> None:
-        for what, given, valid in (("provider", self.providers, PROVIDERS), ("stage", self.stages, STAGES)):
+        # The registered providers: the built-in ones, and those of the config's [providers] modules once
+        # it is loaded (run_replay loads it first).
+        for what, given, valid in (("provider", self.providers, registry.slugs()), ("stage", self.stages, STAGES)):
             unknown = sorted(given - set(valid))
             if unknown:
                 raise ReplayFilterError(f"unknown --{what} {', '.join(map(repr, unknown))} "
@@ -191,7 +194,7 @@ async def replay(cfg: Config, flt: ReplayFilter, *, dry_run: bool, group_id: str
     stats = ReplayStats()
     transport = Transport.for_config(cfg)
     results: asyncio.Queue[tuple[Letter, Conversion, Result]] = asyncio.Queue()
-    dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport, cfg.kameleoon.user_agent), Metrics(),
+    dispatcher = Dispatcher(modules(cfg), transport, TokenCache(transport), Metrics(),
                             each(lambda t, c, r: results.put_nowait((t, c, r))),  # a pause waits: say why
                             on_pause=lambda s: print(f"  {s.provider} {s.project} {s.state}: {s.reason or ''}",
                                                      file=stream, flush=True))
@@ -333,6 +336,11 @@ def run_replay(args: argparse.Namespace) -> int:
     from consumer import logs
 
     try:
+        cfg = load(args.config)
+    except ConfigError as exc:
+        print(f"offline-conversions: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         flt = ReplayFilter(
             providers=frozenset(p.lower() for p in args.provider or ()),
             stages=frozenset(args.stage or ()),
@@ -341,11 +349,6 @@ def run_replay(args: argparse.Namespace) -> int:
             until_ms=args.until,
         )
     except ReplayFilterError as exc:
-        print(f"offline-conversions: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        cfg = load(args.config)
-    except ConfigError as exc:
         print(f"offline-conversions: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(cfg.logging.level, cfg.logging.format, cfg.secrets())

@@ -8,17 +8,15 @@ from collections.abc import Iterator
 from decimal import Decimal
 
 from consumer.model import Channel, Exposure, Provider, Purchase
+from consumer.providers import registry
 
-# The seeds' own example projects: Kameleoon siteCode, Convert ID NUMBER, Conductrics account.
-KAMELEOON_SITE = "f17c21u1ag"
-CONVERT_PROJECT = "1111_2222"
-CONDUCTRICS_PROJECT = "ac-xxx"
-PROJECTS = {Provider.KAMELEOON: KAMELEOON_SITE, Provider.CONVERT: CONVERT_PROJECT,
-            Provider.CONDUCTRICS: CONDUCTRICS_PROJECT}
+# Each built-in provider's example project (its package's `Sample`: for the seeds, their own examples).
+PROJECTS: dict[Provider, str] = {spec.provider: spec.sample.project for spec in registry.specs() if spec.sample}
+SAMPLED = tuple(PROJECTS)  # the providers the sample purchases have exposures of, in registry order
 HOUR_MS = 3_600_000
 
 
-def purchases(count: int, *, now_ms: int, seed: int = 7, providers: tuple[Provider, ...] = tuple(Provider),
+def purchases(count: int, *, now_ms: int, seed: int = 7, providers: tuple[Provider, ...] = SAMPLED,
               max_exposures: int = 4, stale_share: float = 0.05) -> Iterator[Purchase]:
     """Purchases with 1 to `max_exposures` exposures each; about `stale_share` of exposures are outside every window."""
     rng = random.Random(seed)

@@ -128,6 +128,7 @@ class Source:
         self._kafka_log: KafkaLog = conf["logger"]
         self.consumer = Consumer(conf)
         self.assigned: set[TP] = set()
+        self.lag: dict[TP, int] = {}  # this member's lag per assigned partition, from the last statistics
         self._fresh: list[TopicPartition] = []
         self.paused = False
         self.broker_up = True
@@ -158,6 +159,7 @@ class Source:
         self.assigned.difference_update(tps)
         self._assigned_gauge.set(len(self.assigned))
         for t, p in tps:
+            self.lag.pop((t, p), None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(self.group, t, str(p))
 
@@ -192,6 +194,7 @@ class Source:
                 lag = p.get("consumer_lag", -1)
                 if isinstance(lag, int) and lag >= 0:
                     self.metrics.consumer_lag.labels(self.group, topic, pid).set(lag)
+                    self.lag[(topic, int(pid))] = lag
 
     def _error(self, err: KafkaError) -> None:
         self.last_error = err.str()

@@ -13,6 +13,7 @@ import aiohttp
 from consumer.config import Config
 from consumer.egress import Egress, EnvProxies
 from consumer.model import Provider
+from consumer.providers import registry
 from consumer.providers.base import HttpRequest, TokenSpec, token_request
 
 
@@ -56,11 +57,8 @@ class Transport:
     def for_config(cls, cfg: Config) -> Transport:
         """A transport with every provider's [<provider>.http] settings."""
         env = EnvProxies()
-        return cls(egress={
-            Provider.KAMELEOON: Egress.from_config(cfg.kameleoon.http, env),
-            Provider.CONVERT: Egress.from_config(cfg.convert.http, env),
-            Provider.CONDUCTRICS: Egress.from_config(cfg.conductrics.http, env),
-        })
+        return cls(egress={registry.spec_of(slug).provider: Egress.from_config(section.http, env)
+                           for slug, section in cfg.providers.items()})
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -114,10 +112,11 @@ class TokenError(Exception):
 class TokenCache:
     """Client-credentials tokens per spec: fetched once, shared, refreshed `refresh_margin` before expiry."""
 
-    def __init__(self, transport: Transport, user_agent: str, clock: Callable[[], float] = time.monotonic,
-                 on_grant: Callable[[str], None] | None = None) -> None:
+    def __init__(self, transport: Transport, user_agent: str | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_grant: Callable[[str, str], None] | None = None) -> None:
         self.transport = transport
-        self.user_agent = user_agent
+        self.user_agent = user_agent  # None: each spec's own (its provider's user agent)
         self.clock = clock
         self.on_grant = on_grant
         self._tokens: dict[TokenSpec, tuple[str, float]] = {}
@@ -147,11 +146,11 @@ class TokenCache:
         try:
             resp = await self.transport.send(request, timeout, spec.provider)
         except TransportError as exc:
-            self._count("error")
+            self._count(spec, "error")
             # Refused by the proxy or TLS: no retry will get a token until that is fixed.
             raise TokenError(f"token endpoint unreachable ({exc.kind})", permanent=exc.refused) from None
         if resp.status != 200:
-            self._count("refused" if resp.status in (400, 401, 403) else "error")
+            self._count(spec, "refused" if resp.status in (400, 401, 403) else "error")
             permanent = resp.status in (400, 401, 403)
             raise TokenError(f"token endpoint answered {resp.status}", permanent=permanent, status=resp.status)
         try:
@@ -159,11 +158,12 @@ class TokenCache:
             token = str(data["access_token"])
             expires_in = float(data.get("expires_in", 3600))
         except (ValueError, KeyError, TypeError):
-            self._count("error")
+            self._count(spec, "error")
             raise TokenError("token endpoint answered without an access_token", permanent=False) from None
-        self._count("ok")
+        self._count(spec, "ok")
         return token, expires_in
 
-    def _count(self, result: str) -> None:
+    def _count(self, spec: TokenSpec, result: str) -> None:
+        """Tell `on_grant` (provider slug, result) how a grant went."""
         if self.on_grant is not None:
-            self.on_grant(result)
+            self.on_grant(spec.provider.slug if spec.provider is not None else "none", result)

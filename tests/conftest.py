@@ -91,6 +91,7 @@ def config_dict(bootstrap: str, topics: dict[str, str], sandbox_url: str, **sect
     data = sample_config(bootstrap, topics["topic"], topics["dlq"], topics["group"], sandbox_url)
     data["pipeline"] = {"commit_interval": "200ms", "shutdown_deadline": "20s", "dlq_timeout": "10s"}
     data["logging"] = {"level": "INFO"}
+    data["control"] = {"port": 0}  # several services run at once in the suite: any free port each
     data["kameleoon"]["batch"] = {"linger": "20ms"}
     data["conductrics"]["projects"]["ac-xxx"]["api_key"] = "api-1234567890"
     for provider in ("kameleoon", "convert", "conductrics"):

@@ -11,7 +11,9 @@ from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.model import Channel, Exposure, Provider, Purchase
 from consumer.producer import encoded, produce_values
-from consumer.samples import CONDUCTRICS_PROJECT, CONVERT_PROJECT, KAMELEOON_SITE
+from consumer.providers.conductrics import SAMPLE_PROJECT as CONDUCTRICS_PROJECT
+from consumer.providers.convert import SAMPLE_PROJECT as CONVERT_PROJECT
+from consumer.providers.kameleoon import SAMPLE_SITE as KAMELEOON_SITE
 from consumer.sandbox import Sandbox
 from tests.conftest import config_dict, run_until_done
 

@@ -336,7 +336,7 @@ def convert_flows(flow: dict[str, Any], project_flow: dict[str, Any] | None = No
     data["convert"]["flow"] = flow
     if project_flow is not None:
         data["convert"]["projects"]["3333_4444"]["flow"] = project_flow
-    projects = parse(data, env={}).convert.projects
+    projects = parse(data, env={}).providers["convert"].projects
     return projects["1111_2222"].flow, projects["3333_4444"].flow
 
 

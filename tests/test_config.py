@@ -45,27 +45,27 @@ DELETE = object()
 def test_the_annotated_example_loads_with_its_secrets_from_the_environment() -> None:
     cfg = load(EXAMPLE, env={"CONDUCTRICS_API_KEY": "s3cret-value"})
     assert cfg.kafka.topic == "purchases.completed.v1"
-    assert cfg.kameleoon.projects["f17c21u1ag"].rules.goals == ("36151",)
-    assert cfg.kameleoon.projects["f17c21u1ag"].rules.attribution_window == 7 * 86400
-    assert cfg.convert.projects["1111_2222"].account_id == "1111"
-    assert cfg.convert.projects["1111_2222"].project_id == "2222"
-    assert cfg.conductrics.projects["ac-xxx"].api_key.reveal() == "s3cret-value"
+    assert cfg.providers["kameleoon"].projects["f17c21u1ag"].rules.goals == ("36151",)
+    assert cfg.providers["kameleoon"].projects["f17c21u1ag"].rules.attribution_window == 7 * 86400
+    assert cfg.providers["convert"].projects["1111_2222"].account_id == "1111"
+    assert cfg.providers["convert"].projects["1111_2222"].project_id == "2222"
+    assert cfg.providers["conductrics"].projects["ac-xxx"].api_key.reveal() == "s3cret-value"
     assert "s3cret-value" not in repr(cfg)
     assert cfg.matcher.max_exposures == 100
-    kameleoon = cfg.kameleoon.projects["f17c21u1ag"].rules
+    kameleoon = cfg.providers["kameleoon"].projects["f17c21u1ag"].rules
     assert (kameleoon.attribution, kameleoon.revenue_share, kameleoon.require_consent) == ("all", "split", False)
-    assert cfg.convert.projects["1111_2222"].rules.attribution == "last_touch"
+    assert cfg.providers["convert"].projects["1111_2222"].rules.attribution == "last_touch"
     assert cfg.decoding.schema.exists()
 
 
 def test_defaults_windows_and_derived_convert_url() -> None:
     cfg = parse(BASE, env={})
-    assert cfg.kameleoon.projects["site1"].rules.attribution_window == 7 * 86400
-    assert cfg.convert.projects["1111_2222"].rules.attribution_window == 30 * 86400
-    assert cfg.conductrics.projects["ac-1"].rules.attribution_window == 72 * 3600
-    assert cfg.convert.projects["1111_2222"].base_url == "https://2222.track.convertexperiments.com"
+    assert cfg.providers["kameleoon"].projects["site1"].rules.attribution_window == 7 * 86400
+    assert cfg.providers["convert"].projects["1111_2222"].rules.attribution_window == 30 * 86400
+    assert cfg.providers["conductrics"].projects["ac-1"].rules.attribution_window == 72 * 3600
+    assert cfg.providers["convert"].projects["1111_2222"].base_url == "https://2222.track.convertexperiments.com"
     v1 = parse(with_("convert.projects.1111_2222.api", "v1"), env={})
-    assert v1.convert.projects["1111_2222"].base_url == "https://2222.metrics.convertexperiments.com"
+    assert v1.providers["convert"].projects["1111_2222"].base_url == "https://2222.metrics.convertexperiments.com"
 
 
 @pytest.mark.parametrize(("path", "value", "key"), [
@@ -135,7 +135,7 @@ def test_attribution_models_consent_and_the_cap_are_read() -> None:
     data["kameleoon"]["projects"]["site1"].update(revenue_share="full", require_consent=True)
     data["matcher"] = {"max_exposures": 5000}
     cfg = parse(data, env={})
-    rules = cfg.kameleoon.projects["site1"].rules
+    rules = cfg.providers["kameleoon"].projects["site1"].rules
     assert (rules.attribution.value, rules.revenue_share.value, rules.require_consent) == ("first_touch", "full", True)
     assert cfg.matcher.max_exposures == 5000
     defaults = parse(BASE, env={})
@@ -165,7 +165,7 @@ def test_secrets_come_from_env_and_files_and_never_print(tmp_path: Path) -> None
     data = with_("conductrics.projects.ac-1.api_key", f"${{file:{secret_file}}}")
     data["kameleoon"]["projects"]["site1"].update(client_id="${CID}", client_secret="${CSECRET}")
     cfg = parse(data, env={"CID": "id-456", "CSECRET": "secret-789"})
-    assert cfg.conductrics.projects["ac-1"].api_key.reveal() == "from-a-file-123"
+    assert cfg.providers["conductrics"].projects["ac-1"].api_key.reveal() == "from-a-file-123"
     assert sorted(cfg.secrets()) == ["from-a-file-123", "id-456", "secret-789"]
     text = repr(cfg) + str(cfg)
     assert all(s not in text for s in cfg.secrets())

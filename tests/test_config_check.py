@@ -213,7 +213,8 @@ def test_every_error_is_reported_at_once_and_a_misspelt_key_gets_a_suggestion() 
     assert found["metrics.prot"] == "unknown key 'prot' (did you mean 'port'?)"
     assert found["pipeline.max_in_flight"] == "must be at least 1, got 0"
     assert found["kameleoon.projects.site1.base_url"].startswith("contains a space")
-    assert found["colour"].startswith("unknown key 'colour' (the keys here: conductrics, control, convert, decoding")
+    assert found["colour"].startswith(
+        "unknown key 'colour' (the keys here: adjustments, conductrics, control, convert, decoding")
     # The librdkafka tables themselves are sound, so the clients are built too (with a stand-in group).
     assert found['kafka.consumer."session.timeot.ms"'].endswith('(did you mean "session.timeout.ms"?)')
     assert len(found) == 6
@@ -248,7 +249,7 @@ def test_an_invalid_url_is_rejected_naming_its_key(url: str, why: str) -> None:
 def test_valid_urls_pass(url: str) -> None:
     data = copy.deepcopy(BASE)
     data["conductrics"]["projects"]["ac-1"]["agent_api_url"] = url
-    assert parse(data, env={}).conductrics.projects["ac-1"].agent_api_url == url.rstrip("/")
+    assert parse(data, env={}).providers["conductrics"].projects["ac-1"].agent_api_url == url.rstrip("/")
 
 
 def test_check_config_prints_every_error_and_exits_2(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ class Service:
 
     def __init__(self) -> None:
         self.projects: dict[tuple[str, str], ProjectStatus] = {
-            (p, k): ProjectStatus(provider=p, project=k, state="running", circuit="closed", in_flight=3,
+            (p, k): ProjectStatus(provider=p, project=k, state="running", reason=None, paused_by=None, since=None,
+                              last_error=None, circuit="closed", in_flight=3,
                                   counts={"delivered": 10, "dead_lettered": 1})
             for p, k in (("kameleoon", "f17c21u1ag"), ("convert", "1111_2222"), ("conductrics", "ac-xxx"))
         }
@@ -184,7 +185,7 @@ async def test_without_a_token_only_requests_to_localhost_are_answered(control_c
 async def test_answers_never_quote_a_configured_secret(control_config: Callable[..., Config],
                                                        http: aiohttp.ClientSession) -> None:
     cfg = control_config()
-    key = cfg.conductrics.projects["ac-xxx"].api_key.reveal()
+    key = cfg.providers["conductrics"].projects["ac-xxx"].api_key.reveal()
     service = Service()
     old = service.projects[("conductrics", "ac-xxx")]
     service.projects[("conductrics", "ac-xxx")] = replace(old, last_error=f"401 for key {key}")

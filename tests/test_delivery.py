@@ -12,7 +12,7 @@ from consumer.config import parse
 from consumer.delivery import Dispatcher, Result, Status, each
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.kameleoon import nonce
+from consumer.providers.kameleoon.keys import nonce
 from consumer.providers.registry import modules
 from consumer.sandbox import Sandbox
 from consumer.transport import TokenCache, Transport

@@ -18,9 +18,10 @@ from consumer.config import parse
 from consumer.delivery import AmbiguousProject, Dispatcher, ProjectStatus, Result, Status, UnknownProject, each
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.kameleoon import nonce
+from consumer.providers.conductrics.emulator import CONDUCTRICS
+from consumer.providers.kameleoon.keys import nonce
 from consumer.providers.registry import modules
-from consumer.sandbox import CONDUCTRICS, Fault, Sandbox
+from consumer.sandbox import Fault, Sandbox
 from consumer.transport import TokenCache, Transport
 from tests.reliability.harness import wait_for
 

@@ -369,7 +369,18 @@ def populate(m: Metrics) -> None:
         m.project_paused.labels(provider, "p1", "operator").set(0)
         m.delivery_delay.labels(provider).observe(120)
         m.dlq_produced.labels("dispatch", provider).inc()
+        m.adjustments.labels(provider, "retracted" if provider == "kameleoon" else "not_supported").inc()
+        m.ledger_records.labels(provider, "delivered").inc(20)
+        m.ledger_records.labels(provider, "dead_lettered").inc()
+        m.ledger_recovery_records.labels(provider).inc(40)
+        m.ledger_recovered_keys.labels(provider).inc(2)
+        m.ledger_recovery_seconds.labels(provider).observe(0.4)
+        m.ledger_recovery_fallbacks.labels(provider, "no_metadata").inc()
+    m.adjustments.labels("none", "orphan").inc()
     m.token_grants.labels("kameleoon", "ok").inc()
+    m.ledger_records.labels("none", "unattributed").inc(79)
+    m.ledger_write_failures.labels("_MSG_TIMED_OUT").inc(0)
+    m.ledger_pending.set(3)
     m.dlq_failures.inc(0)
     m.dlq_values_omitted.labels("MSG_SIZE_TOO_LARGE").inc()
     m.processing_delay.observe(0.3)
@@ -585,9 +596,10 @@ def test_compose_service_config_is_valid_and_uses_the_stack() -> None:
     assert cfg.kafka.bootstrap_servers == "kafka:9092"
     assert cfg.decoding.format == "confluent"
     assert cfg.decoding.schema_registry_url == "http://schema-registry:8081"
-    urls = [p.base_url for p in cfg.kameleoon.projects.values()] + [p.base_url for p in cfg.convert.projects.values()]
-    urls += [p.agent_api_url for p in cfg.conductrics.projects.values()]
-    assert cfg.kameleoon.projects and cfg.convert.projects and cfg.conductrics.projects
+    kameleoon, convert, conductrics = (cfg.providers[p] for p in ("kameleoon", "convert", "conductrics"))
+    urls = [p.base_url for p in kameleoon.projects.values()] + [p.base_url for p in convert.projects.values()]
+    urls += [p.agent_api_url for p in conductrics.projects.values()]
+    assert kameleoon.projects and convert.projects and conductrics.projects
     assert all(u.startswith("http://sandbox:8080") for u in urls), urls
     assert int(re.sub(r"\D", "", svc["stop_grace_period"])) > cfg.pipeline.shutdown_deadline
     init = next(s for n, s in compose()["services"].items() if "init" in n)

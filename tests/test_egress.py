@@ -30,7 +30,7 @@ from consumer.embedded import EmbeddedBroker
 from consumer.metrics import Metrics
 from consumer.model import Conversion, Identity, Provider
 from consumer.producer import encoded, produce_values
-from consumer.providers.kameleoon import nonce
+from consumer.providers.kameleoon.keys import nonce
 from consumer.providers.registry import modules
 from consumer.samples import purchases
 from consumer.sandbox import Sandbox
@@ -276,7 +276,7 @@ async def test_the_configured_proxy_wins_over_the_environment(
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # NO_PROXY governs the environment's proxy only
     cfg = parse(kameleoon_config(tls_sandbox.url, http_table(
         pki, proxy=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{proxy.port}")), env={})
-    assert cfg.kameleoon.http.proxy == proxy.url and PROXY_PASSWORD not in repr(cfg)
+    assert cfg.providers["kameleoon"].http.proxy == proxy.url and PROXY_PASSWORD not in repr(cfg)
     results = await deliver(cfg, [conversion(1)])
     assert {r.status for r in results.values()} == {Status.DELIVERED}
     assert proxy.requests() and open_proxy.requests() == []
@@ -387,7 +387,7 @@ def test_provider_tls_files_are_checked_at_load_naming_the_key(pki: Pki, tmp_pat
     both.write_bytes(pki.client_cert.read_bytes() + pki.client_key.read_bytes())
     data = kameleoon_config("https://eu-data.kameleoon.io")
     data["kameleoon"]["http"] = {"client_cert": str(both)}
-    assert parse(data, env={}).kameleoon.http.tls.client_cert == both
+    assert parse(data, env={}).providers["kameleoon"].http.tls.client_cert == both
 
 
 def test_proxy_keys_are_checked_at_load_and_never_echoed() -> None:
@@ -419,8 +419,9 @@ def test_the_examples_commented_http_and_registry_keys_are_real(pki: Pki) -> Non
     env = {"CONDUCTRICS_API_KEY": "k", "PROXY_USER": PROXY_USER, "PROXY_PASSWORD": PROXY_PASSWORD,
            "SCHEMA_REGISTRY_USER": "svc", "SCHEMA_REGISTRY_PASSWORD": "reg-pw", "TLS_KEY_PASSWORD": pki.passphrase}
     cfg = parse(tomllib.loads("\n".join(out)), env=env)
-    http, registry = cfg.kameleoon.http, cfg.decoding.schema_registry
+    http, registry = cfg.providers["kameleoon"].http, cfg.decoding.schema_registry
     assert http.proxy == "http://proxy.corp.example:3128" and http.tls.client_key == pki.client_key_encrypted
     assert http.proxy_password is not None and http.proxy_password.reveal() == PROXY_PASSWORD
     assert registry.username is not None and registry.tls.ca_bundle == pki.ca and registry.timeout == 5.0
-    assert cfg.convert.http == cfg.conductrics.http == type(http)()  # untouched tables keep the defaults
+    # untouched tables keep the defaults
+    assert cfg.providers["convert"].http == cfg.providers["conductrics"].http == type(http)()

@@ -136,10 +136,10 @@ def config(**retry: Any) -> dict[str, Any]:
 
 
 def test_give_up_after_is_off_by_default_and_parsed() -> None:
-    assert parse(config(), env={}).convert.retry == RetryConfig()
-    r = parse(config(give_up_after="2h", auth_probe_interval="5s"), env={}).convert.retry
+    assert parse(config(), env={}).providers["convert"].retry == RetryConfig()
+    r = parse(config(give_up_after="2h", auth_probe_interval="5s"), env={}).providers["convert"].retry
     assert (r.give_up_after, r.auth_probe_interval) == (7200.0, 5.0)
-    assert parse(config(give_up_after="0s"), env={}).convert.retry.give_up_after == 0.0
+    assert parse(config(give_up_after="0s"), env={}).providers["convert"].retry.give_up_after == 0.0
 
 
 @pytest.mark.parametrize(("retry", "key"), [
@@ -157,6 +157,6 @@ def test_bad_retry_settings_name_their_key(retry: dict[str, Any], key: str) -> N
 def test_an_old_config_with_max_elapsed_still_loads_and_is_told_what_changed() -> None:
     warnings: list[Any] = []
     cfg = parse(config(max_attempts=8, max_elapsed="5m"), env={}, warnings=warnings)
-    assert cfg.convert.retry.max_elapsed == 300.0 and cfg.convert.retry.give_up_after == 0.0
+    assert cfg.providers["convert"].retry.max_elapsed == 300.0 and cfg.providers["convert"].retry.give_up_after == 0.0
     assert {w.key for w in warnings} == {"convert.retry.max_attempts", "convert.retry.max_elapsed"}
     assert all("give_up_after" in w.message for w in warnings)

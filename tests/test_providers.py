@@ -13,25 +13,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.config import (
-    BatchConfig,
-    ConductricsConfig,
-    ConductricsProject,
-    ConvertConfig,
-    ConvertProject,
-    FlowConfig,
-    KameleoonConfig,
-    KameleoonProject,
-    RetryConfig,
-    Rules,
-    Secret,
-    parse,
-)
+from consumer.config import BatchConfig, FlowConfig, RetryConfig, Rules, Secret, parse
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_string
-from consumer.providers.conductrics import ConductricsModule, conductrics_key
-from consumer.providers.convert import ConvertModule, amount, order_id_of, transaction_id, transaction_key, v1_body
-from consumer.providers.kameleoon import KameleoonModule, json_number, nonce
+from consumer.providers.base import HttpRequest, ProviderModule, Verdict, json_number, json_string
+from consumer.providers.conductrics.config import ConductricsConfig, ConductricsProject
+from consumer.providers.conductrics.keys import conductrics_key
+from consumer.providers.conductrics.request import ConductricsModule
+from consumer.providers.convert.config import ConvertConfig, ConvertProject
+from consumer.providers.convert.keys import transaction_key
+from consumer.providers.convert.request import ConvertModule, amount, order_id_of, transaction_id, v1_body
+from consumer.providers.kameleoon.config import KameleoonConfig, KameleoonProject
+from consumer.providers.kameleoon.keys import nonce
+from consumer.providers.kameleoon.request import KameleoonModule
 from consumer.providers.registry import modules
 
 WEEK = 7 * 86400.0
@@ -667,3 +660,38 @@ def test_json_string_is_a_json_literal_of_the_same_text(value: str) -> None:
     assert json.loads(literal) == value
     if not any("\ud800" <= ch <= "\udfff" for ch in value):  # lone surrogates take the json module's path
         assert literal == orjson.dumps(value).decode()  # the fast path writes what the encoder would
+
+
+def test_every_built_in_provider_is_one_registered_package() -> None:
+    from consumer.decoding import read_schema_json, with_providers
+    from consumer.providers import registry
+    from consumer.sandbox import Sandbox
+
+    specs = registry.specs()
+    assert [s.slug for s in specs] == ["kameleoon", "convert", "conductrics"]
+    sandbox = Sandbox()
+    for spec in specs:
+        assert spec.provider is Provider(spec.symbol) and spec.symbol == spec.slug.upper()
+        assert spec.emulator is not None and spec.emulator().names[0] == spec.slug
+        assert sandbox.emulator(spec.slug).slug == spec.slug
+        assert spec.sample is not None and spec.module.__module__.startswith(f"consumer.providers.{spec.slug}.")
+    # The published contract lists exactly the built-in providers: a reader with only them reads it as it is
+    # (the same JSON, so a writer with the contract's schema needs no resolution).
+    from consumer.config import DEFAULT_SCHEMA
+
+    contract = read_schema_json(DEFAULT_SCHEMA)
+    assert with_providers(contract, [s.symbol for s in specs]) == contract
+    extended = json.dumps(with_providers(contract, ["KAMELEOON", "NEWCO"]))
+    assert '"symbols": ["KAMELEOON", "CONVERT", "CONDUCTRICS", "NEWCO", "UNKNOWN"], "default": "UNKNOWN"' in extended
+
+
+def test_a_second_spec_under_a_taken_slug_is_refused() -> None:
+    import dataclasses
+
+    from consumer.providers import registry
+
+    kameleoon = registry.spec_of("kameleoon")
+    assert registry.register(kameleoon) is kameleoon  # the same spec again: nothing changes
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(dataclasses.replace(kameleoon, description="an impostor"))
+    assert registry.spec_of("kameleoon") is kameleoon

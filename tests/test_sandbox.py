@@ -21,7 +21,8 @@ import pytest
 from consumer.config import parse
 from consumer.model import Conversion, Identity, Provider
 from consumer.providers.base import Verdict
-from consumer.providers.convert import ConvertModule, order_id_of, transaction_id
+from consumer.providers.convert.request import ConvertModule, order_id_of, transaction_id
+from consumer.providers.kameleoon.emulator import KameleoonEmulator
 from consumer.sandbox import Fault, Record, Sandbox, SpecError, load_options, redact_query
 from consumer.transport import Transport
 
@@ -362,7 +363,7 @@ def convert_module(sandbox: Sandbox, api: str) -> ConvertModule:
     cfg = parse({"kafka": {"bootstrap_servers": "unused:1", "topic": "t", "group_id": "g", "dlq_topic": "t.dlq"},
                  "convert": {"projects": {"1111_2222": {"base_url": sandbox.url, "api": api, "goals": [100],
                                                         "transaction_goals": [100]}}}}, env={})
-    return ConvertModule(cfg.convert)
+    return ConvertModule(cfg.providers["convert"])
 
 
 def convert_conversion(order_id: str) -> Conversion:
@@ -881,12 +882,24 @@ async def test_request_log_can_be_turned_off_for_benchmarks(http: aiohttp.Client
 async def test_kameleoon_shows_a_conversion_only_once_the_visit_is_processed(
         sandbox: Sandbox, http: aiohttp.ClientSession) -> None:
     """As seed 001 says: without Feature Experimentation the conversion appears after the visit is processed."""
-    sandbox.kameleoon_visit_delay = 3600.0
+    kameleoon = sandbox.emulator("kameleoon")
+    assert isinstance(kameleoon, KameleoonEmulator)
+    kameleoon.kameleoon_visit_delay = 3600.0
     await post_events(http, sandbox, [event()])
     get = f"{sandbox.url}/visit/visitor?siteCode={SITE}&visitorCode=245fc&maxNumberPreviousVisits=5&conversion=true"
     async with http.get(get, headers=UA) as r:
         assert await r.json() == {"previousVisits": []}
-    sandbox.kameleoon_visit_delay = 0.0  # the hour has passed
+    kameleoon.kameleoon_visit_delay = 0.0  # the hour has passed
     async with http.get(get, headers=UA) as r:
         [visit] = (await r.json())["previousVisits"]
     assert [c["data"]["goalId"] for c in visit["conversionEvents"]] == [36151]
+
+
+async def test_kameleoon_visit_delay_is_an_option_of_the_kameleoon_emulator(http: aiohttp.ClientSession) -> None:
+    """`Sandbox(kameleoon_visit_delay=...)` (and `--options`) reaches the Kameleoon emulator."""
+    async with Sandbox(kameleoon_visit_delay=1800.0) as sb:
+        assert sb.kameleoon_visit_delay == 1800.0
+        await post_events(http, sb, [event()])
+        get = f"{sb.url}/visit/visitor?siteCode={SITE}&visitorCode=245fc&maxNumberPreviousVisits=5&conversion=true"
+        async with http.get(get, headers=UA) as r:
+            assert await r.json() == {"previousVisits": []}

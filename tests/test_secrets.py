@@ -37,8 +37,10 @@ from consumer.model import Conversion, Provider, Purchase
 from consumer.pipeline import Hooks, Pipeline
 from consumer.producer import encoded, produce_values
 from consumer.providers.base import TokenSpec
+from consumer.providers.conductrics import SAMPLE_PROJECT as CONDUCTRICS_PROJECT
+from consumer.providers.kameleoon import SAMPLE_SITE as KAMELEOON_SITE
 from consumer.providers.registry import modules
-from consumer.samples import CONDUCTRICS_PROJECT, KAMELEOON_SITE, malformed, purchases
+from consumer.samples import malformed, purchases
 from consumer.sandbox import Sandbox
 from consumer.transport import TokenCache
 from tests.conftest import config_dict, read_all

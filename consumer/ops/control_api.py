@@ -21,35 +21,19 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from consumer import delivery
 from consumer.config import ConfigError, Secret
 from consumer.ops.control_store import REASON_MAX, ControlStore, ControlStoreError, PauseRecord
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ProjectStatus:
-    """One provider project's state as its Dispatcher reports it.
-
-    A twin of consumer/delivery.py's ProjectStatus (being added on another branch), field for field;
-    the two become one when both are merged.
-    """
-
-    provider: str  # the provider's slug
-    project: str
-    state: str  # "running" | "paused" | "failed"
-    reason: str | None = None
-    paused_by: str | None = None  # "credentials" | "operator" | None
-    since: float | None = None  # epoch seconds of the last change of state
-    circuit: str = "closed"
-    in_flight: int = 0
-    last_error: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)
+# One provider project's state, as its Dispatcher reports it.
+ProjectStatus = delivery.ProjectStatus
 
 
 class Controlled(Protocol):

@@ -1,0 +1,1 @@
+"""The providers: one package each (consumer/providers/<slug>/), what a package gives (spec.py), the registry."""

@@ -2,7 +2,8 @@
 
 A provider module is pure: it never opens a socket or reads a clock. The shared delivery layer
 (`consumer.delivery`) batches conversions by `batch_key`, asks the module to `build` a request,
-sends it, and asks the module to `classify` the answer. Adding a provider is one new module.
+sends it, and asks the module to `classify` the answer. A provider's package (consumer/providers/<slug>/)
+makes its module; consumer/providers/spec.py says what else a package gives.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class TokenSpec:
     client_secret: Secret
     refresh_margin: float = 60.0
     provider: Provider | None = None  # whose proxy and TLS settings the token request uses
+    user_agent: str = "offline-conversions/1.0"  # the provider's: the token request is one of its requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +79,14 @@ class Route:
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
-def token_request(spec: TokenSpec, user_agent: str) -> HttpRequest:
+def token_request(spec: TokenSpec, user_agent: str | None = None) -> HttpRequest:
     """The client-credentials grant for `spec`: a form POST whose body carries both credentials."""
     body = urlencode({
         "grant_type": "client_credentials",
         "client_id": spec.client_id.reveal(),
         "client_secret": spec.client_secret.reveal(),
     }).encode()
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": user_agent}
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": user_agent or spec.user_agent}
     return HttpRequest("POST", spec.token_url, headers, body, spec.token_url)
 
 

@@ -1,4 +1,4 @@
-"""The sandbox's state and the request bookkeeping every emulated provider shares."""
+"""The sandbox's state, its emulators, and the request bookkeeping every emulated provider shares."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from aiohttp import web
 from consumer.sandbox.common import (
     _REASONS,
     ANY,
-    PROVIDERS,
     Fault,
     Profile,
     Record,
@@ -24,11 +23,11 @@ from consumer.sandbox.common import (
     SpecError,
     _ActiveFault,
     _ActiveProfile,
-    _digest,
     _dumps,
     _Invalid,
     redact_query,
 )
+from consumer.sandbox.emulator import Emulator, emulator_classes, names_of, provider_names
 
 
 class SandboxState:
@@ -37,55 +36,41 @@ class SandboxState:
     def __init__(
         self,
         *,
-        kameleoon_auth_sites: Iterable[str] = (),
-        kameleoon_clients: Mapping[str, str] | None = None,
-        token_lifetime: float = 3600.0,
-        kameleoon_max_body: int = 3_000_000,
-        conductrics_keys: Mapping[str, str | Iterable[str]] | None = None,
-        conductrics_no_selection: Iterable[str] = (),
-        conductrics_no_selection_all: bool = False,
         hang_seconds: float = 3600.0,
         request_log: bool = True,
         records: bool = True,
         profiles: Iterable[Profile | Mapping[str, Any]] = (),
-        kameleoon_visit_delay: float = 0.0,
+        providers: Iterable[str] = (),
+        **options: Any,
     ) -> None:
         """
-        kameleoon_auth_sites: siteCodes whose /visit endpoints need `Authorization: Bearer <token>`.
-        kameleoon_clients: client_id -> client_secret accepted by POST /oauth/token.
-        conductrics_keys: account -> API key(s); None accepts any non-empty apikey for any account.
-        conductrics_no_selection(_all): vids (or every vid) for which no agent accepts the goal (empty `rs`).
         request_log: keep every RequestEntry in `requests` (False for long benchmarks: statuses are still counted).
         records: keep every accepted conversion in `records` (False for long benchmarks: every request is still
             validated in full, and counts and duplicate keys are still tallied).
         profiles: latency profiles (`Profile`, or its fields as a mapping; provider '*' for all) in force from
             the start; `clear_faults()` returns to these.
+        providers: provider modules to register besides the built-in ones (as `[providers] modules`), so
+            that their emulators answer too.
+        options: the emulators' own (e.g. `kameleoon_clients`, `conductrics_keys`: see each emulator).
         """
-        self.auth_sites = frozenset(kameleoon_auth_sites)
-        self._clients: dict[str, bytes] = {}
-        self.token_lifetime = float(token_lifetime)
-        self.max_body = int(kameleoon_max_body)
-        self._conductrics_keys: dict[str, list[bytes]] | None = None
-        self.set_credentials(kameleoon_clients=kameleoon_clients or {}, conductrics_keys=conductrics_keys)
-        self._base_no_selection = frozenset(conductrics_no_selection)
-        self._base_no_selection_all = bool(conductrics_no_selection_all)
         self.hang_seconds = float(hang_seconds)
-        # GET /visit/visitor shows a conversion only this long after it was accepted: Kameleoon shows it once
-        # the visit is processed, "usually after 30 minutes of inactivity" without Feature Experimentation
-        # (seed 001). 0 (the tests' default) shows it at once; `sandbox --options` can set 1800.
-        self.kameleoon_visit_delay = float(kameleoon_visit_delay)
+        classes = emulator_classes(tuple(providers))
+        taken = {o for cls in classes for o in cls.options}
+        unknown = sorted(set(options) - taken)
+        if unknown:
+            raise TypeError(f"Sandbox() got an unexpected option {unknown[0]!r}")
+        self.emulators: list[Emulator] = [
+            cls(self, **{k: v for k, v in options.items() if k in cls.options}) for cls in classes]
+        self.names: tuple[str, ...] = names_of(classes)
+        self.max_body = max((e.max_body for e in self.emulators), default=1 << 20)
 
         self.records: list[Record] = []
-        self.dropped: list[Record] = []  # Convert v1 events with a non-ConvertAgent User-Agent (answered 200)
-        self.unrewarded: list[Record] = []  # Conductrics goals no agent accepted (answered with an empty rs)
         self.requests: list[RequestEntry] = []
         self.keep_request_log = bool(request_log)
         self.keep_records = bool(records)
         self._key_counts: Counter[str] = Counter()  # accepted conversions per duplicate-detection key
         self._seq = 0  # requests seen, and the id of the next one
         self._statuses: Counter[tuple[str, int]] = Counter()
-        self.token_grants = 0
-        self._tokens: dict[bytes, float] = {}  # digest -> monotonic expiry
         self._counts: Counter[str] = Counter()
         self._waiters: list[tuple[Callable[[Any], bool], asyncio.Future[None]]] = []
         self._closing = asyncio.Event()
@@ -96,8 +81,6 @@ class SandboxState:
         self._latency: dict[str, float] = {}
         self._reject_visitors: dict[str, set[str]] = {}
         self._reject_goals: dict[str, set[str]] = {}
-        self._no_selection: set[str] = set(self._base_no_selection)  # clear_faults() returns to these
-        self._no_selection_all = self._base_no_selection_all
         self._base_profiles = tuple(p for spec in profiles for p in profiles_of(spec))
         self._profiles: dict[str, _ActiveProfile] = {p.provider: _ActiveProfile(p) for p in self._base_profiles}
         self._busy: Counter[str] = Counter()  # requests being served (inside their latency) per provider
@@ -105,29 +88,26 @@ class SandboxState:
         self._over_capacity: Counter[str] = Counter()  # answered 429 for being beyond the capacity
         self._queued: dict[str, deque[asyncio.Future[None]]] = {}
 
-    def set_credentials(self, *, kameleoon_clients: Mapping[str, str] | None = None,
-                        conductrics_keys: Mapping[str, str | Iterable[str]] | None = None) -> None:
-        """Replace the client credentials POST /oauth/token accepts (client_id -> client_secret) and the
-        Conductrics API keys (account -> key or keys), as a provider's console would: an argument left None
-        keeps what is in force. Tokens issued already stay valid (`revoke_tokens()` ends them)."""
-        clients: dict[str, bytes] | None = None
-        if kameleoon_clients is not None:
-            if not all(isinstance(c, str) and isinstance(v, str) and c and v for c, v in kameleoon_clients.items()):
-                raise SpecError("kameleoon_clients maps each client_id to its client_secret (non-empty strings)")
-            clients = {cid: _digest(sec) for cid, sec in kameleoon_clients.items()}
-        keys: dict[str, list[bytes]] | None = None
-        if conductrics_keys is not None:
-            keys = {}
-            for acc, k in conductrics_keys.items():
-                values = [k] if isinstance(k, str) else list(k)
-                if not isinstance(acc, str) or not all(isinstance(x, str) and x for x in values):
-                    raise SpecError("conductrics_keys maps each account to an API key or a list of them")
-                keys[acc] = [_digest(x) for x in values]
-        # Both checked before either is applied: a refused change changes nothing.
-        if clients is not None:
-            self._clients = clients
-        if keys is not None:
-            self._conductrics_keys = keys
+    def add_fault(self, fault: Fault) -> None:
+        self._faults.append(_ActiveFault(fault, time.monotonic()))
+
+    def set_credentials(self, **credentials: Any) -> None:
+        """Replace credentials the emulators accept, as a provider's console would (e.g. `kameleoon_clients`:
+        client_id -> client_secret for POST /oauth/token, `conductrics_keys`: account -> key or keys; see each
+        emulator's `credentials`). A credential not given keeps what is in force; tokens issued already stay
+        valid (`revoke_tokens()` ends them). Every one is checked before any is applied: a refused change
+        changes nothing."""
+        known = {c for e in self.emulators for c in e.credentials}
+        unknown = sorted(set(credentials) - known)
+        if unknown:
+            raise SpecError(f"unknown credentials {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        apply: list[Callable[[], None]] = []
+        for e in self.emulators:
+            mine = {k: v for k, v in credentials.items() if k in e.credentials and v is not None}
+            if mine:
+                apply.append(e.check_credentials(mine))
+        for step in apply:
+            step()
 
     def _take_fault(self, provider: str) -> Fault | None:
         now = time.monotonic()
@@ -333,4 +313,4 @@ def profiles_of(spec: Profile | Mapping[str, Any]) -> list[Profile]:
     unknown = sorted(set(fields) - set(Profile.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown profile setting {unknown[0]!r}")
-    return [Profile(p, **fields) for p in (PROVIDERS if provider == ANY else (provider,))]
+    return [Profile(p, **fields) for p in (provider_names() if provider == ANY else (provider,))]

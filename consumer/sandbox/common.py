@@ -12,12 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-KAMELEOON = "kameleoon"
-CONVERT = "convert"
-CONDUCTRICS = "conductrics"
-TOKEN = "token"
-PROVIDERS = (KAMELEOON, CONVERT, CONDUCTRICS, TOKEN)
-ANY = "*"
+from consumer.sandbox.emulator import json_status_names, provider_names
+
+ANY = "*"  # a fault or profile for every provider
 
 
 def _json_default(obj: object) -> object:
@@ -50,22 +47,8 @@ def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-_NONCE = re.compile(r"[0-9a-fA-F]{16}")
-_DIGITS = re.compile(r"[0-9]+")
-_EXP_VAR = re.compile(r"([0-9]+)-([0-9]+)")
-_TWO_DECIMALS = re.compile(r"-?[0-9]+\.[0-9]{2}")
 _APIKEY = re.compile(r"(^|&)(apikey=)[^&]*")
 REDACTED = "REDACTED"
-
-# Event types the Data API knows; only CONVERSION is recorded as a conversion.
-KAMELEOON_EVENT_TYPES = frozenset(
-    {"CONVERSION", "CUSTOM_DATA", "PAGE", "STATIC_DATA", "EXPERIMENT", "PERSONALIZATION", "ACTIVITY", "GEOLOCATION",
-     "DEVICE", "BROWSER", "WEATHER", "TARGETING_SEGMENT", "PRODUCT", "EVENT"}
-)
-CONVERT_GOAL_DATA_KEYS = frozenset({"amount", "productsCount", "transactionId"})
-# A 1x1 transparent GIF, the body of a browser tracking pixel.
-TRACKING_PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
-
 
 def redact_query(query: str) -> str:
     """The query string with any `apikey` value replaced by REDACTED."""
@@ -131,11 +114,11 @@ class Fault:
 
     kinds: `status` answers HTTP `status` (with `Retry-After: retry_after` when set); `hang` holds the request
     `seconds` (default: the sandbox's hang_seconds) then closes the connection without an answer; `reset`
-    closes the connection at once without an answer; `json_status` (Conductrics) answers HTTP 200 with a
-    JSON `status` of `status`. With `probability` < 1 each request is faulted with that chance, drawn from a
-    random generator seeded with `seed`. With `duration` the fault ends by itself that many seconds after it
-    was added (an outage of a known length: `times=None, duration=5` is "down for 5 s"), or after `times`
-    requests, whichever comes first.
+    closes the connection at once without an answer; `json_status` (an emulator with `json_status_faults`)
+    answers HTTP 200 with a JSON `status` of `status`. With `probability` < 1 each request is faulted with
+    that chance, drawn from a random generator seeded with `seed`. With `duration` the fault ends by itself
+    that many seconds after it was added (an outage of a known length: `times=None, duration=5` is "down for
+    5 s"), or after `times` requests, whichever comes first.
     """
 
     provider: str
@@ -149,12 +132,13 @@ class Fault:
     duration: float | None = None
 
     def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS and self.provider != ANY:
-            raise ValueError(f"fault provider must be one of {', '.join(PROVIDERS)} or '*', got {self.provider!r}")
+        names = provider_names()
+        if self.provider not in names and self.provider != ANY:
+            raise ValueError(f"fault provider must be one of {', '.join(names)} or '*', got {self.provider!r}")
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"fault kind must be one of {', '.join(sorted(FAULT_KINDS))}, got {self.kind!r}")
-        if self.kind == "json_status" and self.provider != CONDUCTRICS:
-            raise ValueError("a json_status fault applies to conductrics only")
+        if self.kind == "json_status" and self.provider not in json_status_names():
+            raise ValueError(f"a json_status fault applies to {', '.join(json_status_names())} only")
         if not 0.0 <= self.probability <= 1.0:
             raise ValueError(f"fault probability must be between 0 and 1, got {self.probability}")
         if self.times is not None and self.times < 0:
@@ -208,8 +192,9 @@ class Profile:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.provider not in PROVIDERS:
-            raise ValueError(f"profile provider must be one of {', '.join(PROVIDERS)}, got {self.provider!r}")
+        names = provider_names()
+        if self.provider not in names:
+            raise ValueError(f"profile provider must be one of {', '.join(names)}, got {self.provider!r}")
         if not (math.isfinite(self.median) and self.median >= 0):
             raise ValueError(f"profile median must be a non-negative number of seconds, got {self.median}")
         if self.p99 is not None and not (math.isfinite(self.p99) and self.p99 >= self.median):

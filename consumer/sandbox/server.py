@@ -7,7 +7,6 @@ import dataclasses
 import json
 import signal
 import ssl
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -15,28 +14,41 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer.sandbox.base import profiles_of
+from consumer.sandbox.base import SandboxState, profiles_of
 from consumer.sandbox.common import (
     ANY,
-    CONDUCTRICS,
-    CONVERT,
-    KAMELEOON,
-    PROVIDERS,
     Fault,
     Record,
     SpecError,
-    _ActiveFault,
     _dumps,
     _loads,
     _spec_str_list,
 )
-from consumer.sandbox.conductrics import ConductricsRoutes
-from consumer.sandbox.convert import ConvertRoutes
-from consumer.sandbox.kameleoon import KameleoonRoutes
+from consumer.sandbox.emulator import Emulator, emulator_classes
 
 
-class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
-    """An aiohttp server emulating the three providers; see the module docstring."""
+class Sandbox(SandboxState):
+    """An aiohttp server emulating every registered provider (one emulator each); see the package docstring."""
+
+    def __getattr__(self, name: str) -> Any:
+        # An emulator's own public attributes and methods (`sandbox.expire_tokens()`), found by name.
+        if not name.startswith("_") and "emulators" in self.__dict__:
+            for e in self.emulators:
+                if hasattr(e, name):
+                    return getattr(e, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def emulator(self, slug: str) -> Emulator:
+        """The emulator of the provider `slug`."""
+        for e in self.emulators:
+            if e.slug == slug:
+                return e
+        raise KeyError(f"no emulator for provider {slug!r}")
+
+    @property
+    def slugs(self) -> tuple[str, ...]:
+        """The emulated providers (what `counts()` and `reject` name)."""
+        return tuple(e.slug for e in self.emulators)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -44,20 +56,13 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         if self._app is None:
             app = web.Application(client_max_size=max(self.max_body, 1 << 20) + (1 << 20))
             r = app.router
-            r.add_post("/visit/events", self._kameleoon_events)
-            r.add_get("/visit/visitor", self._kameleoon_visitor)
-            r.add_post("/oauth/token", self._oauth_token)
-            r.add_get("/track/", self._convert_track)
-            r.add_get("/track", self._convert_track)
-            r.add_post("/v1/track/{account_id}/{project_id}", self._convert_v1)
             r.add_get("/_sandbox/records", self._ctl_records)
             r.add_post("/_sandbox/faults", self._ctl_add_faults)
             r.add_delete("/_sandbox/faults", self._ctl_clear_faults)
             r.add_post("/_sandbox/reset", self._ctl_reset)
-            r.add_post("/_sandbox/tokens/expire", self._ctl_expire_tokens)
-            r.add_post("/_sandbox/tokens/revoke", self._ctl_revoke_tokens)
             r.add_post("/_sandbox/credentials", self._ctl_credentials)
-            r.add_post("/{account}/v3/agent-api", self._conductrics)
+            for e in self.emulators:
+                e.add_routes(r)
             self._app = app
         return self._app
 
@@ -94,9 +99,6 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
     # ------------------------------------------------------------------ faults
 
-    def add_fault(self, fault: Fault) -> None:
-        self._faults.append(_ActiveFault(fault, time.monotonic()))
-
     def fail(
         self,
         provider: str,
@@ -129,30 +131,19 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         self.add_fault(f)
         return f
 
-    def json_status(self, status: int = 500, times: int | None = 1) -> Fault:
-        """Conductrics answers HTTP 200 with a JSON `status` of `status`."""
-        f = Fault(CONDUCTRICS, "json_status", status, times)
-        self.add_fault(f)
-        return f
-
     def set_latency(self, provider: str, seconds: float) -> None:
         """Delay every request to `provider` ('*': all) by `seconds` before answering."""
-        if provider not in PROVIDERS and provider != ANY:
+        if provider not in self.names and provider != ANY:
             raise ValueError(f"unknown provider {provider!r}")
-        for p in PROVIDERS if provider == ANY else (provider,):
+        for p in self.names if provider == ANY else (provider,):
             self._latency[p] = float(seconds)
 
     def reject(self, provider: str, *, visitors: Iterable[str] = (), goals: Iterable[str | int] = ()) -> None:
         """Answer 400 for every request carrying one of these visitors or goals, until cleared."""
-        if provider not in (KAMELEOON, CONVERT, CONDUCTRICS):
-            raise ValueError(f"reject applies to kameleoon, convert or conductrics, got {provider!r}")
+        if provider not in self.slugs:
+            raise ValueError(f"reject applies to {', '.join(self.slugs)}, got {provider!r}")
         self._reject_visitors.setdefault(provider, set()).update(visitors)
         self._reject_goals.setdefault(provider, set()).update(str(g) for g in goals)
-
-    def no_selection(self, vids: Iterable[str] = (), *, all_vids: bool = False) -> None:
-        """Conductrics: no agent accepts goals for these vids (or every vid): the answer has an empty `rs`."""
-        self._no_selection.update(vids)
-        self._no_selection_all = self._no_selection_all or all_vids
 
     def clear_faults(self) -> None:
         """Remove every fault, latency, reject rule and runtime no-selection rule; profiles return to the
@@ -162,8 +153,8 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         self._latency = {}
         self._reject_visitors = {}
         self._reject_goals = {}
-        self._no_selection = set(self._base_no_selection)
-        self._no_selection_all = self._base_no_selection_all
+        for e in self.emulators:
+            e.clear_faults()
 
     def apply_spec(self, spec: Mapping[str, Any] | list[Mapping[str, Any]]) -> int:
         """Apply a JSON fault spec (one object or a list); returns how many rules were added.
@@ -189,7 +180,12 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         if not isinstance(item, Mapping):
             raise SpecError("a fault spec is an object or a list of objects")
         kind = item.get("kind", "status")
-        provider = item.get("provider", CONDUCTRICS if kind in ("json_status", "no_selection") else None)
+        for e in self.emulators:
+            own = e.parse_spec(dict(item))
+            if own is not None:
+                return own  # type: ignore[no-any-return]
+        json_status = next((e.slug for e in self.emulators if e.json_status_faults), None)
+        provider = item.get("provider", json_status if kind == "json_status" else None)
         if not isinstance(provider, str):
             raise SpecError("'provider' is required")
         if kind == "profile":
@@ -204,7 +200,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
             return apply_profiles
         known = {"kind", "provider", "status", "times", "probability", "retry_after", "seconds", "seed",
-                 "duration", "visitors", "goals", "vids", "all"}
+                 "duration", "visitors", "goals"}
         unknown = sorted(set(item) - known)
         if unknown:
             raise SpecError(f"unknown key {unknown[0]!r}")
@@ -216,15 +212,9 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             if kind == "reject":
                 visitors = _spec_str_list(item, "visitors")
                 goals = _spec_str_list(item, "goals")
-                if provider not in (KAMELEOON, CONVERT, CONDUCTRICS):
-                    raise SpecError(f"reject applies to kameleoon, convert or conductrics, got {provider!r}")
+                if provider not in self.slugs:
+                    raise SpecError(f"reject applies to {', '.join(self.slugs)}, got {provider!r}")
                 return lambda: self.reject(provider, visitors=visitors, goals=goals)
-            if kind == "no_selection":
-                vids = _spec_str_list(item, "vids")
-                every = item.get("all", False)
-                if not isinstance(every, bool):
-                    raise SpecError("'all' must be true or false")
-                return lambda: self.no_selection(vids, all_vids=every)
             ra = item.get("retry_after")
             times = item.get("times", 1)
             seconds = item.get("seconds")
@@ -244,16 +234,11 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
             raise SpecError(str(exc)) from None
         return lambda: self.add_fault(fault)
 
-    @staticmethod
-    def _check_provider(provider: str) -> None:
-        if provider not in PROVIDERS and provider != ANY:
+    def _check_provider(self, provider: str) -> None:
+        if provider not in self.names and provider != ANY:
             raise SpecError(f"unknown provider {provider!r}")
 
     # ------------------------------------------------------------------ queries
-
-    def kameleoon_nonces(self) -> list[str]:
-        """Every nonce Kameleoon accepted, in arrival order, repeats included."""
-        return [r.nonce for r in self.records if r.provider == KAMELEOON and r.nonce is not None]
 
     def duplicates(self) -> dict[str, int]:
         """Keys accepted more than once -> how many times (same nonce; same Convert transaction, visitor and
@@ -262,7 +247,7 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
 
     def counts(self) -> dict[str, int]:
         """Accepted conversions per provider."""
-        return {p: self._counts[p] for p in (KAMELEOON, CONVERT, CONDUCTRICS)}
+        return {p: self._counts[p] for p in self.slugs}
 
     def records_for(self, provider: str) -> list[Record]:
         return [r for r in self.records if r.provider == provider]
@@ -276,16 +261,16 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         return dict(out)
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "counts": self.counts(),
             "requests": self._seq,
-            "statuses": {p: {str(s): n for s, n in self.status_counts(p).items()} for p in PROVIDERS},
+            "statuses": {p: {str(s): n for s, n in self.status_counts(p).items()} for p in self.names},
             "duplicates": self.duplicates(),
-            "dropped": len(self.dropped),
-            "unrewarded": len(self.unrewarded),
-            "token_grants": self.token_grants,
-            "profiles": {p: self.profile_state(p) for p in sorted(self._profiles)},
         }
+        for e in self.emulators:
+            out.update(e.summary())
+        out["profiles"] = {p: self.profile_state(p) for p in sorted(self._profiles)}
+        return out
 
     def profile_state(self, provider: str) -> dict[str, Any]:
         """The provider's profile in force (if any), and its load: requests being served now, the most at
@@ -301,14 +286,12 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         """Forget records, the request log, tokens, counters and every fault."""
         self.records.clear()
         self._key_counts.clear()
-        self.dropped.clear()
-        self.unrewarded.clear()
         self.requests.clear()
         self._seq = 0
         self._statuses.clear()
         self._counts.clear()
-        self._tokens.clear()
-        self.token_grants = 0
+        for e in self.emulators:
+            e.reset()
         self._peak_busy = Counter(self._busy)
         self._over_capacity.clear()
         self.clear_faults()
@@ -340,8 +323,8 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         out = self.summary()
         if q.get("records", "true") != "false":
             out["records"] = self.records
-            out["dropped_records"] = self.dropped
-            out["unrewarded_records"] = self.unrewarded
+            for e in self.emulators:
+                out.update(e.records_json())
         if q.get("requests") == "true":
             out["request_log"] = self.requests
         return web.Response(body=_dumps(out), content_type="application/json")
@@ -362,43 +345,36 @@ class Sandbox(KameleoonRoutes, ConvertRoutes, ConductricsRoutes):
         self.reset()
         return web.Response(status=204)
 
-    async def _ctl_expire_tokens(self, request: web.Request) -> web.StreamResponse:
-        self.expire_tokens()
-        return web.Response(status=204)
-
-    async def _ctl_revoke_tokens(self, request: web.Request) -> web.StreamResponse:
-        self.revoke_tokens()
-        return web.Response(status=204)
-
     async def _ctl_credentials(self, request: web.Request) -> web.StreamResponse:
         """{"kameleoon_clients": {"id": "secret"}, "conductrics_keys": {"account": "key"}}: see set_credentials."""
         try:
             spec = _loads(await request.read())
-            if not isinstance(spec, dict) or set(spec) - {"kameleoon_clients", "conductrics_keys"}:
-                raise SpecError("expected an object with kameleoon_clients and/or conductrics_keys")
-            for name in ("kameleoon_clients", "conductrics_keys"):
+            known = sorted({c for e in self.emulators for c in e.credentials})
+            if not isinstance(spec, dict) or set(spec) - set(known):
+                raise SpecError(f"expected an object with any of {', '.join(known)}")
+            for name in known:
                 if name in spec and not isinstance(spec[name], dict):
                     raise SpecError(f"{name!r} must be an object")
-            self.set_credentials(kameleoon_clients=spec.get("kameleoon_clients"),
-                                 conductrics_keys=spec.get("conductrics_keys"))
+            self.set_credentials(**spec)
         except ValueError as exc:  # SpecError and JSON errors
             return web.Response(status=400, body=_dumps({"error": str(exc)}), content_type="application/json")
         return web.Response(status=204)
 
 
-OPTION_NAMES = (
-    "kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body", "conductrics_keys",
-    "conductrics_no_selection", "conductrics_no_selection_all", "hang_seconds", "request_log", "records",
-    "profiles",
-)
+SHARED_OPTIONS = ("hang_seconds", "request_log", "records", "profiles", "providers")
+
+
+def option_names(providers: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every Sandbox option: the shared ones and each registered emulator's own."""
+    return SHARED_OPTIONS + tuple(o for cls in emulator_classes(tuple(providers)) for o in cls.options)
 
 
 def load_options(path: str | Path) -> dict[str, Any]:
-    """Sandbox constructor options from a JSON file (keys: OPTION_NAMES)."""
+    """Sandbox constructor options from a JSON file (keys: `option_names()`; `providers` registers more)."""
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object of sandbox options")
-    unknown = sorted(set(data) - set(OPTION_NAMES))
+    unknown = sorted(set(data) - set(option_names(data.get("providers") or ())))
     if unknown:
         raise ValueError(f"{path}: unknown sandbox option {unknown[0]!r}")
     return data

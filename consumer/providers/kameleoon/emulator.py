@@ -3,30 +3,126 @@
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
 from consumer.sandbox.base import SandboxState
-from consumer.sandbox.common import (
-    _DIGITS,
-    _NONCE,
-    KAMELEOON,
-    KAMELEOON_EVENT_TYPES,
-    TOKEN,
-    Record,
-    _digest,
-    _dumps,
-    _Invalid,
-    _is_number,
-    _loads,
+from consumer.sandbox.common import Record, SpecError, _digest, _dumps, _Invalid, _is_number, _loads
+from consumer.sandbox.emulator import Emulator
+
+KAMELEOON = "kameleoon"
+TOKEN = "token"  # the OAuth endpoint: faulted, profiled and logged on its own
+_NONCE = re.compile(r"[0-9a-fA-F]{16}")
+_DIGITS = re.compile(r"[0-9]+")
+# Event types the Data API knows; only CONVERSION is recorded as a conversion.
+KAMELEOON_EVENT_TYPES = frozenset(
+    {"CONVERSION", "CUSTOM_DATA", "PAGE", "STATIC_DATA", "EXPERIMENT", "PERSONALIZATION", "ACTIVITY", "GEOLOCATION",
+     "DEVICE", "BROWSER", "WEATHER", "TARGETING_SEGMENT", "PRODUCT", "EVENT"}
 )
 
 
-class KameleoonRoutes(SandboxState):
-    """The Kameleoon handlers, validating as the Data API does."""
+@dataclass(frozen=True, slots=True)
+class ReportLine:
+    """One visitor's goal as a Kameleoon report counts it (KameleoonEmulator.kameleoon_report)."""
+
+    conversions: int  # conversions minus cancellations
+    revenue: Decimal  # their revenue minus the cancellations' revenue, to the cent
+    cancellations: int  # `negative: true` events among them
+
+
+class KameleoonEmulator(Emulator):
+    """The Kameleoon handlers, validating as the Data API does.
+
+    kameleoon_auth_sites: siteCodes whose /visit endpoints need `Authorization: Bearer <token>`.
+    kameleoon_clients: client_id -> client_secret accepted by POST /oauth/token.
+    token_lifetime: seconds a granted token is valid. kameleoon_max_body: the largest body accepted (413 above).
+    kameleoon_visit_delay: seconds after it was accepted before GET /visit/visitor shows a conversion.
+    """
+
+    names = (KAMELEOON, TOKEN)
+    options = ("kameleoon_auth_sites", "kameleoon_clients", "token_lifetime", "kameleoon_max_body",
+               "kameleoon_visit_delay")
+    credentials = ("kameleoon_clients",)
+
+    def __init__(self, sandbox: SandboxState, *, kameleoon_auth_sites: Iterable[str] = (),
+                 kameleoon_clients: Mapping[str, str] | None = None, token_lifetime: float = 3600.0,
+                 kameleoon_max_body: int = 3_000_000, kameleoon_visit_delay: float = 0.0) -> None:
+        super().__init__(sandbox)
+        self.auth_sites = frozenset(kameleoon_auth_sites)
+        self._clients: dict[str, bytes] = {}
+        self.check_credentials({"kameleoon_clients": kameleoon_clients or {}})()
+        self.token_lifetime = float(token_lifetime)
+        self.max_body = int(kameleoon_max_body)
+        # GET /visit/visitor shows a conversion only this long after it was accepted: Kameleoon shows it once
+        # the visit is processed, "usually after 30 minutes of inactivity" without Feature Experimentation
+        # (seed 001). 0 (the tests' default) shows it at once; `sandbox --options` can set 1800.
+        self.kameleoon_visit_delay = float(kameleoon_visit_delay)
+        self.token_grants = 0
+        self._tokens: dict[bytes, float] = {}  # digest -> monotonic expiry
+
+    def check_credentials(self, credentials: Mapping[str, Any]) -> Callable[[], None]:
+        """kameleoon_clients: client_id -> client_secret, what POST /oauth/token accepts from now on."""
+        kameleoon_clients = credentials["kameleoon_clients"]
+        if not isinstance(kameleoon_clients, Mapping) or not all(
+                isinstance(c, str) and isinstance(v, str) and c and v for c, v in kameleoon_clients.items()):
+            raise SpecError("kameleoon_clients maps each client_id to its client_secret (non-empty strings)")
+        clients = {cid: _digest(sec) for cid, sec in kameleoon_clients.items()}
+
+        def apply() -> None:
+            self._clients = clients
+
+        return apply
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/visit/events", self._kameleoon_events)
+        router.add_get("/visit/visitor", self._kameleoon_visitor)
+        router.add_post("/oauth/token", self._oauth_token)
+        router.add_post("/_sandbox/tokens/expire", self._ctl_expire_tokens)
+        router.add_post("/_sandbox/tokens/revoke", self._ctl_revoke_tokens)
+
+    def reset(self) -> None:
+        self._tokens.clear()
+        self.token_grants = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"token_grants": self.token_grants}
+
+    def kameleoon_nonces(self) -> list[str]:
+        """Every nonce Kameleoon accepted, in arrival order, repeats included."""
+        return [r.nonce for r in self.sandbox.records if r.provider == KAMELEOON and r.nonce is not None]
+
+    async def _ctl_expire_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.expire_tokens()
+        return web.Response(status=204)
+
+    async def _ctl_revoke_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.revoke_tokens()
+        return web.Response(status=204)
+
+    def kameleoon_report(self, site: str) -> dict[tuple[str, str, str], ReportLine]:
+        """(identity, visitor, goal) -> what a report would count for `site`: each nonce once (Kameleoon
+        de-duplicates on it), a conversion +1 with its revenue, a `negative: true` one -1 and minus its
+        revenue (inferred: the documents say only that `negative` cancels a conversion). A restatement is
+        a conversion like any other. Needs the records (`records=True`, the default)."""
+        seen: set[str] = set()
+        sums: dict[tuple[str, str, str], tuple[int, Decimal, int]] = {}
+        for r in self.sandbox.records:
+            if r.provider != KAMELEOON or r.project != site or r.nonce is None or r.nonce.lower() in seen:
+                continue
+            seen.add(r.nonce.lower())
+            key = (r.identity, r.visitor, r.goals[0])
+            n, revenue, cancelled = sums.get(key, (0, Decimal(0), 0))
+            amount = Decimal(repr(r.revenue)) if r.revenue is not None else Decimal(0)
+            sign = -1 if r.negative else 1
+            sums[key] = (n + sign, revenue + sign * amount, cancelled + r.negative)
+        return {k: ReportLine(n, rev.quantize(Decimal("0.01")), c) for k, (n, rev, c) in sorted(sums.items())}
 
     def _token_ok(self, request: web.Request) -> bool:
         auth = request.headers.get("Authorization", "")
@@ -37,15 +133,16 @@ class KameleoonRoutes(SandboxState):
 
     def _kameleoon_gate(self, request: web.Request, site: str) -> web.Response | None:
         if not site:
-            return self._error(request, KAMELEOON, 400, "siteCode", "is required")
+            return self.sandbox._error(request, KAMELEOON, 400, "siteCode", "is required")
         if not request.headers.get("User-Agent", "").strip():
-            return self._error(request, KAMELEOON, 403, "User-Agent", "a User-Agent header is required")
+            return self.sandbox._error(request, KAMELEOON, 403, "User-Agent", "a User-Agent header is required")
         if site in self.auth_sites and not self._token_ok(request):
-            return self._error(request, KAMELEOON, 401, "Authorization", "missing, invalid or expired bearer token")
+            return self.sandbox._error(request, KAMELEOON, 401, "Authorization",
+                                       "missing, invalid or expired bearer token")
         return None
 
     async def _kameleoon_events(self, request: web.Request) -> web.StreamResponse:
-        early = await self._enter(request, KAMELEOON)
+        early = await self.sandbox._enter(request, KAMELEOON)
         if early is not None:
             return early
         q = request.query
@@ -53,10 +150,10 @@ class KameleoonRoutes(SandboxState):
         refused = self._kameleoon_gate(request, site)
         if refused is not None:
             return refused
-        body = await self._read(request, KAMELEOON, self.max_body)
+        body = await self.sandbox._read(request, KAMELEOON, self.max_body)
         if isinstance(body, web.Response):
             return body
-        rid = self._seq
+        rid = self.sandbox._seq
         try:
             if q.get("json") != "true":
                 raise _Invalid("json", "must be 'true' for a JSON array body")
@@ -64,12 +161,12 @@ class KameleoonRoutes(SandboxState):
                 events = _loads(body)
             except ValueError:
                 raise _Invalid("body", "is not valid JSON") from None
-            keys: list[str] | None = None if self.keep_records else []
+            keys: list[str] | None = None if self.sandbox.keep_records else []
             records = self._kameleoon_parse(events, site, q.get("visitorCode"), request, rid, keys)
         except _Invalid as exc:
-            return self._error(request, KAMELEOON, 400, exc.field, exc.message)
-        self._accept(records, KAMELEOON, keys)
-        self._log(request, KAMELEOON, 204, "accepted")
+            return self.sandbox._error(request, KAMELEOON, 400, exc.field, exc.message)
+        self.sandbox._accept(records, KAMELEOON, keys)
+        self.sandbox._log(request, KAMELEOON, 204, "accepted")
         return web.Response(status=204)
 
     def _kameleoon_parse(
@@ -128,7 +225,7 @@ class KameleoonRoutes(SandboxState):
             metadata = ev.get("metadata")
             if metadata is not None and not isinstance(metadata, dict | list):
                 raise _Invalid(at + "metadata", "must be an object or an array")
-            self._rejected(KAMELEOON, visitor, (str(goal),), at)
+            self.sandbox._rejected(KAMELEOON, visitor, (str(goal),), at)
             if keys is not None:
                 keys.append(f"kameleoon|{site}|{nonce}")
                 continue
@@ -147,14 +244,14 @@ class KameleoonRoutes(SandboxState):
             return refused
         visitor = q.get("visitorCode", "")
         if not visitor:
-            return self._error(request, KAMELEOON, 400, "visitorCode", "is required")
+            return self.sandbox._error(request, KAMELEOON, 400, "visitorCode", "is required")
         max_visits = q.get("maxNumberPreviousVisits", "1")
         if not _DIGITS.fullmatch(max_visits):
-            return self._error(request, KAMELEOON, 400, "maxNumberPreviousVisits", "must be an integer")
+            return self.sandbox._error(request, KAMELEOON, 400, "maxNumberPreviousVisits", "must be an integer")
         with_conversions = q.get("conversion") == "true"
         visits: dict[int, list[Record]] = {}
         processed_before = time.time() - self.kameleoon_visit_delay
-        for r in self.records:
+        for r in self.sandbox.records:
             if (r.provider == KAMELEOON and r.project == site and r.visitor == visitor and r.identity == "visitor"
                     and r.time <= processed_before):
                 visits.setdefault(r.request_id, []).append(r)
@@ -169,27 +266,27 @@ class KameleoonRoutes(SandboxState):
                     for r in recs
                 ]
             out.append(visit)
-        self._log(request, KAMELEOON, 200, "accepted")
+        self.sandbox._log(request, KAMELEOON, 200, "accepted")
         return web.Response(body=_dumps({"previousVisits": out}), content_type="application/json")
 
     async def _oauth_token(self, request: web.Request) -> web.StreamResponse:
-        early = await self._enter(request, TOKEN)
+        early = await self.sandbox._enter(request, TOKEN)
         if early is not None:
             return early
         form = await request.post()
         if form.get("grant_type") != "client_credentials":
-            self._log(request, TOKEN, 400, "rejected", "grant_type")
+            self.sandbox._log(request, TOKEN, 400, "rejected", "grant_type")
             return web.Response(status=400, body=_dumps({"error": "unsupported_grant_type"}),
                                 content_type="application/json")
         cid, sec = form.get("client_id"), form.get("client_secret")
         expected = self._clients.get(cid) if isinstance(cid, str) else None
         if expected is None or not isinstance(sec, str) or not hmac.compare_digest(expected, _digest(sec)):
-            self._log(request, TOKEN, 401, "rejected", "client")
+            self.sandbox._log(request, TOKEN, 401, "rejected", "client")
             return web.Response(status=401, body=_dumps({"error": "invalid_client"}), content_type="application/json")
         token = secrets.token_urlsafe(24)
         self._tokens[_digest(token)] = time.monotonic() + self.token_lifetime
         self.token_grants += 1
-        self._log(request, TOKEN, 200, "accepted")
+        self.sandbox._log(request, TOKEN, 200, "accepted")
         body = {"access_token": token, "token_type": "Bearer", "expires_in": int(self.token_lifetime)}
         return web.Response(body=_dumps(body), content_type="application/json")
 

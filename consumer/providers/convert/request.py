@@ -1,4 +1,4 @@
-"""Convert Experiences: the seed's tracking GET ("track") or the batched v1 POST ("v1"), per project.
+"""Convert Experiences requests: the seed's tracking GET ("track") or the batched v1 POST ("v1"), per project.
 
 One conversion is all goals of one experiment-variation for one visitor.
 
@@ -26,27 +26,13 @@ from collections.abc import Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import quote
 
-from consumer.config import BatchConfig, ConvertConfig, ConvertProject
+from consumer.config import BatchConfig
 from consumer.model import Conversion, Provider
-from consumer.providers.base import (
-    HttpRequest,
-    Outcome,
-    Route,
-    Verdict,
-    classify_status,
-    digest,
-    json_number,
-    json_string,
-)
+from consumer.providers.base import HttpRequest, Outcome, Route, json_number, json_string
+from consumer.providers.convert.classify import classify
+from consumer.providers.convert.config import CONVERT, ConvertConfig, ConvertProject
 
 _CENT = Decimal("0.01")
-# Every v1 visitor entry starts with this; a JSON string escapes `"`, so it occurs nowhere else.
-_VISITOR_START = b'{"visitorId":'
-
-
-def transaction_key(project: str, visitor: str, experiment_id: str, variation_id: str, order_id: str) -> str:
-    """The idempotency key of one Convert conversion: 32 lowercase hex, deterministic."""
-    return digest("convert", project, visitor, experiment_id, variation_id, order_id)[:32]
 
 
 # `transaction_id`'s two escapes: `t`'s separator, and the escape character itself (which keeps it injective).
@@ -140,13 +126,8 @@ def v1_body(p: ConvertProject, conversions: Sequence[Conversion]) -> bytes:
     return (head + ',"visitors":[' + ",".join(visitor_json(c) for c in conversions) + "]}").encode()
 
 
-def count_visitors(body: bytes | None) -> int:
-    """How many visitor entries a v1 body built here carries (exact: see _VISITOR_START)."""
-    return body.count(_VISITOR_START) if body else 0
-
-
 class ConvertModule:
-    provider: Provider = Provider.CONVERT
+    provider: Provider = CONVERT
 
     def __init__(self, cfg: ConvertConfig) -> None:
         self._cfg = cfg
@@ -191,7 +172,4 @@ class ConvertModule:
         return HttpRequest("GET", url, headers, None, redacted_url=url)
 
     def classify(self, request: HttpRequest, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
-        if status == 400 and count_visitors(request.body) > 1:
-            # Bisect: one bad visitor must not poison the batch; only a single-visitor 400 is permanent.
-            return Outcome(Verdict.SPLIT, "bad request: splitting the batch", status)
-        return classify_status(status, headers)
+        return classify(request, status, headers, body)

@@ -1,54 +1,22 @@
-"""Kameleoon Data API: `POST /visit/events?siteCode=…&json=true`, many visitors per request.
+"""Kameleoon Data API requests: `POST /visit/events?siteCode=…&json=true`, many visitors per request.
 
 One conversion is one CONVERSION event (one goal). The visitor goes into each event
 (`visitorCode`, or `mappingValue` for a cross-device identifier) instead of the query, so one
 request can carry many visitors (seed 001 puts `visitorCode` in the query: that form applies
 to every event and cannot batch). The body is written by hand so that `item_bytes` is exact and
-revenue keeps its exact decimal digits.
+revenue keeps its exact decimal digits. An order adjustment's events (consumer/adjustments.py) are
+conversions too: a cancellation carries `"negative":true`, a restatement is a plain conversion.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from hashlib import sha256
 from urllib.parse import quote
 
-from consumer.config import KameleoonConfig, KameleoonProject
 from consumer.model import Conversion, Identity, Provider
-from consumer.providers.base import (
-    HttpRequest,
-    Outcome,
-    Route,
-    TokenSpec,
-    Verdict,
-    chunk,
-    classify_status,
-    json_number,
-    json_string,
-)
-
-# Every event starts with this; a JSON string escapes `"`, so it can only occur at an event's start.
-_EVENT_START = b'{"nonce":'
-
-
-def nonce(site_code: str, order_id: str, goal: str, visitor: str, identity: Identity = Identity.VISITOR) -> str:
-    """The event nonce: 16 lowercase hex digits, the same for the same (site, order, goal, visitor).
-
-    Kameleoon keeps a nonce across retries and de-duplicates on it, so a redelivered purchase
-    cannot count twice. The identity kind is part of it: a visitorCode and a mappingValue that
-    happen to be the same string are different visitors.
-    """
-    return nonce_of(nonce_prefix(site_code), chunk(order_id), chunk(goal), chunk(identity.value), chunk(visitor))
-
-
-def nonce_prefix(site_code: str) -> bytes:
-    """The part of every nonce of a site that does not change (the matcher computes it once per project)."""
-    return chunk("kameleoon") + chunk(site_code)
-
-
-def nonce_of(prefix: bytes, order: bytes, goal: bytes, identity: bytes, visitor: bytes) -> str:
-    """`nonce` from its parts already encoded with `chunk`, for the matcher's hot path."""
-    return sha256(b"".join((prefix, order, goal, identity, visitor))).hexdigest()[:16]
+from consumer.providers.base import HttpRequest, Outcome, Route, TokenSpec, json_number, json_string
+from consumer.providers.kameleoon.classify import classify
+from consumer.providers.kameleoon.config import KAMELEOON, KameleoonConfig, KameleoonProject
 
 
 def event_json(conversion: Conversion) -> str:
@@ -62,6 +30,8 @@ def event_json(conversion: Conversion) -> str:
         if len(_GOAL_JSON) < 1024:
             _GOAL_JSON[goals[0]] = goal
     revenue = "" if conversion.revenue is None else ',"revenue":' + json_number(conversion.revenue)
+    if conversion.negative:
+        revenue += ',"negative":true'  # the documented cancel flag (adjustments only; see keys.adjustment_nonce)
     who = "mappingValue" if conversion.identity is _MAPPING else "visitorCode"
     return (f'{{"nonce":{json_string(conversion.key)},"eventType":"CONVERSION","goalId":{goal}{revenue},'
             f'"{who}":{json_string(conversion.visitor_id)}}}')
@@ -75,13 +45,8 @@ def events_url(base_url: str, site_code: str) -> str:
     return f"{base_url}/visit/events?siteCode={quote(site_code, safe='')}&json=true"
 
 
-def count_events(body: bytes | None) -> int:
-    """How many events a body built by `KameleoonModule.build` carries (exact: see _EVENT_START)."""
-    return body.count(_EVENT_START) if body else 0
-
-
 class KameleoonModule:
-    provider: Provider = Provider.KAMELEOON
+    provider: Provider = KAMELEOON
 
     def __init__(self, cfg: KameleoonConfig) -> None:
         self._cfg = cfg
@@ -109,7 +74,7 @@ class KameleoonModule:
         token = None
         if p.client_id and p.client_secret:
             token = TokenSpec(self._cfg.token_url, p.client_id, p.client_secret, self._cfg.token_refresh_margin,
-                              Provider.KAMELEOON)
+                              KAMELEOON, self._cfg.user_agent)
         return Route(
             key=(p.base_url, p.site_code),
             project=p.site_code,
@@ -135,9 +100,4 @@ class KameleoonModule:
         return HttpRequest("POST", url, headers, body, redacted_url=url)
 
     def classify(self, request: HttpRequest, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
-        if status == 400 and count_events(request.body) > 1:
-            # Bisect: one malformed event must not poison its batch; only a single-event 400 is permanent.
-            return Outcome(Verdict.SPLIT, "bad request: splitting the batch", status)
-        if status == 403:
-            return Outcome(Verdict.PERMANENT, "forbidden (user-agent?)", status)
-        return classify_status(status, headers, has_token="Authorization" in request.headers)
+        return classify(request, status, headers, body)

@@ -1,4 +1,4 @@
-"""Conductrics REST agent API: `POST {agent_api_url}?vid=&session=&apikey=`, one visitor per request.
+"""Conductrics REST agent API requests: `POST {agent_api_url}?vid=&session=&apikey=`, one visitor per request.
 
 One conversion is all goals of one visitor: a `{"g": goal, "v": revenue}` command per goal (seed 003).
 The API key travels in the query, so it appears only in `HttpRequest.url`; `redacted_url`, headers,
@@ -11,27 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
-import orjson
-
-from consumer.config import BatchConfig, ConductricsConfig, ConductricsProject
+from consumer.config import BatchConfig
 from consumer.model import Conversion, Provider
-from consumer.providers.base import (
-    HttpRequest,
-    Outcome,
-    Route,
-    Verdict,
-    classify_status,
-    digest,
-    json_number,
-    json_string,
-)
+from consumer.providers.base import HttpRequest, Outcome, Route, json_number, json_string
+from consumer.providers.conductrics.classify import classify
+from consumer.providers.conductrics.config import CONDUCTRICS, ConductricsConfig, ConductricsProject
 
 REDACTED = "***"
-
-
-def conductrics_key(project: str, vid: str, order_id: str) -> str:
-    """The idempotency key of one Conductrics conversion: 32 lowercase hex, deterministic."""
-    return digest("conductrics", project, vid, order_id)[:32]
 
 
 def commands_body(conversion: Conversion) -> bytes:
@@ -53,33 +39,8 @@ def agent_url(p: ConductricsProject, conversion: Conversion, api_key: str) -> st
     return p.agent_api_url + sep + "&".join(q)
 
 
-def _retryable(status: int) -> bool:
-    return status in (408, 429) or status >= 500
-
-
-def classify_answer(body: bytes) -> Outcome:
-    """What a 2xx agent-API answer means (reasons are fixed strings: nothing from the body is echoed)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return Outcome(Verdict.RETRY, "unparseable body")
-    if not isinstance(doc, dict):
-        return Outcome(Verdict.RETRY, "unparseable body")
-    status = doc.get("status")
-    if isinstance(status, bool) or not isinstance(status, int):
-        return Outcome(Verdict.RETRY, "json status missing")
-    if status != 200:
-        return Outcome(Verdict.RETRY if _retryable(status) else Verdict.PERMANENT, f"json status {status}")
-    data = doc.get("data")
-    items = data.get("items") if isinstance(data, dict) else None
-    rewards = [i for i in items if isinstance(i, dict) and "rs" in i] if isinstance(items, list) else []
-    if rewards and not any(i["rs"] for i in rewards):
-        return Outcome(Verdict.NOT_ACCEPTED, "no agent accepted")
-    return Outcome(Verdict.DELIVERED, "ok")
-
-
 class ConductricsModule:
-    provider: Provider = Provider.CONDUCTRICS
+    provider: Provider = CONDUCTRICS
 
     def __init__(self, cfg: ConductricsConfig) -> None:
         self._cfg = cfg
@@ -122,12 +83,4 @@ class ConductricsModule:
         )
 
     def classify(self, request: HttpRequest, status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
-        if status == 401:
-            return Outcome(Verdict.PERMANENT, "unauthorized (api key?)", status)
-        if status == 403:
-            return Outcome(Verdict.PERMANENT, "forbidden (api key?)", status)
-        outcome = classify_status(status, headers)
-        if outcome.verdict is not Verdict.DELIVERED:
-            return outcome
-        answer = classify_answer(body)
-        return Outcome(answer.verdict, answer.reason, status)
+        return classify(request, status, headers, body)

@@ -2,40 +2,58 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 from aiohttp import web
 
 from consumer.sandbox.base import SandboxState
-from consumer.sandbox.common import (
-    _DIGITS,
-    _EXP_VAR,
-    _TWO_DECIMALS,
-    CONVERT,
-    CONVERT_GOAL_DATA_KEYS,
-    TRACKING_PIXEL,
-    Record,
-    _dumps,
-    _Invalid,
-    _is_number,
-    _loads,
-)
+from consumer.sandbox.common import Record, _dumps, _Invalid, _is_number, _loads
+from consumer.sandbox.emulator import Emulator
+
+CONVERT = "convert"
+_DIGITS = re.compile(r"[0-9]+")
+_EXP_VAR = re.compile(r"([0-9]+)-([0-9]+)")
+_TWO_DECIMALS = re.compile(r"-?[0-9]+\.[0-9]{2}")
+CONVERT_GOAL_DATA_KEYS = frozenset({"amount", "productsCount", "transactionId"})
+# A 1x1 transparent GIF, the body of a browser tracking pixel.
+TRACKING_PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
 
-class ConvertRoutes(SandboxState):
+class ConvertEmulator(Emulator):
     """The Convert handlers: the seed's tracking GET and the v1 batched POST."""
 
+    names = (CONVERT,)
+
+    def __init__(self, sandbox: SandboxState) -> None:
+        super().__init__(sandbox)
+        self.dropped: list[Record] = []  # v1 events with a non-ConvertAgent User-Agent (answered 200)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_get("/track/", self._convert_track)
+        router.add_get("/track", self._convert_track)
+        router.add_post("/v1/track/{account_id}/{project_id}", self._convert_v1)
+
+    def reset(self) -> None:
+        self.dropped.clear()
+
+    def summary(self) -> dict[str, Any]:
+        return {"dropped": len(self.dropped)}
+
+    def records_json(self) -> dict[str, Any]:
+        return {"dropped_records": self.dropped}
+
     async def _convert_track(self, request: web.Request) -> web.StreamResponse:
-        early = await self._enter(request, CONVERT)
+        early = await self.sandbox._enter(request, CONVERT)
         if early is not None:
             return early
         try:
             record = self._convert_track_parse(request)
         except _Invalid as exc:
-            return self._error(request, CONVERT, 400, exc.field, exc.message)
-        self._accept([record], CONVERT)
-        self._log(request, CONVERT, 200, "accepted")
+            return self.sandbox._error(request, CONVERT, 400, exc.field, exc.message)
+        self.sandbox._accept([record], CONVERT)
+        self.sandbox._log(request, CONVERT, 200, "accepted")
         return web.Response(body=TRACKING_PIXEL, content_type="image/gif")
 
     def _convert_track_parse(self, request: web.Request) -> Record:
@@ -80,32 +98,32 @@ class ConvertRoutes(SandboxState):
             tx, revenue, count = parts[1], float(parts[2]), int(parts[3])
         visitor = q.get("vi", "")
         project = f"{c}_{p}"
-        self._rejected(CONVERT, visitor, goals + tx_goals, "")
+        self.sandbox._rejected(CONVERT, visitor, goals + tx_goals, "")
         e = m.group(0)
         key = f"convert|{project}|{visitor}|{e}|" + (f"t:{tx}" if tx is not None else "g:" + ",".join(sorted(goals)))
         return Record(CONVERT, "track", project, visitor, "visitor", goals, revenue, key, request.query_string,
-                      time.time(), self._seq, transaction_id=tx, transaction_goals=tx_goals,
+                      time.time(), self.sandbox._seq, transaction_id=tx, transaction_goals=tx_goals,
                       products_count=count, experiment_id=m.group(1), variation_id=m.group(2),
                       bucketing=((m.group(1), m.group(2)),), user_agent=request.headers.get("User-Agent"))
 
     async def _convert_v1(self, request: web.Request) -> web.StreamResponse:
-        early = await self._enter(request, CONVERT)
+        early = await self.sandbox._enter(request, CONVERT)
         if early is not None:
             return early
-        body = await self._read(request, CONVERT, self.max_body)
+        body = await self.sandbox._read(request, CONVERT, self.max_body)
         if isinstance(body, web.Response):
             return body
         try:
             records = self._convert_v1_parse(request, body)
         except _Invalid as exc:
-            return self._error(request, CONVERT, 400, exc.field, exc.message)
+            return self.sandbox._error(request, CONVERT, 400, exc.field, exc.message)
         ua = request.headers.get("User-Agent", "")
         if not ua.startswith("ConvertAgent/"):
             self.dropped.extend(records)  # the bot filter: answered 200, never counted
-            self._log(request, CONVERT, 200, "dropped", "User-Agent")
+            self.sandbox._log(request, CONVERT, 200, "dropped", "User-Agent")
         else:
-            self._accept(records, CONVERT)
-            self._log(request, CONVERT, 200, "accepted")
+            self.sandbox._accept(records, CONVERT)
+            self.sandbox._log(request, CONVERT, 200, "accepted")
         return web.Response(body=_dumps({"status": "ok"}), content_type="application/json")
 
     def _convert_v1_parse(self, request: web.Request, raw: bytes) -> list[Record]:
@@ -128,7 +146,7 @@ class ConvertRoutes(SandboxState):
         if not isinstance(visitors, list) or not visitors:
             raise _Invalid("visitors", "must be a non-empty array")
         project = f"{account}_{project_id}"
-        now, rid, qs = time.time(), self._seq, request.query_string
+        now, rid, qs = time.time(), self.sandbox._seq, request.query_string
         ua = request.headers.get("User-Agent")
         out: list[Record] = []
         for i, vis in enumerate(visitors):
@@ -193,7 +211,7 @@ class ConvertRoutes(SandboxState):
             if not _DIGITS.fullmatch(exp) or isinstance(var, bool) or not _DIGITS.fullmatch(str(var)):
                 raise _Invalid(f"{eat}.data.bucketingData", "keys and values must be numeric ids")
             pairs.append((exp, str(var)))
-        self._rejected(CONVERT, vid, (goal_s,), eat + ".")
+        self.sandbox._rejected(CONVERT, vid, (goal_s,), eat + ".")
         bucketing = tuple(sorted(pairs))
         key = f"convert|{project}|{vid}|{bucketing}|t:{tx}|{goal_s}"
         return Record(CONVERT, "v1/track", project, vid, "visitor", (goal_s,), amount, key, qs, now, rid,
