@@ -708,7 +708,11 @@ def run_cli_service(
     if workers is not None:
         cmd += ["--workers", str(workers)]
     ends = ends_of(spec)
-    watcher = Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": spec["group"], "enable.auto.commit": False})
+    # The service's groups: one per provider (`<group>.<provider>`), or the one shared group.
+    watched = ([spec["group"]] if spec.get("isolation", "provider") == "shared"
+               else [f"{spec['group']}.{p}" for p in spec["providers"]])
+    watchers = [Consumer({"bootstrap.servers": spec["bootstrap"], "group.id": g, "enable.auto.commit": False})
+                for g in watched]
     parts = [TopicPartition(spec["topic"], p) for p in ends]
     total = int(spec["expect"])
     peak = 0.0
@@ -724,7 +728,9 @@ def run_cli_service(
                 peak = max(peak, tree_rss_mb(proc.pid))
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + 0.5
-                    committed = watcher.committed(parts, timeout=5)
+                    # Per partition, the least any of the groups committed: done when every group is.
+                    per_group = [w.committed(parts, timeout=5) for w in watchers]
+                    committed = [min(tps, key=lambda tp: tp.offset) for tps in zip(*per_group, strict=True)]
                     done = sum(max(0, tp.offset) for tp in committed)
                     if t0 is None and done > 0:
                         t0, c0 = time.monotonic(), done
@@ -739,7 +745,8 @@ def run_cli_service(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            watcher.close()
+            for w in watchers:
+                w.close()
     if done_at is None:
         return {"error": f"did not finish (exit {proc.returncode})", "peak_rss_mb": round(peak, 1)}
     if t0 is None or c0 >= total or done_at - t0 < 1.0:

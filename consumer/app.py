@@ -244,16 +244,22 @@ class Application:
             plan = lanes(cfg, modules(cfg))
             if cfg.kafka.isolation == "provider":
                 wanted = [group for _, group, _ in plan]
-                try:
-                    seeded = await loop.run_in_executor(None, groups.seed, cfg.kafka, wanted)
-                except groups.SeedAuthError as exc:
-                    self._fail(f"Kafka refused the credentials ({exc}): check [kafka.common] sasl.mechanisms, "
-                               "sasl.username and sasl.password", EXIT_KAFKA_AUTH)
-                    return self.fatal_exit
-                except groups.SeedError as exc:
-                    # Joining without the old group's offsets would re-send (or, with "latest", skip) everything.
-                    self._fail(f"cannot start the provider groups from the shared group's offsets: {exc}", EXIT_FATAL)
-                    return self.fatal_exit
+                seeded = None
+                while seeded is None:
+                    try:
+                        seeded = await loop.run_in_executor(None, groups.seed, cfg.kafka, wanted)
+                    except groups.SeedAuthError as exc:
+                        self._fail(f"Kafka refused the credentials ({exc}): check [kafka.common] sasl.mechanisms, "
+                                   "sasl.username and sasl.password", EXIT_KAFKA_AUTH)
+                        return self.fatal_exit
+                    except groups.SeedError as exc:
+                        # Joining without the old group's offsets could re-send everything: wait for the broker
+                        # (unready, as with a broker down later), until it answers or the service is stopped.
+                        log.warning("kafka: cannot read the consumer groups' offsets yet, retrying in 5 s: %s", exc)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._halt.wait(), 5.0)
+                        if self._halt.is_set():
+                            return self.fatal_exit if self.fatal is not None else EXIT_OK
                 if seeded:
                     log.info("upgraded to a consumer group per provider", extra={"seeded": groups.describe(seeded)})
             # 5. A pipeline per provider.
