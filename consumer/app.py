@@ -34,7 +34,7 @@ from consumer.metrics import HealthServer, Metrics, Tally
 from consumer.model import Provider
 from consumer.ops.control_plane import ControlPlane
 from consumer.ops.control_store import ControlStoreError
-from consumer.pipeline import EXIT_DLQ, EXIT_KAFKA_AUTH, Hooks, Pipeline, Shared
+from consumer.pipeline import EXIT_DLQ, EXIT_KAFKA_AUTH, Hooks, Pipeline, Shared, kafka_refused
 from consumer.providers.base import ProviderModule
 from consumer.providers.registry import modules
 from consumer.refunds import OrderLedger
@@ -249,8 +249,7 @@ class Application:
                     try:
                         seeded = await loop.run_in_executor(None, groups.seed, cfg.kafka, wanted)
                     except groups.SeedAuthError as exc:
-                        self._fail(f"Kafka refused the credentials ({exc}): check [kafka.common] sasl.mechanisms, "
-                                   "sasl.username and sasl.password", EXIT_KAFKA_AUTH)
+                        self._fail(kafka_refused(str(exc)), EXIT_KAFKA_AUTH)
                         return self.fatal_exit
                     except groups.SeedError as exc:
                         # Joining without the old group's offsets could re-send everything: wait for the broker

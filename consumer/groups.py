@@ -12,12 +12,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.config import KafkaConfig
-from consumer.logs import KafkaLog
+from consumer.source import AUTH_ERRORS, client_config
 
 log = logging.getLogger(__name__)
 
@@ -54,43 +53,30 @@ class SeedAuthError(SeedError):
     """The broker refused the credentials while the provider groups were checked."""
 
 
-def _client(kafka: KafkaConfig, group: str) -> Consumer:
-    """A consumer that never joins `group`: it only reads and writes the group's committed offsets.
+class _OffsetsClient(Consumer):
+    """A consumer that never joins its group: it only reads and writes the group's committed offsets, and
+    keeps the authentication failures librdkafka reports (through error_cb only).
 
     Not an AdminClient: librdkafka 2.x crashes (SIGSEGV in rd_kafka_cgrp_op) handling an AdminClient's
     OffsetFetch answer with a retriable error such as COORDINATOR_LOAD_IN_PROGRESS, which a group's
     first request after a broker start gets; found on Apache Kafka 4.1 by this module's first version.
     """
-    conf: dict[str, Any] = {**kafka.common, "bootstrap.servers": kafka.bootstrap_servers, "group.id": group,
-                            "enable.auto.commit": False, "logger": KafkaLog()}
-    for key in ("sasl.mechanisms", "sasl.mechanism", "sasl.username", "sasl.password", "security.protocol"):
-        if key in kafka.consumer:  # the consumer's own credentials, where they differ from [kafka.common]
-            conf[key] = kafka.consumer[key]
-    refused: list[str] = []
 
-    def on_error(err: KafkaError) -> None:
-        if err.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
-            refused.append(err.str())
+    def __init__(self, kafka: KafkaConfig, group: str) -> None:
+        self.refused: list[str] = []
+        super().__init__({**client_config(kafka), "group.id": group, "enable.auto.commit": False,
+                          "error_cb": self._on_error})
 
-    conf["error_cb"] = on_error
-    client = Consumer(conf)
-    _refused[id(client)] = refused
-    return client
-
-
-# Authentication failures each client reported (librdkafka tells them through error_cb only).
-_refused: dict[int, list[str]] = {}
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() in AUTH_ERRORS:
+            self.refused.append(err.str())
 
 
 def _raise_if_refused(client: Consumer) -> None:
-    client.poll(0)  # serves the error callbacks waiting in the queue (the client subscribes to nothing)
-    if refused := _refused.get(id(client)):
-        raise SeedAuthError(refused[0])
-
-
-def _close(client: Consumer) -> None:
-    _refused.pop(id(client), None)
-    client.close()
+    if isinstance(client, _OffsetsClient):
+        client.poll(0)  # serves the error callbacks waiting in the queue (the client subscribes to nothing)
+        if client.refused:
+            raise SeedAuthError(client.refused[0])
 
 
 def _partitions(client: Consumer, topic: str, timeout: float) -> list[int]:
@@ -136,19 +122,19 @@ def seed(kafka: KafkaConfig, groups: Iterable[str], timeout: float = 10.0) -> di
     a group that another member joined meanwhile refuses the commit of an outsider, and that member
     seeded it already.
     """
-    old_client = _client(kafka, kafka.group_id)
+    old_client = _OffsetsClient(kafka, kafka.group_id)
     try:
         partitions = _partitions(old_client, kafka.topic, timeout)
         old = committed(old_client, kafka.topic, partitions, timeout)
     finally:
-        _close(old_client)
+        old_client.close()
     seeded: dict[str, Offsets] = {}
     if not old:
         return seeded
     for group in groups:
         if group == kafka.group_id:
             continue
-        client = _client(kafka, group)
+        client = _OffsetsClient(kafka, group)
         try:
             offsets = to_seed(old, committed(client, kafka.topic, partitions, timeout))
             if not offsets:
@@ -162,7 +148,7 @@ def seed(kafka: KafkaConfig, groups: Iterable[str], timeout: float = 10.0) -> di
                     "group": group, "from": kafka.group_id, "error": str(exc)})
                 continue
         finally:
-            _close(client)
+            client.close()
         log.info("provider group seeded from the shared group's committed offsets", extra={
             "group": group, "from": kafka.group_id, "offsets": {str(p): o for p, o in offsets.items()}})
         seeded[group] = offsets

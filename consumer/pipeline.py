@@ -53,6 +53,12 @@ _REGISTRY_RETRY_SECONDS = 60.0
 _DECODE_LOG_INTERVAL = 10.0
 
 
+def kafka_refused(detail: str) -> str:
+    """The fatal error of a Kafka login refused (exit EXIT_KAFKA_AUTH), naming the keys to check."""
+    return (f"Kafka refused the credentials ({detail}): check [kafka.common] sasl.mechanisms, sasl.username "
+            "and sasl.password")
+
+
 class InFlight:
     """One event between being read and being done."""
 
@@ -205,8 +211,7 @@ class Pipeline:
             room = pipe.max_in_flight - self.live
             messages = src.poll(max(1, min(pipe.poll_batch, room)))
             if src.auth_failed is not None:
-                self.shared.fail(f"Kafka refused the credentials ({src.auth_failed}): check [kafka.common] "
-                                 "sasl.mechanisms, sasl.username and sasl.password", EXIT_KAFKA_AUTH)
+                self.shared.fail(kafka_refused(src.auth_failed), EXIT_KAFKA_AUTH)
                 break
             if messages:
                 self._process(messages)

@@ -52,6 +52,15 @@ def consumer_config(kafka: KafkaConfig, protocol: group_protocol.Resolved | None
     return conf
 
 
+def client_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """The settings of a helper client (an admin client, an offsets reader) that must log in as the consumer."""
+    conf: dict[str, Any] = {**kafka.common, "bootstrap.servers": kafka.bootstrap_servers, "logger": KafkaLog()}
+    for key in ("sasl.mechanisms", "sasl.mechanism", "sasl.username", "sasl.password", "security.protocol"):
+        if key in kafka.consumer:  # the consumer's own credentials, where they differ from [kafka.common]
+            conf[key] = kafka.consumer[key]
+    return conf
+
+
 class BrokerUnreachable(RuntimeError):
     """The broker did not answer the group-protocol question."""
 
@@ -59,11 +68,7 @@ class BrokerUnreachable(RuntimeError):
 def broker_group_protocols(kafka: KafkaConfig, timeout: float = 5.0) -> frozenset[str] | None:
     """The group protocols the broker offers (its group.coordinator.rebalance.protocols), None when it has no
     such setting (Kafka before 3.7, Tansu) or does not let us read it. Blocking: run it in an executor."""
-    conf: dict[str, Any] = {**kafka.common, "bootstrap.servers": kafka.bootstrap_servers, "logger": KafkaLog()}
-    for key in ("sasl.mechanisms", "sasl.mechanism", "sasl.username", "sasl.password", "security.protocol"):
-        if key in kafka.consumer:  # the consumer's own credentials, where they differ from [kafka.common]
-            conf[key] = kafka.consumer[key]
-    admin = AdminClient(conf)
+    admin = AdminClient(client_config(kafka))
     try:
         brokers = admin.list_topics(timeout=timeout).brokers
     except KafkaException as exc:
